@@ -1,0 +1,43 @@
+# vmpower: every target installs what it needs first (system packages, then .venv).
+# The stamp depends on pyproject.toml, so a second run does no install work.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.vmpower-installed
+PYTEST_ARGS ?=
+
+.PHONY: all deps test run bench lint clean help
+
+help:
+	@echo "make run    - demo: vmpowerd on libvirt's test driver + simulated cpufreq, with guest traffic"
+	@echo "make test   - install what is missing, then run the whole test suite"
+	@echo "make bench  - benchmarks; JSON results under bench/results/"
+	@echo "make lint   - ruff"
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/ensure-system-deps.sh
+	bash scripts/ensure-system-deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+# pytest exits 5 when it collected no test: that is our failure, never a pass.
+test: deps
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing" >&2; exit 1; fi; \
+	exit $$rc
+
+run: deps
+	$(PY) -m vmpower.demo
+
+bench: deps
+	$(PY) -m bench
+
+lint: deps
+	$(VENV)/bin/ruff check vmpower tests bench
+	$(VENV)/bin/ruff format --check vmpower tests bench
+
+clean:
+	rm -rf $(VENV) bench/results bench/build .pytest_cache .ruff_cache

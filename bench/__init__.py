@@ -1,0 +1,1 @@
+"""vmpower benchmarks (``make bench``): each ``bench/bench_*.py`` module has ``run()``."""

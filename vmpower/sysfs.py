@@ -1,0 +1,97 @@
+"""Sysfs(root): the only code in vmpower that opens files under /sys.
+
+Everything is addressed relative to a root (``/sys`` in production, a simulated tree
+under ``tmp_path`` in tests). Writes can be journaled: when a journal is attached,
+the original content of a file is handed to it *before* the first write to that
+file, so every change can be undone (see ``vmpower.restore``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Protocol
+
+from vmpower.errors import SysfsError
+
+
+class WriteJournal(Protocol):
+    """What Sysfs needs from a restore journal (implemented by restore.RestoreJournal)."""
+
+    def remember(self, path: str, original: str) -> None:
+        """Record ``original`` for absolute ``path`` unless already recorded; durable on return."""
+        ...
+
+    def knows(self, path: str) -> bool:
+        """True when ``path`` already has its original recorded."""
+        ...
+
+
+class Sysfs:
+    """Reads and writes sysfs attributes under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/sys", journal: WriteJournal | None = None):
+        self.root = Path(root)
+        self.journal = journal
+
+    def path(self, rel: str) -> str:
+        """Absolute path of ``rel`` (a path relative to the sysfs root)."""
+        return os.path.join(self.root, rel)
+
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self.path(rel))
+
+    def read(self, rel: str) -> str:
+        """Content of an attribute, stripped of surrounding whitespace."""
+        path = self.path(rel)
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise SysfsError(path, _reason(exc)) from exc
+
+    def read_int(self, rel: str) -> int:
+        text = self.read(rel)
+        try:
+            return int(text)
+        except ValueError:
+            raise SysfsError(self.path(rel), f"expected an integer, read {text!r}") from None
+
+    def listdir(self, rel: str = "") -> list[str]:
+        path = self.path(rel)
+        try:
+            return sorted(os.listdir(path))
+        except OSError as exc:
+            raise SysfsError(path, _reason(exc)) from exc
+
+    def write(self, rel: str, value: str | int) -> None:
+        """Write ``value`` to an attribute; the journal sees the original first."""
+        path = self.path(rel)
+        text = str(value)
+        journal = self.journal
+        if journal is not None and not journal.knows(path):
+            journal.remember(path, self.read(rel))
+        try:
+            # sysfs attributes take one write(2) of the whole value; no truncating
+            # reopen games: O_WRONLY without O_TRUNC is what echo > file does on sysfs,
+            # but simulated trees are regular files, so truncate for them.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SysfsError(path, f"write {text!r}: {_reason(exc)}") from exc
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "no such file"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.EINVAL:
+        return "value refused by the kernel (EINVAL)"
+    if exc.errno == errno.EBUSY:
+        return "device busy (EBUSY)"
+    return exc.strerror or str(exc)
