@@ -1,0 +1,587 @@
+"""vmpower.hypervisor against libvirt's real test driver (test:///<node file>).
+
+Each test opens its own connection to a copy of tests/data/node.xml (the test driver keeps
+private state per connection to a custom node file) and drives VM lifecycles through the
+agent's own connection object, ``hypervisor.conn``. Channel sockets are real AF_UNIX
+listening sockets in a per-test directory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from vmpower.errors import HypervisorError, UnknownVmError
+from vmpower.hypervisor import ChannelInfo, Hypervisor, VmEvent, VmInfo, VmState
+
+NODE_FILE = Path(__file__).resolve().parent / "data" / "node.xml"
+COMMITTED_CHANNELS = "/tmp/powermonitor/"
+WAIT_S = 10.0  # upper bound for libvirt's event thread to deliver; tests never sleep
+
+
+def node_xml(tmp_path: Path, channels_dir: Path) -> Path:
+    """A copy of the committed node file whose channel sockets live in ``channels_dir``."""
+    text = NODE_FILE.read_text()
+    assert COMMITTED_CHANNELS in text
+    out = tmp_path / "node.xml"
+    out.write_text(text.replace(COMMITTED_CHANNELS, f"{channels_dir}/"))
+    return out
+
+
+class FakeClock:
+    """The owner's monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Env:
+    hv: Hypervisor
+    clock: FakeClock
+    woke: threading.Event
+    node: Path
+    channels: Path
+    sockets: list[socket.socket] = field(default_factory=list)
+
+    def collect(self, done: Callable[[list[VmEvent]], bool]) -> list[VmEvent]:
+        """process_events() on every wake until ``done(events)``, or WAIT_S elapsed."""
+        events: list[VmEvent] = []
+        deadline = time.monotonic() + WAIT_S
+        while not done(events):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.woke.wait(remaining):
+                break
+            self.woke.clear()
+            events += self.hv.process_events()
+        return events
+
+    def listen(self, name: str) -> Path:
+        """A real AF_UNIX listening socket ``<channels>/<name>``, as QEMU would bind it."""
+        path = self.channels / name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(1)
+        self.sockets.append(sock)
+        return path
+
+
+def has(kind: str, vm: str | None) -> Callable[[list[VmEvent]], bool]:
+    return lambda events: any(e.kind == kind and e.vm == vm for e in events)
+
+
+def make_env(tmp_path: Path, **kwargs: object) -> Env:
+    channels = tmp_path / "ch"
+    channels.mkdir()
+    node = node_xml(tmp_path, channels)
+    clock = FakeClock()
+    woke = threading.Event()
+    hv = Hypervisor(f"test://{node}", channels, wake=woke.set, clock=clock, **kwargs)  # type: ignore[arg-type]
+    hv.connect()
+    return Env(hv, clock, woke, node, channels)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = make_env(tmp_path, reconnect_min_s=0.5, reconnect_max_s=2.0, map_refresh_s=1.0)
+    yield e
+    e.hv.close()
+    for sock in e.sockets:
+        sock.close()
+
+
+def cpumap(cpus: set[int], n: int = 8) -> tuple[bool, ...]:
+    return tuple(i in cpus for i in range(n))
+
+
+def live_pins(env: Env, vm: str) -> list[frozenset[int]]:
+    assert env.hv.conn is not None
+    maps = env.hv.conn.lookupByName(vm).vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return [frozenset(i for i, on in enumerate(m) if on) for m in maps]
+
+
+NEW_VM_XML = """
+<domain type='test'>
+  <name>{name}</name>
+  <memory unit='KiB'>524288</memory>
+  <vcpu placement='static'>1</vcpu>
+  <cputune><vcpupin vcpu='0' cpuset='1'/></cputune>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <channel type='unix'>
+      <source mode='bind' path='{channels}/{name}.0'/>
+      <target type='virtio' name='virtio.serial.port.poweragent.0'/>
+    </channel>
+  </devices>
+</domain>
+"""
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_registry_lists_the_node_vms_with_state_vcpus_and_pinning(env: Env) -> None:
+    vms = env.hv.vms()
+    assert set(vms) == {"vm1", "vm2", "web.prod.1", "free", "sleepy", "off"}
+    assert env.hv.host_cpu_count() == 8
+
+    vm1 = vms["vm1"]
+    assert (vm1.state, vm1.vcpu_count) == (VmState.RUNNING, 2)
+    assert vm1.uuid == "6a1c5a0e-0001-4c1e-9a5e-000000000001"
+    assert vm1.vcpu_pcpus == (frozenset({2}), frozenset({3}))
+    assert vm1.pcpus() == {2, 3} and vm1.host_cpus == 8
+    assert vm1.map_read_at == env.clock.now
+
+    # vm2's vCPU 0 shares host CPU 3 with vm1's vCPU 1.
+    assert vms["vm2"].vcpu_pcpus == (frozenset({3}), frozenset({4}))
+    assert vms["vm1"].pcpus() & vms["vm2"].pcpus() == {3}
+
+    # A vCPU pinned to a range keeps the full set.
+    web = vms["web.prod.1"]
+    assert web.vcpu_pcpus == (frozenset({5, 6}),)
+    assert web.is_pinned(0) and web.pcpus() == {5, 6}
+
+    # Unpinned: affinity is every host CPU, so it owns none.
+    free = vms["free"]
+    assert free.vcpu_pcpus == (frozenset(range(8)),) * 2
+    assert not free.is_pinned(0) and not free.is_pinned(1, frozenset(range(8)))
+    assert free.pcpus() == frozenset()
+
+    sleepy = vms["sleepy"]
+    assert (sleepy.state, sleepy.vcpu_pcpus) == (VmState.PAUSED, (frozenset({7}),))
+
+    off = vms["off"]
+    assert (off.state, off.vcpu_count) == (VmState.SHUTOFF, 2)
+    assert off.vcpu_pcpus == () and off.channels == () and not off.active
+    assert not off.is_pinned(0, 8)
+
+    assert env.hv.vm("vm2") == vms["vm2"]
+    with pytest.raises(UnknownVmError, match="nope"):
+        env.hv.vm("nope")
+    status = env.hv.status()
+    assert status["connected"] is True and status["vms"] == 6
+    assert status["last_map_read"] == env.clock.now
+
+
+def test_vminfo_helpers_count_only_pinned_vcpus() -> None:
+    pins = (frozenset({1}), frozenset({0, 1, 2, 3}))
+    info = VmInfo("a", "u", VmState.RUNNING, 2, pins, (), 0.0, host_cpus=4)
+    assert info.is_pinned(0) and not info.is_pinned(1)
+    assert not info.is_pinned(2) and not info.is_pinned(-1)  # no such vCPU
+    assert info.pcpus() == {1}  # vCPU 1 may run anywhere: it owns nothing
+    # On a bigger host the same affinity is a pinning.
+    assert info.is_pinned(1, 8) and info.pcpus(8) == {0, 1, 2, 3}
+    # Host size unknown: pcpus() is the plain union, is_pinned() cannot tell.
+    unknown = VmInfo("a", "u", VmState.RUNNING, 2, pins, (), 0.0)
+    assert unknown.pcpus() == {0, 1, 2, 3} and unknown.pcpus(4) == {1}
+    with pytest.raises(HypervisorError, match="host CPU count unknown"):
+        unknown.is_pinned(0)
+
+
+# ---------------------------------------------------------------- channels
+
+
+def test_channels_come_from_the_domain_xml(env: Env) -> None:
+    vms = env.hv.vms()
+    ch = str(env.channels)
+    assert vms["vm1"].channels == (
+        ChannelInfo("vm1", 0, f"{ch}/vm1.0", "xml"),
+        ChannelInfo("vm1", 1, f"{ch}/vm1.1", "xml"),
+    )
+    assert vms["web.prod.1"].channels == (
+        ChannelInfo("web.prod.1", 0, f"{ch}/web.prod.1.0", "xml"),
+    )
+    assert [c.index for c in vms["sleepy"].channels] == [0]  # paused VMs keep theirs
+    assert vms["free"].channels == ()
+    assert vms["off"].channels == ()  # not running: no socket to connect to
+
+
+def test_channels_directory_scan_adds_sockets_the_xml_does_not_list(env: Env) -> None:
+    env.listen("free.0")
+    env.listen("free.3")
+    env.listen("web.prod.1.1")  # a dotted VM name: split at the last dot
+    env.listen("vm1.0")  # already in vm1's XML: stays an "xml" channel
+    env.listen("ghost.0")  # no such VM
+    os.mkfifo(env.channels / "fifo2", 0o660)  # host-process FIFO, not a VM channel
+    (env.channels / "vm2.5").write_text("")  # not a socket
+    env.listen("vm2.x")  # no index
+
+    env.hv.refresh()
+    vms = env.hv.vms()
+    ch = str(env.channels)
+    assert vms["free"].channels == (
+        ChannelInfo("free", 0, f"{ch}/free.0", "dir"),
+        ChannelInfo("free", 3, f"{ch}/free.3", "dir"),
+    )
+    assert vms["web.prod.1"].channels == (
+        ChannelInfo("web.prod.1", 0, f"{ch}/web.prod.1.0", "xml"),
+        ChannelInfo("web.prod.1", 1, f"{ch}/web.prod.1.1", "dir"),
+    )
+    assert [c.source for c in vms["vm1"].channels] == ["xml", "xml"]
+    assert [c.index for c in vms["vm2"].channels] == [0]
+    assert "ghost" not in vms
+
+
+def test_a_dotted_vm_defined_later_gets_its_channels(env: Env) -> None:
+    assert env.hv.conn is not None
+    env.listen("db.main.2.4")
+    env.hv.conn.defineXML(NEW_VM_XML.format(name="db.main.2", channels=env.channels))
+    env.collect(has("defined", "db.main.2"))
+    assert env.hv.vm("db.main.2").channels == ()  # shut off
+    env.hv.conn.lookupByName("db.main.2").create()
+    events = env.collect(has("started", "db.main.2"))
+    assert VmEvent("started", "db.main.2", "booted") in events
+    ch = str(env.channels)
+    assert env.hv.vm("db.main.2").channels == (
+        ChannelInfo("db.main.2", 0, f"{ch}/db.main.2.0", "xml"),
+        ChannelInfo("db.main.2", 4, f"{ch}/db.main.2.4", "dir"),
+    )
+
+
+# ---------------------------------------------------------------- lifecycle events
+
+
+def test_callbacks_only_queue_until_the_owner_processes_them(env: Env) -> None:
+    assert env.hv.conn is not None
+    env.hv.conn.lookupByName("vm1").destroy()
+    assert env.woke.wait(WAIT_S), "libvirt's event thread did not wake the owner"
+    # The registry changes only on the owner's call.
+    assert env.hv.vm("vm1").state is VmState.RUNNING
+    events = env.collect(has("stopped", "vm1"))
+    assert VmEvent("stopped", "vm1", "destroyed") in events
+    vm1 = env.hv.vm("vm1")
+    assert vm1.state is VmState.SHUTOFF and vm1.vcpu_pcpus == () and vm1.channels == ()
+
+
+def test_stop_start_pause_resume_show_up_after_process_events(env: Env) -> None:
+    assert env.hv.conn is not None
+    dom = env.hv.conn.lookupByName("vm2")
+    dom.destroy()
+    env.collect(has("stopped", "vm2"))
+    assert env.hv.vm("vm2").state is VmState.SHUTOFF
+
+    dom.create()
+    events = env.collect(has("started", "vm2"))
+    assert VmEvent("started", "vm2", "booted") in events
+    vm2 = env.hv.vm("vm2")
+    assert vm2.state is VmState.RUNNING
+    assert vm2.vcpu_pcpus == (frozenset({3}), frozenset({4}))
+    assert [c.index for c in vm2.channels] == [0]
+
+    dom.suspend()
+    assert VmEvent("paused", "vm2", "paused") in env.collect(has("paused", "vm2"))
+    assert env.hv.vm("vm2").state is VmState.PAUSED
+    dom.resume()
+    assert VmEvent("resumed", "vm2", "unpaused") in env.collect(has("resumed", "vm2"))
+    assert env.hv.vm("vm2").state is VmState.RUNNING
+
+    off = env.hv.conn.lookupByName("off")
+    off.create()
+    env.collect(has("started", "off"))
+    assert env.hv.vm("off").vcpu_pcpus == (frozenset({6}), frozenset({7}))
+
+
+def test_define_and_undefine(env: Env) -> None:
+    assert env.hv.conn is not None
+    dom = env.hv.conn.defineXML(NEW_VM_XML.format(name="new1", channels=env.channels))
+    events = env.collect(has("defined", "new1"))
+    assert VmEvent("defined", "new1", "added") in events
+    assert env.hv.tracked("new1")
+    assert env.hv.vm("new1").state is VmState.SHUTOFF
+
+    dom.undefine()
+    events = env.collect(has("undefined", "new1"))
+    assert VmEvent("undefined", "new1", "removed") in events
+    assert not env.hv.tracked("new1")
+    with pytest.raises(UnknownVmError):
+        env.hv.vm("new1")
+
+
+def test_a_transient_vm_that_stops_is_reported_gone(env: Env) -> None:
+    assert env.hv.conn is not None
+    dom = env.hv.conn.createXML(NEW_VM_XML.format(name="temp", channels=env.channels), 0)
+    env.collect(has("started", "temp"))
+    assert env.hv.vm("temp").vcpu_pcpus == (frozenset({1}),)
+    dom.destroy()
+    events = env.collect(has("undefined", "temp"))
+    kinds = [e.kind for e in events if e.vm == "temp"]
+    assert kinds == ["stopped", "undefined"]  # libvirt sends STOPPED only
+    assert "temp" not in env.hv.vms()
+
+
+# ---------------------------------------------------------------- the live map
+
+
+def test_pinning_changed_outside_vmpower_is_seen_after_map_refresh_s(env: Env) -> None:
+    assert env.hv.conn is not None
+    # The test driver emits no TUNABLE event for pinVcpu: the re-read path must catch it.
+    env.hv.conn.lookupByName("vm1").pinVcpu(0, cpumap({6}))
+
+    # Fresh map: the request path does not go to libvirt.
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus[0] == {2}
+    env.clock.now += 0.99
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus[0] == {2}
+
+    env.clock.now += 0.01
+    fresh = env.hv.ensure_fresh("vm1")
+    assert fresh.vcpu_pcpus == (frozenset({6}), frozenset({3}))
+    assert fresh.map_read_at == env.clock.now
+    assert env.hv.vm("vm1") == fresh
+    assert env.hv.process_events() == [VmEvent("pinning", "vm1", "refresh")]
+    # Read again within map_refresh_s: no new read.
+    env.clock.now += 0.5
+    assert env.hv.ensure_fresh("vm1").map_read_at == fresh.map_read_at
+
+
+def test_refresh_rereads_now_and_ensure_fresh_follows_a_stop(env: Env) -> None:
+    assert env.hv.conn is not None
+    env.hv.conn.lookupByName("vm2").pinVcpu(1, cpumap({0, 1}))
+    env.hv.refresh("vm2")
+    assert env.hv.vm("vm2").vcpu_pcpus[1] == {0, 1}
+    with pytest.raises(UnknownVmError):
+        env.hv.refresh("nope")
+
+    # A VM stopped before its event was processed: a stale map is re-read, not trusted.
+    env.hv.conn.lookupByName("web.prod.1").destroy()
+    env.clock.now += 5
+    info = env.hv.ensure_fresh("web.prod.1")
+    assert info.state is VmState.SHUTOFF and info.vcpu_pcpus == ()
+
+
+def test_set_pcpu_pins_through_libvirt_and_updates_the_map(env: Env) -> None:
+    env.clock.now += 0.25
+    info = env.hv.set_pcpu("vm1", 1, frozenset({4, 5}))
+    assert info.vcpu_pcpus == (frozenset({2}), frozenset({4, 5}))
+    assert info.map_read_at == env.clock.now
+    assert env.hv.vm("vm1") == info
+    assert live_pins(env, "vm1") == [{2}, {4, 5}]
+    assert VmEvent("pinning", "vm1", "set_pcpu") in env.hv.process_events()
+
+
+@pytest.mark.parametrize(
+    ("vm", "vcpu", "cpus", "error", "message"),
+    [
+        ("nope", 0, {1}, UnknownVmError, "nope"),
+        ("vm1", 2, {1}, HypervisorError, "has no vCPU 2"),
+        ("vm1", -1, {1}, HypervisorError, "has no vCPU -1"),
+        ("vm1", 0, set(), HypervisorError, "no CPU"),
+        ("vm1", 0, {8}, HypervisorError, r"no host CPU \[8\]"),
+        ("off", 0, {1}, HypervisorError, "not running"),
+    ],
+)
+def test_set_pcpu_refuses_bad_requests_and_changes_nothing(
+    env: Env, vm: str, vcpu: int, cpus: set[int], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        env.hv.set_pcpu(vm, vcpu, frozenset(cpus))
+    assert live_pins(env, "vm1") == [{2}, {3}]
+    assert env.hv.vm("vm1").vcpu_pcpus == (frozenset({2}), frozenset({3}))
+
+
+# ---------------------------------------------------------------- per-VM statistics
+
+
+def test_interface_stats_sum_every_nic(env: Env) -> None:
+    assert env.hv.conn is not None
+    # The test driver derives every counter from the wall clock (rx_packets = µs/100,
+    # tx_packets = µs/110), the same for each NIC: a 2-NIC VM must read twice one NIC,
+    # bracketed by readings taken before and after.
+    dom = env.hv.conn.lookupByName("vm2")
+    before = dom.interfaceStats("testnet0")
+    rx, tx = env.hv.interface_stats("vm2")
+    after = dom.interfaceStats("testnet0")
+    assert 2 * before[1] <= rx <= 2 * after[1]
+    assert 2 * before[5] <= tx <= 2 * after[5]
+
+    before = dom.interfaceStats("testnet0")
+    rx1, tx1 = env.hv.interface_stats("vm1")
+    after = dom.interfaceStats("testnet0")
+    assert before[1] <= rx1 <= after[1] and before[5] <= tx1 <= after[5]
+
+    assert env.hv.interface_stats("free") == (0, 0)  # no NIC
+    with pytest.raises(HypervisorError, match="not running"):
+        env.hv.interface_stats("off")
+    with pytest.raises(UnknownVmError):
+        env.hv.interface_stats("nope")
+
+
+def test_vcpu_time_is_the_sum_over_vcpus_in_seconds(env: Env) -> None:
+    assert env.hv.conn is not None
+    dom = env.hv.conn.lookupByName("vm1")
+    before = sum(v[2] for v in dom.vcpus()[0]) / 1e9
+    seconds = env.hv.vcpu_time_s("vm1")
+    after = sum(v[2] for v in dom.vcpus()[0]) / 1e9
+    assert 0 < before <= seconds <= after
+    with pytest.raises(HypervisorError, match="not running"):
+        env.hv.vcpu_time_s("off")
+
+
+# ---------------------------------------------------------------- manual tracking
+
+
+def test_remove_vm_ignores_it_until_add_vm(env: Env) -> None:
+    assert env.hv.conn is not None
+    env.hv.remove_vm("vm2")
+    assert not env.hv.tracked("vm2") and "vm2" not in env.hv.vms()
+    with pytest.raises(UnknownVmError):
+        env.hv.ensure_fresh("vm2")
+    assert env.hv.process_events() == [VmEvent("undefined", "vm2", "remove_vm")]
+
+    # Its lifecycle is ignored while removed.
+    env.hv.conn.lookupByName("vm2").destroy()
+    env.hv.conn.lookupByName("vm1").destroy()
+    events = env.collect(has("stopped", "vm1"))
+    assert [e for e in events if e.vm == "vm2"] == []
+    assert "vm2" not in env.hv.vms()
+    assert env.hv.status()["ignored"] == ["vm2"]
+
+    info = env.hv.add_vm("vm2")
+    assert env.hv.tracked("vm2") and info.state is VmState.SHUTOFF
+    assert env.hv.process_events() == [VmEvent("defined", "vm2", "add_vm")]
+    with pytest.raises(UnknownVmError, match="nope"):
+        env.hv.add_vm("nope")
+    with pytest.raises(UnknownVmError):
+        env.hv.remove_vm("nope")
+
+
+def test_track_all_off_serves_only_added_vms(tmp_path: Path) -> None:
+    env = make_env(tmp_path, track_all=False)
+    try:
+        assert env.hv.vms() == {}
+        assert env.hv.add_vm("web.prod.1").vcpu_pcpus == (frozenset({5, 6}),)
+        assert set(env.hv.vms()) == {"web.prod.1"}
+        assert env.hv.conn is not None
+        env.hv.conn.lookupByName("vm1").destroy()
+        env.hv.conn.lookupByName("web.prod.1").destroy()
+        events = env.collect(has("stopped", "web.prod.1"))
+        assert {e.vm for e in events} == {"web.prod.1"}
+    finally:
+        env.hv.close()
+
+
+# ---------------------------------------------------------------- connection loss
+
+
+def test_lost_connection_is_reported_retried_with_backoff_and_restored(env: Env) -> None:
+    hv, clock = env.hv, env.clock
+    assert hv.conn is not None
+    hv.conn.lookupByName("vm2").destroy()
+    env.collect(has("stopped", "vm2"))
+    before = hv.vms()
+    assert hv.next_deadline() is None
+
+    hv.conn.close()  # the connection closed under the agent
+    events = hv.poll()
+    assert [e.kind for e in events] == ["connection_lost"]
+    status = hv.status()
+    assert status["connected"] is False and status["last_error"]
+    assert hv.conn is None
+
+    # The last known registry is still served.
+    assert hv.vms() == before
+    clock.now += 5
+    assert hv.ensure_fresh("vm1") == before["vm1"]
+    with pytest.raises(HypervisorError, match="not connected"):
+        hv.set_pcpu("vm1", 0, frozenset({1}))
+    with pytest.raises(HypervisorError, match="not connected"):
+        hv.interface_stats("vm1")
+
+    # libvirt stays unreachable for a while: the node file is gone.
+    hidden = env.node.with_suffix(".hidden")
+    env.node.rename(hidden)
+    lost_at = clock.now - 5
+    assert hv.next_deadline() == pytest.approx(lost_at + 0.5)
+    delays = []
+    for _ in range(4):
+        deadline = hv.next_deadline()
+        assert deadline is not None
+        clock.now = deadline - 0.001
+        assert hv.poll() == []  # too early: no attempt
+        clock.now = deadline
+        assert hv.poll() == []  # attempt fails
+        nxt = hv.next_deadline()
+        assert nxt is not None
+        delays.append(round(nxt - deadline, 6))
+    assert delays == [1.0, 2.0, 2.0, 2.0]  # doubling from 0.5, capped at reconnect_max_s
+    status = hv.status()
+    assert status["reconnect_attempts"] == 4 and "cannot connect" in status["last_error"]
+
+    # libvirt is back: the next due poll reconnects and re-reads everything. The test
+    # driver starts again from the node file, where vm2 runs: that is reported too.
+    hidden.rename(env.node)
+    deadline = hv.next_deadline()
+    assert deadline is not None
+    clock.now = deadline
+    events = hv.poll()
+    assert events[0] == VmEvent("connection_restored", None, "after 5 attempt(s)")
+    assert VmEvent("started", "vm2", "while disconnected") in events
+    assert hv.vm("vm2").state is VmState.RUNNING
+    assert hv.status()["connected"] is True and hv.next_deadline() is None
+    assert hv.status()["reconnects"] == 1
+
+    # Events are registered again on the new connection.
+    assert hv.conn is not None
+    env.woke.clear()
+    hv.conn.lookupByName("vm1").destroy()
+    assert VmEvent("stopped", "vm1", "destroyed") in env.collect(has("stopped", "vm1"))
+
+
+def test_a_failed_call_finds_the_lost_connection(env: Env) -> None:
+    assert env.hv.conn is not None
+    env.hv.conn.close()
+    env.clock.now += 5
+    # The request path notices, serves the last known map, and wakes the owner.
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus == (frozenset({2}), frozenset({3}))
+    assert env.woke.is_set()
+    assert [e.kind for e in env.hv.process_events()] == ["connection_lost"]
+    assert env.hv.next_deadline() == pytest.approx(env.clock.now + 0.5)
+
+
+def test_connect_failure_is_a_clear_error_and_a_retry_is_scheduled(tmp_path: Path) -> None:
+    clock = FakeClock()
+    hv = Hypervisor(f"test://{tmp_path}/missing.xml", tmp_path, clock=clock)
+    with pytest.raises(HypervisorError, match="cannot connect to test://"):
+        hv.connect()
+    assert hv.vms() == {} and hv.status()["connected"] is False
+    assert hv.next_deadline() == pytest.approx(clock.now + 0.5)
+    with pytest.raises(HypervisorError, match="never connected"):
+        hv.host_cpu_count()
+    with pytest.raises(HypervisorError, match="not connected"):
+        hv.refresh()
+
+    # The file appears: the due poll connects and reports every VM.
+    channels = tmp_path / "ch"
+    channels.mkdir()
+    node_xml(tmp_path, channels).rename(tmp_path / "missing.xml")
+    clock.now += 0.5
+    events = hv.poll()
+    assert events[0].kind == "connection_restored"
+    assert VmEvent("started", "vm1", "while disconnected") in events
+    assert len(hv.vms()) == 6
+    hv.close()
+    assert hv.status()["closed"] is True and hv.next_deadline() is None
+    assert hv.poll() == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"reconnect_min_s": 0},
+        {"reconnect_min_s": 2.0, "reconnect_max_s": 1.0},
+        {"map_refresh_s": -1},
+    ],
+)
+def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict[str, float]) -> None:
+    with pytest.raises(HypervisorError):
+        Hypervisor("test:///default", tmp_path, **kwargs)  # type: ignore[arg-type]
