@@ -1,0 +1,448 @@
+"""CpuFreq: the one facade the rest of vmpower uses for CPU frequencies.
+
+It owns validation (the simulated tree's plain files accept anything, so everything the
+kernel would refuse is refused here first with ``CpufreqError``), the per-CPU caches
+that keep the request path cheap (static tables and facts, the last frequency set, the
+turbo cap), and the once-only reporting of unsupported features. The per-driver file
+work is delegated to a backend (see ``vmpower.cpufreq.detect``).
+
+Turbo is per CPU: a CPU whose turbo is disabled is capped at its highest non-turbo
+frequency (DPDK's drivers do the same with their ``turbo_enable`` flag). The driver's
+turbo switch (``cpufreq/boost``, ``intel_pstate/no_turbo``, ``cpuN/cpufreq/boost``) is
+only ever switched *on*, when a CPU asks for turbo while it is off; the journal puts it
+back. It is never switched off for one CPU, since on most drivers it is system-wide.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+from vmpower.cpufreq.backend import CPU_DIR, Backend, policy_dir
+from vmpower.cpufreq.detect import (
+    BACKENDS,
+    make_backend,
+    present_cpus,
+    priority_cpus,
+    read_cpu_list,
+    system_driver,
+)
+from vmpower.cpufreq.model import Capabilities, CpuInfo, CpuState, FreqOp, step
+from vmpower.cpuset import format_cpu_list
+from vmpower.errors import CpufreqError, SysfsError, UnsupportedError
+from vmpower.sysfs import Sysfs
+
+log = logging.getLogger("vmpower.cpufreq")
+
+
+class _Cpu:
+    """Per-CPU facts and caches (mutable; only the facade touches them)."""
+
+    __slots__ = ("cap_khz", "entries", "info", "last_khz", "switch", "switch_on", "turbo_wanted")
+
+    def __init__(self, info: CpuInfo, switch: str | None, switch_on: bool) -> None:
+        self.info = info
+        self.entries = frozenset(info.table_khz)
+        self.switch = switch
+        self.switch_on = switch_on
+        self.turbo_wanted = True  # DPDK enables turbo by default where the CPU has it
+        self.last_khz: int | None = None  # the value vmpower last set (None: not in control)
+        self.cap_khz = info.max_khz
+        self.recap()
+
+    def recap(self) -> None:
+        info = self.info
+        turbo = info.has_turbo and self.turbo_wanted and self.switch_on
+        self.cap_khz = info.max_khz if turbo else info.nominal_khz
+
+
+def open_cpufreq(sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> CpuFreq:
+    """Find the CPUs and the scaling driver under ``sysfs`` and return the facade."""
+    return CpuFreq(sysfs, reserved_cpus)
+
+
+class CpuFreq:
+    """Frequency control of the host CPUs through one scaling driver's sysfs files."""
+
+    def __init__(self, sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> None:
+        self.sysfs = sysfs
+        self._reserved = frozenset(reserved_cpus)
+        self._reasons: dict[str, str] = {}
+        self._present = present_cpus(sysfs)
+        self._present_set = frozenset(self._present)
+        self._driver = system_driver(sysfs, self._present)
+        self._backend: Backend | None = make_backend(
+            sysfs, self._driver, self._present, self._report
+        )
+        if self._driver and self._backend is None:
+            self._report(
+                f"driver:{self._driver}",
+                f"scaling driver {self._driver!r} is not supported (known: "
+                f"{', '.join(BACKENDS)}; others need scaling_available_frequencies)",
+            )
+        self._priority = (
+            priority_cpus(self._backend.priority_values(self._present))
+            if self._backend is not None
+            else frozenset()
+        )
+        self._cpus: dict[int, _Cpu] = {}
+        self._epp_choices: dict[int, tuple[str, ...]] = {}
+
+    # -- CPUs --------------------------------------------------------------------------
+
+    def cpus(self) -> list[int]:
+        """Every present CPU number."""
+        return list(self._present)
+
+    def online(self, cpu: int) -> bool:
+        if cpu not in self._present_set:
+            return False
+        try:
+            return self.sysfs.read(f"{CPU_DIR}/cpu{cpu}/online") == "1"
+        except SysfsError:
+            pass  # cpu0 and CPUs that cannot be unplugged have no online file
+        listed = read_cpu_list(self.sysfs, f"{CPU_DIR}/online")
+        return listed is None or cpu in listed
+
+    def managed(self, cpu: int) -> bool:
+        """Online, has a cpufreq policy of a supported driver, and not reserved."""
+        return (
+            cpu in self._present_set
+            and cpu not in self._reserved
+            and self._backend is not None
+            and self.online(cpu)
+            and self.sysfs.exists(f"{policy_dir(cpu)}/scaling_driver")
+        )
+
+    def driver(self, cpu: int) -> str:
+        self._check_present(cpu)
+        return self._driver
+
+    # -- tables and stepping -------------------------------------------------------------
+
+    def table_khz(self, cpu: int) -> tuple[int, ...]:
+        """Frequencies high → low; the turbo range (entries above nominal) first."""
+        return self._cpu(cpu).info.table_khz
+
+    def nominal_khz(self, cpu: int) -> int:
+        """The highest non-turbo frequency (the cap while turbo is disabled)."""
+        return self._cpu(cpu).info.nominal_khz
+
+    def target_khz(self, cpu: int, op: FreqOp, from_khz: int | None = None) -> int:
+        """Where ``op`` lands from ``from_khz`` (default: what is requested now)."""
+        c = self._cpu(cpu)
+        if not isinstance(op, FreqOp):
+            raise CpufreqError(f"unknown frequency operation {op!r}")
+        if from_khz is None:
+            from_khz = self.requested_khz(cpu)
+        elif isinstance(from_khz, bool) or not isinstance(from_khz, int) or from_khz <= 0:
+            raise CpufreqError(
+                f"cpu {cpu}: from_khz must be a positive kHz value, got {from_khz!r}"
+            )
+        return step(c.info, c.cap_khz, op, from_khz)
+
+    def apply(self, cpu: int, op: FreqOp) -> int:
+        """Move ``cpu`` as ``op`` says; returns the frequency now requested."""
+        freq_khz = self.target_khz(cpu, op)
+        self.set_khz(cpu, freq_khz)
+        return freq_khz
+
+    # -- the request path ----------------------------------------------------------------
+
+    def set_khz(self, cpu: int, freq_khz: int) -> bool:
+        """Request ``freq_khz``; False (nothing written) when vmpower already set it."""
+        if cpu in self._reserved:
+            raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        c = self._cpus.get(cpu) or self._cpu(cpu)
+        if isinstance(freq_khz, bool) or not isinstance(freq_khz, int):
+            raise CpufreqError(f"cpu {cpu}: frequency must be an integer kHz, got {freq_khz!r}")
+        info = c.info
+        if info.continuous:
+            if not info.min_khz <= freq_khz <= info.max_khz:
+                raise CpufreqError(
+                    f"cpu {cpu}: {freq_khz} kHz is outside {info.min_khz}-{info.max_khz} kHz"
+                    " (cpuinfo_min_freq-cpuinfo_max_freq)"
+                )
+        elif freq_khz not in c.entries:
+            raise CpufreqError(
+                f"cpu {cpu}: {freq_khz} kHz is not in the frequency table"
+                f" ({' '.join(map(str, info.table_khz))})"
+            )
+        if freq_khz > c.cap_khz:
+            raise CpufreqError(
+                f"cpu {cpu}: {freq_khz} kHz is in the turbo range and turbo is disabled"
+                f" (highest allowed {c.cap_khz} kHz)"
+            )
+        if c.last_khz == freq_khz:
+            return False
+        backend = self._backend
+        assert backend is not None  # _cpu() raised otherwise
+        try:
+            backend.write_khz(cpu, freq_khz)
+        except SysfsError as exc:
+            raise self._lost(cpu, exc) from exc
+        c.last_khz = freq_khz
+        return True
+
+    def requested_khz(self, cpu: int) -> int:
+        """The target in force: the value vmpower last set, else read from the files
+        (setspeed under userspace, min when min == max), else the current frequency
+        rounded to the nearest table entry."""
+        c = self._cpu(cpu)
+        if c.last_khz is not None:
+            return c.last_khz
+        backend = self._backend
+        assert backend is not None
+        try:
+            pinned = backend.read_requested(cpu)
+            if pinned is None:
+                pinned = self.sysfs.read_int(f"{policy_dir(cpu)}/scaling_cur_freq")
+        except SysfsError as exc:
+            raise self._lost(cpu, exc) from exc
+        return _nearest(c.info, pinned)
+
+    def forget(self, cpu: int) -> None:
+        """Drop what vmpower believes about ``cpu``'s requests (its files were restored)."""
+        c = self._cpus.get(cpu)
+        if c is not None:
+            c.last_khz = None
+            c.turbo_wanted = True
+            c.switch_on = self._read_switch(c.switch)
+            c.recap()
+        self._epp_choices.pop(cpu, None)
+        if self._backend is not None:
+            self._backend.forget(cpu)
+
+    # -- turbo ---------------------------------------------------------------------------
+
+    def turbo_enabled(self, cpu: int) -> bool:
+        """The CPU may use its turbo range now (its own flag and the driver's switch)."""
+        c = self._cpu(cpu)
+        if not c.info.has_turbo:
+            return False
+        c.switch_on = self._read_switch(c.switch)
+        c.recap()
+        return c.switch_on and c.turbo_wanted
+
+    def set_turbo(self, cpu: int, enabled: bool) -> None:
+        """Allow or forbid the turbo range for ``cpu``.
+
+        Enabling switches the driver's turbo switch on if it is off (system-wide on
+        most drivers; journaled like every write). Disabling caps the CPU at its
+        nominal frequency and moves it there if it is above (or not yet controlled).
+        Neither moves a CPU up: the caller asks for MAX when it wants DPDK's behaviour.
+        """
+        if cpu in self._reserved:
+            raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        c = self._cpu(cpu)
+        if not c.info.has_turbo:
+            raise self._report(
+                f"turbo:{self._driver}",
+                f"{self._driver}: some CPUs have no turbo range (first seen: cpu {cpu})",
+                f"cpu {cpu} has no turbo range",
+            )
+        if enabled:
+            if not self._read_switch(c.switch):
+                self._switch_on(cpu, c)
+            c.switch_on = True
+            c.turbo_wanted = True
+            c.recap()
+            return
+        c.turbo_wanted = False
+        c.recap()
+        current = c.last_khz if c.last_khz is not None else self.requested_khz(cpu)
+        if c.last_khz is None or current > c.cap_khz:
+            self.set_khz(cpu, min(current, c.cap_khz))
+
+    def _switch_on(self, cpu: int, c: _Cpu) -> None:
+        rel = c.switch
+        assert rel is not None  # a missing switch reads as on
+        backend = self._backend
+        assert backend is not None
+        value = "0" if backend.switch_inverted else "1"
+        try:
+            self.sysfs.write(rel, value)
+            # Read back: intel_pstate refuses (or ignores) no_turbo=0 when the
+            # firmware disabled turbo.
+            if not self._read_switch(rel):
+                raise SysfsError(self.sysfs.path(rel), "the kernel kept turbo switched off")
+        except SysfsError as exc:
+            raise CpufreqError(f"cpu {cpu}: cannot switch turbo on: {exc}") from exc
+        if backend.switch_is_global(cpu):
+            log.warning(
+                "turbo switched on system-wide (%s) for cpu %d; restored at exit",
+                self.sysfs.path(rel),
+                cpu,
+            )
+        # the switch may be shared: every cached CPU sees it on now
+        for other in self._cpus.values():
+            if other.switch == rel:
+                other.switch_on = True
+                other.recap()
+
+    def _read_switch(self, rel: str | None) -> bool:
+        if rel is None:
+            return True  # no switch: turbo cannot be switched off
+        backend = self._backend
+        assert backend is not None
+        try:
+            text = self.sysfs.read(rel)
+        except SysfsError:
+            return True
+        return (text == "0") if backend.switch_inverted else (text != "0")
+
+    # -- capabilities and state --------------------------------------------------------
+
+    def capabilities(self, cpu: int) -> Capabilities:
+        info = self._cpu(cpu).info
+        return Capabilities(turbo=info.has_turbo, priority=info.priority)
+
+    def state(self, cpu: int) -> CpuState:
+        """The CPU as the kernel shows it now (files read, caches not consulted)."""
+        self._check_present(cpu)
+        online = self.online(cpu)
+        d = policy_dir(cpu)
+        if not online or not self.sysfs.exists(f"{d}/scaling_governor"):
+            return CpuState(cpu, self._driver, None, online, None, None, None, None, None, None)
+        governor = self._opt(f"{d}/scaling_governor")
+        lo = _int_or_none(self._opt(f"{d}/scaling_min_freq"))
+        hi = _int_or_none(self._opt(f"{d}/scaling_max_freq"))
+        target: int | None = None
+        if governor == "userspace":
+            target = _int_or_none(self._opt(f"{d}/scaling_setspeed"))
+        elif lo is not None and lo == hi:
+            target = hi
+        turbo: bool | None = None
+        if self._backend is not None:
+            try:
+                c = self._cpu(cpu)
+                turbo = self.turbo_enabled(cpu) if c.info.has_turbo else None
+            except CpufreqError:
+                turbo = None
+        return CpuState(
+            cpu=cpu,
+            driver=self._driver,
+            governor=governor,
+            online=True,
+            cur_khz=_int_or_none(self._opt(f"{d}/scaling_cur_freq")),
+            target_khz=target,
+            min_khz=lo,
+            max_khz=hi,
+            turbo_enabled=turbo,
+            epp=self._opt(f"{d}/energy_performance_preference"),
+        )
+
+    # -- energy/performance preference ------------------------------------------------
+
+    def set_epp(self, cpu: int, preference: str) -> None:
+        """Set the EPP hint (intel_pstate with HWP, amd-pstate-epp)."""
+        if cpu in self._reserved:
+            raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        self._cpu(cpu)
+        d = policy_dir(cpu)
+        rel = f"{d}/energy_performance_preference"
+        if not self.sysfs.exists(rel):
+            raise self._report(
+                f"epp:{self._driver}",
+                f"{self._driver} has no energy_performance_preference (EPP needs"
+                " intel_pstate with HWP or amd-pstate-epp)",
+            )
+        try:
+            choices = self._epp_choices.get(cpu)
+            if choices is None:
+                choices = tuple(
+                    self.sysfs.read(f"{d}/energy_performance_available_preferences").split()
+                )
+                self._epp_choices[cpu] = choices
+            if not isinstance(preference, str) or preference not in choices:
+                raise CpufreqError(
+                    f"cpu {cpu}: unknown energy performance preference {preference!r}"
+                    f" (available: {' '.join(choices)})"
+                )
+            # intel_pstate.rst ("HWP + performance") and amd-pstate: under the
+            # performance governor only "performance" is accepted (the kernel: EBUSY).
+            governor = self.sysfs.read(f"{d}/scaling_governor")
+            if governor == "performance" and preference != "performance":
+                raise CpufreqError(
+                    f"cpu {cpu}: the EPP cannot be changed under the performance governor"
+                    " (the kernel refuses with EBUSY)"
+                )
+            self.sysfs.write(rel, preference)
+            now = self.sysfs.read(rel)
+        except SysfsError as exc:
+            raise self._lost(cpu, exc) from exc
+        if now != preference:
+            raise CpufreqError(f"cpu {cpu}: wrote EPP {preference!r}, the kernel reports {now!r}")
+
+    def unsupported(self) -> list[str]:
+        """The unsupported features reported so far (each once), with their reasons."""
+        return list(self._reasons.values())
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _report(self, key: str, reason: str, message: str | None = None) -> UnsupportedError:
+        if key not in self._reasons:
+            self._reasons[key] = reason
+            log.warning("unsupported: %s", reason)
+        return UnsupportedError(message or reason)
+
+    def _check_present(self, cpu: int) -> None:
+        if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu not in self._present_set:
+            present = format_cpu_list(self._present) or "none"
+            raise CpufreqError(f"no CPU {cpu!r} (present: {present})")
+
+    def _cpu(self, cpu: int) -> _Cpu:
+        c = self._cpus.get(cpu)
+        if c is not None:
+            return c
+        self._check_present(cpu)
+        backend = self._backend
+        if backend is None:
+            if not self._driver:
+                raise CpufreqError(f"cpu {cpu} has no cpufreq (no scaling driver registered)")
+            raise self._report(
+                f"driver:{self._driver}",
+                f"scaling driver {self._driver!r} is not supported",
+            )
+        if not self.sysfs.exists(policy_dir(cpu)):
+            if not self.online(cpu):
+                raise CpufreqError(f"cpu {cpu} is offline")
+            raise CpufreqError(f"cpu {cpu} has no cpufreq policy")
+        try:
+            info = backend.probe(cpu, cpu in self._priority)
+        except SysfsError as exc:
+            raise CpufreqError(f"cpu {cpu}: cannot read its cpufreq files: {exc}") from exc
+        switch = backend.turbo_switch(cpu)
+        c = _Cpu(info, switch, self._read_switch(switch))
+        self._cpus[cpu] = c
+        return c
+
+    def _lost(self, cpu: int, exc: SysfsError) -> CpufreqError:
+        """A file access failed: drop the caches; say "offline" when that is why."""
+        self._cpus.pop(cpu, None)
+        if self._backend is not None:
+            self._backend.forget(cpu)
+        if not self.online(cpu):
+            return CpufreqError(f"cpu {cpu} is offline")
+        return CpufreqError(f"cpu {cpu}: {exc}")
+
+    def _opt(self, rel: str) -> str | None:
+        try:
+            return self.sysfs.read(rel)
+        except SysfsError:
+            return None
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _nearest(info: CpuInfo, freq_khz: int) -> int:
+    asc = info.ascending_khz
+    i = bisect.bisect_left(asc, freq_khz)
+    if i == 0:
+        return asc[0]
+    if i == len(asc):
+        return asc[-1]
+    below, above = asc[i - 1], asc[i]
+    return above if above - freq_khz <= freq_khz - below else below
