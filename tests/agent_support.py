@@ -1,0 +1,150 @@
+"""Running the real vmpowerd for integration tests.
+
+``RunningAgent`` renders tests/data/node.xml with a private channel directory, builds
+a simulated cpufreq tree, binds the VMs' channel sockets as QEMU would, starts
+``vmpowerd`` as a subprocess and accepts its connections. Tests then speak the
+binary protocol through ``agent.hosts[...]`` and the admin API through
+``agent.control(...)``. ``stop()`` sends SIGTERM and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from vmpower import control
+from vmpower.cpufreq.simulate import build_tree
+from vmpower.devtools import ChannelHost, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_XML = REPO / "tests" / "data" / "node.xml"
+# Channels of the running VMs in tests/data/node.xml (sleepy is paused: QEMU keeps its
+# socket, but the agent serves running VMs only).
+DEFAULT_CHANNELS = ("vm1.0", "vm1.1", "vm2.0", "web.prod.1.0")
+
+
+def render_node(tmp_path: Path, channels_dir: Path, source: Path = NODE_XML) -> Path:
+    text = source.read_text().replace("/tmp/powermonitor/", f"{channels_dir}/")
+    path = tmp_path / "node.xml"
+    path.write_text(text)
+    return path
+
+
+class RunningAgent:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        driver: str = "acpi-cpufreq",
+        turbo: bool = True,
+        offline: frozenset[int] = frozenset(),
+        settings: dict[str, dict[str, Any]] | None = None,
+        channels: tuple[str, ...] = DEFAULT_CHANNELS,
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.channels_dir = tmp_path / "channels"
+        self.channels_dir.mkdir()
+        self.sysfs_root = tmp_path / "sysfs"
+        build_tree(self.sysfs_root, driver, 8, turbo=turbo, offline=offline)
+        self.node = render_node(tmp_path, self.channels_dir)
+        self.state_dir = tmp_path / "state"
+        self.socket = tmp_path / "control.sock"
+        self.config_path = tmp_path / "vmpowerd.toml"
+        sections: dict[str, dict[str, Any]] = {
+            "libvirt": {"uri": f"test://{self.node}"},
+            "channels": {"dir": str(self.channels_dir)},
+            "cpufreq": {"sysfs_root": str(self.sysfs_root)},
+            "state": {"dir": str(self.state_dir)},
+            "control": {"socket": str(self.socket)},
+            "log": {"level": "debug"},
+        }
+        for section, values in (settings or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.config_path.write_text(to_toml(sections))
+        self.hosts = {name: ChannelHost(self.channels_dir / name) for name in channels}
+        self.log_path = tmp_path / "vmpowerd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def originals(self) -> dict[str, str]:
+        """Every file of the simulated tree and its content (to compare after restore)."""
+        result = {}
+        for path in sorted(self.sysfs_root.rglob("*")):
+            if path.is_file():
+                result[str(path.relative_to(self.sysfs_root))] = path.read_text()
+        return result
+
+    def start(self, accept: bool = True) -> RunningAgent:
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmpower.daemon", "--config", str(self.config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        proc = self.proc
+        ok = wait_for(lambda: self.socket.exists() or proc.poll() is not None, 30)
+        if not ok or proc.poll() is not None:
+            raise RuntimeError(f"vmpowerd did not start:\n{self.log()}")
+        if accept:
+            for host in self.hosts.values():
+                host.accept()
+        return self
+
+    def control(self, cmd: str, **args: Any) -> Any:
+        return control.request(self.socket, cmd, **args)
+
+    def read(self, cpu: int, name: str) -> str:
+        return (self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}").read_text().strip()
+
+    def setspeed(self, cpu: int) -> int:
+        return int(self.read(cpu, "scaling_setspeed"))
+
+    def table(self, cpu: int) -> list[int]:
+        return [int(x) for x in self.read(cpu, "scaling_available_frequencies").split()]
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for host in self.hosts.values():
+            host.close()
+
+
+def to_toml(sections: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float):
+                text = repr(value)
+            else:
+                text = '"' + str(value).replace('"', '\\"') + '"'
+            lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,122 @@
+"""Stand-ins for parts that cannot run everywhere: QEMU's end of a power channel.
+
+QEMU binds each VM's channel socket and the agent connects to it. Where no QEMU runs
+(the `make run` demo, integration tests, benchmarks), ``ChannelHost`` binds the
+socket, accepts the agent, and speaks the guest side of the protocol through it,
+exactly as bytes from a guest would arrive through virtio-serial.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from pathlib import Path
+
+from vmpower import protocol
+
+
+class ChannelHost:
+    """Plays QEMU for one channel socket: listens at ``path``, accepts the agent."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.bind(self.path)
+        self.listener.listen(4)
+        self.conn: socket.socket | None = None
+
+    def accept(self, timeout_s: float = 10.0) -> None:
+        """Wait for the agent to connect (it retries about once a second)."""
+        self.listener.settimeout(timeout_s)
+        try:
+            conn, _ = self.listener.accept()
+        except TimeoutError:
+            raise TimeoutError(
+                f"the agent did not connect to {self.path} in {timeout_s} s"
+            ) from None
+        if self.conn is not None:
+            self.conn.close()
+        conn.settimeout(timeout_s)
+        self.conn = conn
+
+    def send(self, data: bytes) -> None:
+        assert self.conn is not None, "accept() first"
+        self.conn.sendall(data)
+
+    def recv_exact(self, size: int, timeout_s: float = 5.0) -> bytes:
+        assert self.conn is not None, "accept() first"
+        self.conn.settimeout(timeout_s)
+        buf = bytearray()
+        while len(buf) < size:
+            chunk = self.conn.recv(size - len(buf))
+            if not chunk:
+                raise ConnectionError(f"{self.path}: agent closed the channel")
+            buf += chunk
+        return bytes(buf)
+
+    def nothing_to_read(self, wait_s: float = 0.2) -> bool:
+        """True when no byte arrives within ``wait_s`` (for requests without a reply)."""
+        assert self.conn is not None
+        ready, _, _ = select.select([self.conn], [], [], wait_s)
+        return not ready
+
+    def request(
+        self, packet: bytes, reply_size: int | None = None, timeout_s: float = 5.0
+    ) -> bytes:
+        """Send one request and read its reply (of the size the protocol gives it)."""
+        self.send(packet)
+        if reply_size is None:
+            reply_size = reply_size_for(packet)
+        return self.recv_exact(reply_size, timeout_s)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> ChannelHost:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def make_request(command: int, unit: int = 0, resource_id: int = 0, **fields: object) -> bytes:
+    """A 464-byte guest request, zero everywhere but the fields given."""
+    return protocol.encode_packet(
+        protocol.Packet(command=int(command), unit=int(unit), resource_id=resource_id, **fields)  # type: ignore[arg-type]
+    )
+
+
+def reply_size_for(packet: bytes) -> int:
+    """The size of the reply the guest expects for ``packet`` (0: no reply)."""
+    command = protocol.peek_header(packet)[2]
+    if command in (protocol.Command.QUERY_FREQ_LIST, protocol.Command.QUERY_FREQ):
+        return protocol.FREQ_LIST_SIZE
+    if command in (protocol.Command.QUERY_CAPS_LIST, protocol.Command.QUERY_CAPS):
+        return protocol.CAPS_LIST_SIZE
+    if command == protocol.Command.CONNECT:
+        return 0
+    return protocol.PACKET_SIZE
+
+
+def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until true or ``timeout_s`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return bool(value)
+        time.sleep(interval_s)

@@ -1,0 +1,261 @@
+"""The monitor loop: one thread, one epoll set, all agent state.
+
+Everything that changes agent state runs on the thread that calls ``Monitor.run()``:
+fd readiness callbacks, timers, and work handed over by other threads through
+``call_soon_threadsafe`` (libvirt's event thread, signal handlers, exporters), which
+queue a callable and wake the loop through an eventfd.
+
+A turn is: wait (epoll, timeout = next timer), run every ready fd's callback, run
+due timers and queued calls, then the *end-of-turn* hooks. The request handler uses
+that hook to coalesce sysfs writes and flush replies once per turn, which is what
+lets one Python thread keep up with many busy channels.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger("vmpower.monitor")
+
+READ = select.EPOLLIN
+WRITE = select.EPOLLOUT
+_ERRORS = select.EPOLLERR | select.EPOLLHUP
+
+FdCallback = Callable[[int], None]
+
+
+class Ticker(Protocol):
+    """A scheduler the loop drives (the periodic event queue): due time and dispatch."""
+
+    def next_due(self) -> float | None: ...
+
+    def run_due(self) -> int: ...
+
+
+class TimerHandle:
+    """A scheduled callback; ``cancel()`` prevents it from running."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Monitor:
+    """An epoll loop with timers, a thread-safe call queue and end-of-turn hooks."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._epoll = select.epoll()
+        self._handlers: dict[int, tuple[int, FdCallback | None, FdCallback | None]] = {}
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._seq = itertools.count()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._calls_lock = threading.Lock()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, READ)
+        self._end_of_turn: list[Callable[[], None]] = []
+        self._tickers: list[Ticker] = []
+        self._stopping = False
+        self._thread_id: int | None = None
+        self.turns = 0
+
+    # -- fds ---------------------------------------------------------------------------
+
+    def add_reader(self, fd: int, callback: FdCallback) -> None:
+        """Call ``callback(fd)`` whenever ``fd`` is readable (or hung up / in error)."""
+        self._set(fd, read=callback, keep_write=True)
+
+    def add_writer(self, fd: int, callback: FdCallback) -> None:
+        """Call ``callback(fd)`` whenever ``fd`` is writable; remove it when done."""
+        self._set(fd, write=callback, keep_read=True)
+
+    def remove_writer(self, fd: int) -> None:
+        entry = self._handlers.get(fd)
+        if entry is not None and entry[2] is not None:
+            self._set(fd, read=entry[1], write=None)
+
+    def remove(self, fd: int) -> None:
+        """Forget ``fd`` entirely (call before closing it)."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def _set(
+        self,
+        fd: int,
+        read: FdCallback | None = None,
+        write: FdCallback | None = None,
+        keep_read: bool = False,
+        keep_write: bool = False,
+    ) -> None:
+        old = self._handlers.get(fd)
+        if old is not None:
+            if keep_read:
+                read = old[1]
+            if keep_write:
+                write = old[2]
+        mask = (READ if read else 0) | (WRITE if write else 0)
+        if mask == 0:
+            self.remove(fd)
+            return
+        self._handlers[fd] = (mask, read, write)
+        if old is None:
+            self._epoll.register(fd, mask)
+        elif old[0] != mask:
+            self._epoll.modify(fd, mask)
+
+    # -- time and work -----------------------------------------------------------------
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback`` on the loop thread at monotonic time ``when`` (never earlier)."""
+        handle = TimerHandle(when, callback)
+        heapq.heappush(self._timers, (when, next(self._seq), handle))
+        return handle
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
+        return self.call_at(self.clock() + delay_s, callback)
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Queue ``callback`` for the loop thread from any thread, and wake the loop."""
+        with self._calls_lock:
+            self._calls.append(callback)
+        self.wake()
+
+    def wake(self) -> None:
+        """Make the loop's current wait return (safe from any thread and signal handlers)."""
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:  # counter saturated or closed during shutdown: a wake is pending anyway
+            pass
+
+    def add_end_of_turn(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` after every turn's callbacks (coalesced work: writes, reply flush)."""
+        self._end_of_turn.append(hook)
+
+    def add_ticker(self, ticker: Ticker) -> None:
+        """Drive an external scheduler: its next_due() bounds the wait, run_due() runs it."""
+        self._tickers.append(ticker)
+
+    def in_loop_thread(self) -> bool:
+        return self._thread_id == threading.get_ident()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Leave run() after the current turn (safe from any thread)."""
+        self._stopping = True
+        self.wake()
+
+    def run(self) -> None:
+        """Run turns until stop()."""
+        self._thread_id = threading.get_ident()
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def run_once(self, max_wait_s: float | None = None) -> None:
+        """One turn: wait for fds or the next timer, then dispatch everything due."""
+        timeout = self._timeout(max_wait_s)
+        try:
+            ready = self._epoll.poll(timeout)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+            ready = []
+        handlers = self._handlers
+        for fd, events in ready:
+            if fd == self._wake_fd:
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+                continue
+            entry = handlers.get(fd)
+            if entry is None:
+                continue
+            _, reader, writer = entry
+            try:
+                if writer is not None and events & (WRITE | _ERRORS):
+                    writer(fd)
+                    entry = handlers.get(fd)  # the writer may have removed or changed it
+                    reader = entry[1] if entry else None
+                if reader is not None and events & (READ | _ERRORS):
+                    reader(fd)
+            except Exception:
+                log.exception("fd %d handler failed; the loop goes on", fd)
+        self._run_calls()
+        self._run_timers()
+        for ticker in self._tickers:
+            try:
+                ticker.run_due()
+            except Exception:
+                log.exception("scheduler failed; the loop goes on")
+        for hook in self._end_of_turn:
+            try:
+                hook()
+            except Exception:
+                log.exception("end-of-turn hook failed; the loop goes on")
+        self.turns += 1
+
+    def _timeout(self, max_wait_s: float | None) -> float:
+        if self._calls:
+            return 0.0
+        deadline: float | None = None
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if self._timers:
+            deadline = self._timers[0][0]
+        for ticker in self._tickers:
+            due = ticker.next_due()
+            if due is not None and (deadline is None or due < deadline):
+                deadline = due
+        wait = -1.0 if deadline is None else max(0.0, deadline - self.clock())
+        if max_wait_s is not None and (wait < 0 or wait > max_wait_s):
+            wait = max_wait_s
+        # CPython rounds epoll's timeout up to the next millisecond (_PyTime_ROUND_TIMEOUT),
+        # so the loop never wakes before a timer is due and never spins on a short wait.
+        return wait
+
+    def _run_calls(self) -> None:
+        if not self._calls:
+            return
+        with self._calls_lock:
+            calls, self._calls = self._calls, deque()
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                log.exception("queued call failed; the loop goes on")
+
+    def _run_timers(self) -> None:
+        now = self.clock()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, handle = heapq.heappop(timers)
+            if handle.cancelled:
+                continue
+            try:
+                handle.callback()
+            except Exception:
+                log.exception("timer callback failed; the loop goes on")
+
+    def close(self) -> None:
+        for fd in list(self._handlers):
+            self.remove(fd)
+        self._epoll.close()
+        os.close(self._wake_fd)

@@ -1,0 +1,642 @@
+"""Request handling: authorize, arbitrate, apply, reply (PROTOCOL.md "Host behaviour").
+
+``PowerManager`` turns decoded channel messages into frequency wishes and replies:
+
+* identity is the channel's owner (a VM, or ``fifo<N>``), never the packet's vm_name;
+* a VM controls only host CPUs its vCPUs are pinned to; reserved, offline and
+  unpinned targets are refused; queries need the VM's query permission;
+* every requester's wish is kept per host CPU and the CPU runs at the highest wish
+  among the requesters sharing it (arbitration, rule 5);
+* writes are coalesced: requests only move wishes, and once per monitor turn
+  ``flush()`` writes each changed CPU once (through the restore journal, which
+  ``Sysfs`` consults before a file's first write) and only then queues the replies,
+  so an ACK always means "applied" and a failed write turns into a NACK;
+* when a requester leaves (VM stopped, channel removed, pinning changed), its wishes
+  go; a CPU nobody wishes for any more gets its original settings back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from vmpower import protocol
+from vmpower.cpufreq import CpuFreq
+from vmpower.errors import ProtocolError, UnknownVmError, VmpowerError
+from vmpower.protocol import Command, CoreType, ReplyCode, Unit
+
+if TYPE_CHECKING:
+    from vmpower.channels import Endpoint, FifoChannel, VmChannel
+    from vmpower.hypervisor import VmInfo
+    from vmpower.restore import RestoreJournal
+
+log = logging.getLogger("vmpower.power")
+
+ACK = int(ReplyCode.ACK)
+NACK = int(ReplyCode.NACK)
+_CPU_POWER = int(Command.CPU_POWER)
+_CONNECT = int(Command.CONNECT)
+_PHYSICAL = int(CoreType.PHYSICAL)
+_QUERIES = {
+    int(Command.QUERY_FREQ_LIST),
+    int(Command.QUERY_FREQ),
+    int(Command.QUERY_CAPS_LIST),
+    int(Command.QUERY_CAPS),
+}
+_FREQ_QUERIES = {int(Command.QUERY_FREQ_LIST), int(Command.QUERY_FREQ)}
+
+
+class VmDirectory(Protocol):
+    """What the handler needs of the hypervisor layer."""
+
+    def ensure_fresh(self, name: str) -> VmInfo: ...
+
+    def host_cpu_count(self) -> int: ...
+
+
+class Refused(VmpowerError):
+    """A request refused by a host rule; the message goes to the log with the NACK."""
+
+
+@dataclass
+class Wish:
+    """One requester's wish for one host CPU."""
+
+    freq_khz: int
+    turbo: bool = False
+
+
+@dataclass
+class PolicyRecord:
+    """A policy a requester installed (evaluated by ``vmpower.policies``)."""
+
+    owner: str
+    packet: protocol.Packet | None = None
+    fifo: protocol.FifoPolicy | None = None
+    cpus: frozenset[int] = frozenset()
+    vcpus: tuple[int, ...] | None = None  # VIRTUAL policies: re-mapped when pinning changes
+    installed_at: float = 0.0
+    last_decision: str = ""
+    last_decision_at: float | None = None
+
+
+@dataclass
+class _Pending:
+    """A reply waiting for the end-of-turn flush: ACK unless one of its CPUs failed."""
+
+    channel: Endpoint
+    packet: bytes
+    cpus: frozenset[int]
+    what: str
+    reply: bytes | None = None  # decided already (refusals, queries): sent as is
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    acks: int = 0
+    nacks: int = 0
+    writes: int = 0
+    writes_skipped: int = 0
+    write_failures: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class PowerManager:
+    """Authorizes, arbitrates and applies power requests; owned by the monitor thread."""
+
+    def __init__(
+        self,
+        cpufreq: CpuFreq,
+        vms: VmDirectory,
+        journal: RestoreJournal | None,
+        reserved_cpus: frozenset[int] = frozenset(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cpufreq = cpufreq
+        self.vms = vms
+        self.journal = journal
+        self.reserved_cpus = reserved_cpus
+        self.clock = clock
+        self.query_allowed: set[str] = set()
+        self.wishes: dict[int, dict[str, Wish]] = {}
+        self.policies: dict[str, PolicyRecord] = {}
+        self.stats = Stats()
+        self._dirty: set[int] = set()
+        self._pending: list[_Pending] = []
+        self._before_turn: dict[tuple[int, str], Wish | None] = {}
+        self._table_cache: dict[int, tuple[tuple[int, ...], dict[int, int], bool]] = {}
+
+    # -- entry points ------------------------------------------------------------------
+
+    def handle_vm_packets(self, channel: VmChannel, packets: Iterable[bytes]) -> None:
+        """Handle whole 464-byte packets read from a VM channel."""
+        now = self.clock()
+        for packet in packets:
+            self.stats.requests += 1
+            channel.requests += 1
+            try:
+                resource_id, unit, command, name, core_type = protocol.peek_routing(packet)
+            except ProtocolError as exc:  # cannot happen for 464 bytes; kept for safety
+                channel.protocol_errors += 1
+                log.warning("%s: %s", channel.path, exc.reason)
+                continue
+            if command == _CONNECT:
+                continue  # the guest library never reads a reply to its probe
+            if not channel.bucket.take(now):
+                channel.rate_limited += 1
+                self._refuse(channel, packet, command, "rate limit", log_it=False)
+                continue
+            try:
+                if not channel.enabled:
+                    raise Refused("channel disabled")
+                if name and name != channel.owner.encode()[:31]:
+                    raise Refused(
+                        f"vm_name {name.decode(errors='replace')!r} is not this channel's VM"
+                    )
+                if command == _CPU_POWER:
+                    self._cpu_power(channel, packet, resource_id, unit, core_type)
+                elif command in _QUERIES:
+                    self._query(channel, packet, resource_id, command)
+                elif command == Command.PKT_POLICY:
+                    self._install_policy(channel, packet)
+                elif command == Command.PKT_POLICY_REMOVE:
+                    self._remove_policy(channel, packet)
+                else:
+                    raise Refused(f"unknown command {command}")
+            except Refused as exc:
+                self._refuse(channel, packet, command, str(exc))
+            except UnknownVmError as exc:
+                self._refuse(channel, packet, command, f"VM unknown: {exc}")
+
+    def handle_fifo_messages(self, channel: FifoChannel, messages: Iterable[object]) -> None:
+        """Handle decoded JSON messages (or ProtocolErrors) from a host CPU's FIFO."""
+        now = self.clock()
+        for message in messages:
+            if isinstance(message, ProtocolError):
+                channel.protocol_errors += 1
+                log.warning("%s: message rejected: %s", channel.path, message.reason)
+                continue
+            self.stats.requests += 1
+            channel.requests += 1
+            if not channel.enabled or not channel.bucket.take(now):
+                channel.nacks += 1
+                log.warning(
+                    "%s: message refused (%s)",
+                    channel.path,
+                    "channel disabled" if not channel.enabled else "rate limit",
+                )
+                continue
+            try:
+                self._check_cpu(channel.cpu)
+                if isinstance(message, protocol.FifoInstruction):
+                    self._move(channel.owner, channel.cpu, message.unit)
+                    self._dirty.add(channel.cpu)
+                    self._pending.append(
+                        _Pending(channel, b"", frozenset({channel.cpu}), message.unit.name)
+                    )
+                elif isinstance(message, protocol.FifoPolicy):
+                    if message.command == "destroy":
+                        if self.policies.pop(channel.owner, None) is None:
+                            raise Refused("no policy to destroy")
+                        self._drop_wishes(channel.owner)
+                        log.info("%s: policy destroyed", channel.owner)
+                    else:
+                        self.policies[channel.owner] = PolicyRecord(
+                            channel.owner,
+                            fifo=message,
+                            cpus=frozenset({channel.cpu}),
+                            installed_at=now,
+                        )
+                        log.info(
+                            "%s: %s policy installed",
+                            channel.owner,
+                            message.policy_type.name if message.policy_type else "?",
+                        )
+            except Refused as exc:
+                channel.nacks += 1
+                self.stats.nacks += 1
+                log.warning("%s: refused: %s", channel.owner, exc)
+
+    # -- CPU_POWER ---------------------------------------------------------------------
+
+    def _cpu_power(
+        self, channel: VmChannel, packet: bytes, resource_id: int, unit: int, core_type: int
+    ) -> None:
+        try:
+            unit_enum = Unit(unit)
+        except ValueError:
+            raise Refused(f"unknown unit {unit}") from None
+        cpus = self._targets(channel.owner, resource_id, core_type)
+        if unit_enum is Unit.ENABLE_TURBO:
+            for cpu in cpus:
+                if not self._table(cpu)[2]:  # nominal is the top entry: no turbo range
+                    raise Refused(f"host CPU {cpu} has no turbo")
+        for cpu in cpus:
+            self._move(channel.owner, cpu, unit_enum)
+        self._dirty.update(cpus)
+        self._pending.append(_Pending(channel, packet, cpus, unit_enum.name))
+
+    def _targets(self, vm_name: str, resource_id: int, core_type: int) -> frozenset[int]:
+        """The host CPUs a request may act on (rule 4), or Refused."""
+        vm = self.vms.ensure_fresh(vm_name)
+        if core_type == _PHYSICAL:
+            if resource_id not in vm.pcpus():
+                raise Refused(f"host CPU {resource_id} is not pinned to {vm_name}")
+            cpus = frozenset({resource_id})
+        elif core_type == 0:
+            if resource_id >= vm.vcpu_count or resource_id >= len(vm.vcpu_pcpus):
+                raise Refused(f"vCPU {resource_id} out of range ({vm_name} has {vm.vcpu_count})")
+            cpus = vm.vcpu_pcpus[resource_id]
+            if not cpus or len(cpus) >= self.vms.host_cpu_count():
+                raise Refused(f"vCPU {resource_id} of {vm_name} is not pinned")
+        else:
+            raise Refused(f"unknown core_type {core_type}")
+        for cpu in cpus:
+            self._check_cpu(cpu)
+        return cpus
+
+    def _check_cpu(self, cpu: int) -> None:
+        if cpu in self.reserved_cpus:
+            raise Refused(f"host CPU {cpu} is reserved")
+        if not self.cpufreq.managed(cpu):
+            raise Refused(f"host CPU {cpu} is offline or has no cpufreq")
+
+    def _table(self, cpu: int) -> tuple[tuple[int, ...], dict[int, int], int]:
+        """(table high→low, index of each entry, index of the highest non-turbo entry).
+
+        On acpi-cpufreq the turbo range is one entry; on intel_pstate, amd-pstate and
+        cppc it is every step above the nominal frequency.
+        """
+        cached = self._table_cache.get(cpu)
+        if cached is None:
+            table = self.cpufreq.table_khz(cpu)
+            index_of = {f: i for i, f in enumerate(table)}
+            nominal = 0
+            if self.cpufreq.capabilities(cpu).turbo:
+                nominal = index_of.get(self.cpufreq.nominal_khz(cpu), 0)
+            cached = (table, index_of, nominal)
+            self._table_cache[cpu] = cached
+        return cached
+
+    def _move(self, owner: str, cpu: int, unit: Unit) -> None:
+        """Move ``owner``'s wish for ``cpu`` as ``unit`` says (DPDK's step semantics)."""
+        table, index_of, nominal = self._table(cpu)
+        if unit is Unit.ENABLE_TURBO and not nominal:
+            raise Refused(f"host CPU {cpu} has no turbo")
+        per_cpu = self.wishes.setdefault(cpu, {})
+        wish = per_cpu.get(owner)
+        key = (cpu, owner)
+        if key not in self._before_turn:
+            self._before_turn[key] = Wish(wish.freq_khz, wish.turbo) if wish else None
+        if wish is None:
+            wish = Wish(self._current_khz(cpu, table, index_of))
+            per_cpu[owner] = wish
+        if unit is Unit.ENABLE_TURBO:
+            wish.turbo = True
+        elif unit is Unit.DISABLE_TURBO:
+            wish.turbo = False
+        # The turbo range (above nominal) is reachable only while this requester has
+        # turbo enabled, as in DPDK's drivers.
+        top = 0 if wish.turbo else nominal
+        last = len(table) - 1
+        index = index_of.get(wish.freq_khz)
+        if index is None:
+            index = _nearest_index(table, wish.freq_khz)
+        if unit is Unit.SCALE_UP:
+            index -= 1
+        elif unit is Unit.SCALE_DOWN:
+            index += 1
+        elif unit is Unit.SCALE_MAX or unit is Unit.ENABLE_TURBO:
+            index = top  # DPDK: enabling turbo also goes to the turbo frequency
+        elif unit is Unit.SCALE_MIN:
+            index = last
+        wish.freq_khz = table[min(max(index, top), last)]
+
+    def _current_khz(self, cpu: int, table: tuple[int, ...], index_of: dict[int, int]) -> int:
+        """Where a requester new to ``cpu`` starts from: the CPU's frequency in force."""
+        per_cpu = self.wishes.get(cpu)
+        if per_cpu:
+            return max(w.freq_khz for w in per_cpu.values())
+        try:
+            current = self.cpufreq.requested_khz(cpu)
+        except VmpowerError:
+            current = table[-1]
+        return current if current in index_of else table[_nearest_index(table, current)]
+
+    # -- queries -----------------------------------------------------------------------
+
+    def _query(self, channel: VmChannel, packet: bytes, resource_id: int, command: int) -> None:
+        vm_name = channel.owner
+        if vm_name not in self.query_allowed:
+            raise Refused(f"queries not enabled for {vm_name} (set_query {vm_name} enable)")
+        vm = self.vms.ensure_fresh(vm_name)
+        count = min(vm.vcpu_count, len(vm.vcpu_pcpus), protocol.MAX_VCPU_PER_VM)
+        listing = command in (Command.QUERY_FREQ_LIST, Command.QUERY_CAPS_LIST)
+        if listing:
+            vcpus = range(count)
+        else:
+            if resource_id >= count:
+                raise Refused(f"vCPU {resource_id} out of range for a query")
+            vcpus = range(resource_id, resource_id + 1)
+        values: list[int] = [0] * protocol.MAX_VCPU_PER_VM
+        priority: list[int] = [0] * protocol.MAX_VCPU_PER_VM
+        for vcpu in vcpus:
+            cpus = vm.vcpu_pcpus[vcpu]
+            if not cpus or len(cpus) >= self.vms.host_cpu_count():
+                continue  # unpinned: nothing of the host to report (0)
+            cpu = min(cpus)
+            if cpu in self.reserved_cpus or not self.cpufreq.managed(cpu):
+                continue
+            if command in _FREQ_QUERIES:
+                table, index_of, _ = self._table(cpu)
+                values[vcpu] = self._current_khz(cpu, table, index_of)
+            else:
+                caps = self.cpufreq.capabilities(cpu)
+                values[vcpu] = int(caps.turbo)
+                priority[vcpu] = int(caps.priority)
+        unit = protocol.peek_header(packet)[1]
+        if command in _FREQ_QUERIES:
+            reply = protocol.encode_freq_list(resource_id, unit, vm_name, values, count)
+        else:
+            reply = protocol.encode_caps_list(resource_id, unit, vm_name, values, priority, count)
+        self._pending.append(_Pending(channel, packet, frozenset(), "query", reply))
+
+    # -- policies (stored here, evaluated by vmpower.policies) ---------------------------
+
+    def _install_policy(self, channel: VmChannel, packet: bytes) -> None:
+        decoded = protocol.decode_packet(packet)
+        if decoded.policy_enum is None:
+            raise Refused(f"unknown policy_to_use {decoded.policy_to_use}")
+        vm = self.vms.ensure_fresh(channel.owner)
+        if decoded.core_type == _PHYSICAL:
+            cpus = frozenset(decoded.control_list)
+            if not cpus <= vm.pcpus():
+                raise Refused(f"policy names host CPUs not pinned to {channel.owner}")
+        else:
+            cpus_set: set[int] = set()
+            for vcpu in decoded.control_list:
+                cpus_set |= self._targets(channel.owner, vcpu, 0)
+            cpus = frozenset(cpus_set)
+        for cpu in cpus:
+            self._check_cpu(cpu)
+        vcpus = None if decoded.core_type == _PHYSICAL else decoded.control_list
+        self.policies[channel.owner] = PolicyRecord(
+            channel.owner, packet=decoded, cpus=cpus, vcpus=vcpus, installed_at=self.clock()
+        )
+        log.info(
+            "%s: %s policy installed on host CPUs %s",
+            channel.owner,
+            decoded.policy_enum.name,
+            sorted(cpus),
+        )
+        self._ack(channel, packet)
+
+    def _remove_policy(self, channel: VmChannel, packet: bytes) -> None:
+        if self.policies.pop(channel.owner, None) is None:
+            raise Refused("no policy to remove")
+        self._drop_wishes(channel.owner)
+        log.info("%s: policy removed", channel.owner)
+        self._ack(channel, packet)
+
+    # -- replies and the end-of-turn flush -----------------------------------------------
+
+    def _ack(self, channel: Endpoint, packet: bytes) -> None:
+        self._pending.append(_Pending(channel, packet, frozenset(), "ack"))
+
+    def _refuse(
+        self, channel: Endpoint, packet: bytes, command: int, reason: str, log_it: bool = True
+    ) -> None:
+        self.stats.nacks += 1
+        channel.nacks += 1
+        self.stats.by_reason[reason.split(" ")[0]] = (
+            self.stats.by_reason.get(reason.split(" ")[0], 0) + 1
+        )
+        if log_it:
+            log.warning("%s: %s refused: %s", channel.path, _command_name(command), reason)
+        if command in _FREQ_QUERIES:
+            reply = protocol.nack_freq_list(packet)
+        elif command in _QUERIES:
+            reply = protocol.nack_caps_list(packet)
+        else:
+            reply = protocol.echo_reply(packet, 0, NACK)
+        # Replies leave in request order, after this turn's writes (see flush()).
+        self._pending.append(_Pending(channel, packet, frozenset(), "nack", reply))
+
+    def flush(self) -> set[Endpoint]:
+        """Apply this turn's changed wishes, then queue the replies; returns channels to send on."""
+        failed: set[int] = set()
+        if self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            for cpu in sorted(dirty):
+                if not self._apply(cpu):
+                    failed.add(cpu)
+        if failed:
+            self._revert(failed)
+        self._before_turn.clear()
+        channels: set[Endpoint] = set()
+        for item in self._pending:
+            reply = item.reply
+            if reply is None:
+                if item.cpus & failed:
+                    self.stats.nacks += 1
+                    item.channel.nacks += 1
+                    code = NACK
+                else:
+                    self.stats.acks += 1
+                    code = ACK
+                if not item.packet:
+                    continue  # FIFO messages have no reply
+                reply = protocol.echo_reply(item.packet, 0, code)
+            elif item.what == "query":
+                self.stats.acks += 1
+            item.channel.queue_reply(reply)  # type: ignore[attr-defined]
+            channels.add(item.channel)
+        self._pending.clear()
+        return channels
+
+    def _apply(self, cpu: int) -> bool:
+        per_cpu = self.wishes.get(cpu)
+        if not per_cpu:
+            self._restore_cpu(cpu)
+            return True
+        target = max(w.freq_khz for w in per_cpu.values())
+        want_turbo = any(w.turbo for w in per_cpu.values())
+        try:
+            # Turbo is switched on before asking for the turbo frequency (intel_pstate
+            # clamps to the base frequency while no_turbo=1). It is never switched off
+            # here: on acpi-cpufreq and intel_pstate the switch is global, and a CPU
+            # leaves turbo by running below the turbo entry; the journal restores it.
+            if want_turbo and not self.cpufreq.turbo_enabled(cpu):
+                self.cpufreq.set_turbo(cpu, True)
+            if self.cpufreq.set_khz(cpu, target):
+                self.stats.writes += 1
+                log.info(
+                    "host CPU %d → %d kHz (wished by %s)",
+                    cpu,
+                    target,
+                    ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items())),
+                )
+            else:
+                self.stats.writes_skipped += 1
+            return True
+        except VmpowerError as exc:
+            self.stats.write_failures += 1
+            log.error("host CPU %d: cannot apply %d kHz: %s", cpu, target, exc)
+            return False
+
+    def _revert(self, failed: set[int]) -> None:
+        """Put back the wishes of CPUs whose write failed (their requests get NACK)."""
+        for (cpu, owner), before in self._before_turn.items():
+            if cpu not in failed:
+                continue
+            per_cpu = self.wishes.setdefault(cpu, {})
+            if before is None:
+                per_cpu.pop(owner, None)
+            else:
+                per_cpu[owner] = before
+
+    # -- requesters leaving ------------------------------------------------------------
+
+    def requester_gone(self, owner: str) -> None:
+        """A VM stopped or left: drop its wishes and policy; free CPUs get their originals."""
+        self.policies.pop(owner, None)
+        self._drop_wishes(owner)
+
+    def pinning_changed(self, vm: VmInfo) -> None:
+        """Drop wishes a VM holds on host CPUs it is no longer pinned to; re-map its policy."""
+        owned = vm.pcpus()
+        policy = self.policies.get(vm.name)
+        if policy is not None:
+            if policy.vcpus is not None:
+                host_cpus = self.vms.host_cpu_count()
+                policy.cpus = frozenset().union(
+                    *(
+                        vm.vcpu_pcpus[v]
+                        for v in policy.vcpus
+                        if v < len(vm.vcpu_pcpus) and vm.is_pinned(v, host_cpus)
+                    )
+                )
+            else:
+                policy.cpus = policy.cpus & owned
+        for cpu, per_cpu in self.wishes.items():
+            if vm.name in per_cpu and cpu not in owned:
+                del per_cpu[vm.name]
+                self._dirty.add(cpu)
+                log.info(
+                    "%s no longer pinned to host CPU %d: its wish there is dropped", vm.name, cpu
+                )
+
+    def _drop_wishes(self, owner: str) -> None:
+        for cpu, per_cpu in self.wishes.items():
+            if per_cpu.pop(owner, None) is not None:
+                self._dirty.add(cpu)
+
+    def _restore_cpu(self, cpu: int) -> None:
+        """Nobody wishes for ``cpu`` any more: its files go back to their originals."""
+        self.wishes.pop(cpu, None)
+        if self.journal is None:
+            return
+        prefix = self.cpufreq.sysfs.path(f"devices/system/cpu/cpu{cpu}/")
+        report = self.journal.restore(lambda path: path.startswith(prefix))
+        self.cpufreq.forget(cpu)
+        if report.restored:
+            log.info(
+                "host CPU %d: original settings restored (%d files)", cpu, len(report.restored)
+            )
+
+    def restore_all(self) -> None:
+        """Drop every wish and restore every file vmpower changed (shutdown)."""
+        self.wishes.clear()
+        self.policies.clear()
+        self._dirty.clear()
+        if self.journal is not None:
+            report = self.journal.restore()
+            for cpu in self.cpufreq.cpus():
+                self.cpufreq.forget(cpu)
+            log.info("restored %d files; %d failed", len(report.restored), len(report.failed))
+
+    def set_level(self, owner: str, cpus: Iterable[int], level: str) -> None:
+        """A policy's decision: ``owner`` wishes max, medium or min on ``cpus``.
+
+        The turbo entry is used only when the owner asked for turbo itself; MEDIUM is the
+        middle of the table (DPDK's rule). Applied at the end of the turn like requests.
+        """
+        for cpu in cpus:
+            if cpu in self.reserved_cpus or not self.cpufreq.managed(cpu):
+                continue
+            table, _, nominal = self._table(cpu)
+            per_cpu = self.wishes.setdefault(cpu, {})
+            wish = per_cpu.get(owner)
+            top = 0 if (wish is not None and wish.turbo) else nominal
+            last = len(table) - 1
+            index = {"max": top, "min": last}.get(level, (top + last) // 2)
+            freq_khz = table[index]
+            key = (cpu, owner)
+            if wish is None or wish.freq_khz != freq_khz:
+                if key not in self._before_turn:
+                    self._before_turn[key] = Wish(wish.freq_khz, wish.turbo) if wish else None
+                if wish is None:
+                    per_cpu[owner] = Wish(freq_khz)
+                else:
+                    wish.freq_khz = freq_khz
+                self._dirty.add(cpu)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def set_cpu_freq(self, owner: str, cpu: int, unit: Unit) -> int:
+        """An operator's request (control socket): same rules as a requester, applied now."""
+        self._check_cpu(cpu)
+        self._move(owner, cpu, unit)
+        self._dirty.add(cpu)
+        if not self._apply(cpu):
+            self._revert({cpu})
+            self._before_turn.clear()
+            raise VmpowerError(f"host CPU {cpu}: write failed (see the daemon's log)")
+        self._dirty.discard(cpu)
+        self._before_turn.clear()
+        return self.wishes[cpu][owner].freq_khz
+
+    def cpu_report(self, cpu: int) -> dict[str, object]:
+        state = self.cpufreq.state(cpu)
+        per_cpu = self.wishes.get(cpu, {})
+        original: dict[str, str] = {}
+        if self.journal is not None:
+            prefix = self.cpufreq.sysfs.path(f"devices/system/cpu/cpu{cpu}/cpufreq/")
+            original = {
+                path[len(prefix) :]: value
+                for path, value in self.journal.pending().items()
+                if path.startswith(prefix)
+            }
+        return {
+            "cpu": cpu,
+            "driver": state.driver,
+            "governor": state.governor,
+            "online": state.online,
+            "reserved": cpu in self.reserved_cpus,
+            "cur_khz": state.cur_khz,
+            "target_khz": state.target_khz,
+            "min_khz": state.min_khz,
+            "max_khz": state.max_khz,
+            "turbo_enabled": state.turbo_enabled,
+            "desired_khz": max((w.freq_khz for w in per_cpu.values()), default=None),
+            "wishes": {
+                owner: {"freq_khz": w.freq_khz, "turbo": w.turbo}
+                for owner, w in sorted(per_cpu.items())
+            },
+            "original": original,
+        }
+
+
+def _nearest_index(table: tuple[int, ...], freq_khz: int) -> int:
+    return min(range(len(table)), key=lambda i: abs(table[i] - freq_khz))
+
+
+def _command_name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return f"command {command}"
