@@ -1,0 +1,343 @@
+"""Power policies (PROTOCOL.md "Policies"): WORKLOAD, TIME, TRAFFIC, BRANCH_RATIO.
+
+Policies are installed by PKT_POLICY (VM channels) or a FIFO's ``create`` message and
+stored by ``power.PowerManager`` keyed by the requesting channel's owner; this module
+evaluates them on the periodic event queue (never in a busy loop) and turns each
+decision into that owner's wish for the policy's CPUs, which the request handler
+arbitrates and applies like any other wish at the end of the monitor turn.
+
+Inputs are passed in so tests can script them: the wall clock and time zone (TIME),
+packet counters (TRAFFIC: libvirt interface statistics of the domain, any NIC) and
+the msr device root (BRANCH_RATIO).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmpower.protocol import PolicyType, Workload
+
+if TYPE_CHECKING:
+    from vmpower.events import EventQueue
+    from vmpower.power import PolicyRecord, PowerManager
+
+log = logging.getLogger("vmpower.policies")
+
+# Intel SDM vol. 3B, architectural performance monitoring: IA32_PERFEVTSELx select the
+# event counted by IA32_PMCx. DPDK's BRANCH_RATIO programs PMC0 with branch instructions
+# retired (0xC4) and PMC1 with branch misses retired (0xC5), flags 0x53 (USR|OS|INT|EN
+# in bits 16-23), and reads the counters as 8-byte values at the MSR's offset.
+IA32_PERFEVTSEL0 = 0x186
+IA32_PERFEVTSEL1 = 0x187
+IA32_PMC0 = 0xC1
+IA32_PMC1 = 0xC2
+EVENT_BRANCHES = 0xC4
+EVENT_BRANCH_MISSES = 0xC5
+EVENT_FLAGS = 0x53
+BRANCH_WINDOW = 32  # samples in DPDK's window
+IDLE_BRANCHES = 10_000  # fewer branches in a sample: the core is idle
+_U64 = struct.Struct("<Q")
+_COUNTER_MASK = (1 << 48) - 1  # general-purpose counters are 48 bits wide on current cores
+
+
+class Level(enum.Enum):
+    MAX = "max"
+    MEDIUM = "medium"
+    MIN = "min"
+
+
+def given_hours(hours: tuple[int, ...]) -> frozenset[int]:
+    """The hours a binary packet actually lists.
+
+    The 24-entry arrays are zero-padded by the guest; the reference host treats every
+    padding zero as "hour 0". vmpower drops the trailing zeros: hour 0 counts only when a
+    non-zero hour follows it (a list that is hour 0 alone cannot be told from "none").
+    """
+    last = max((i for i, h in enumerate(hours) if h != 0), default=-1)
+    return frozenset(h for h in hours[: last + 1] if 0 <= h <= 23)
+
+
+class MsrReader:
+    """Branch counters of host CPUs through ``<root>/<cpu>/msr`` (the msr driver).
+
+    The msr driver's file offset is the MSR number and each read returns that MSR's
+    8 bytes (arch/x86/kernel/msr.c), so consecutive MSRs sit at consecutive offsets.
+    A regular file cannot hold overlapping 8-byte values; simulated trees therefore
+    space them ``stride`` bytes apart (tests use 8; the real device needs 1).
+    """
+
+    def __init__(self, root: Path, stride: int = 1) -> None:
+        self.root = root
+        self.stride = stride
+        self._fds: dict[int, int] = {}
+        self._saved: dict[tuple[int, int], bytes] = {}
+        self.unavailable: dict[int, str] = {}
+
+    def _fd(self, cpu: int) -> int | None:
+        if cpu in self.unavailable:
+            return None
+        fd = self._fds.get(cpu)
+        if fd is None:
+            path = self.root / str(cpu) / "msr"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                reason = f"{path}: {exc.strerror} (load the msr module, run as root)"
+                self.unavailable[cpu] = reason
+                log.warning("BRANCH_RATIO unavailable on host CPU %d: %s", cpu, reason)
+                return None
+            self._fds[cpu] = fd
+            self._program(cpu, fd)
+        return fd
+
+    def _program(self, cpu: int, fd: int) -> None:
+        for msr, event in (
+            (IA32_PERFEVTSEL0, EVENT_BRANCHES),
+            (IA32_PERFEVTSEL1, EVENT_BRANCH_MISSES),
+        ):
+            self._saved[(cpu, msr)] = os.pread(fd, 8, msr * self.stride)
+            os.pwrite(fd, _U64.pack(EVENT_FLAGS << 16 | event), msr * self.stride)
+
+    def read(self, cpu: int) -> tuple[int, int] | None:
+        """(branches, misses) counters of ``cpu``, or None when it has no MSR access."""
+        fd = self._fd(cpu)
+        if fd is None:
+            return None
+        try:
+            branches = _U64.unpack(os.pread(fd, 8, IA32_PMC0 * self.stride))[0]
+            misses = _U64.unpack(os.pread(fd, 8, IA32_PMC1 * self.stride))[0]
+        except (OSError, struct.error) as exc:
+            self.unavailable[cpu] = str(exc)
+            log.warning("BRANCH_RATIO: reading MSRs of host CPU %d failed: %s", cpu, exc)
+            return None
+        return branches & _COUNTER_MASK, misses & _COUNTER_MASK
+
+    def release(self, cpu: int | None = None) -> None:
+        """Put the event selects back as they were and close (one CPU, or all)."""
+        for one in [cpu] if cpu is not None else list(self._fds):
+            fd = self._fds.pop(one, None)
+            if fd is None:
+                continue
+            for msr in (IA32_PERFEVTSEL0, IA32_PERFEVTSEL1):
+                saved = self._saved.pop((one, msr), None)
+                if saved is not None:
+                    try:
+                        os.pwrite(fd, saved, msr * self.stride)
+                    except OSError as exc:
+                        log.error("host CPU %d: cannot restore MSR %#x: %s", one, msr, exc)
+            os.close(fd)
+
+
+class PolicyEngine:
+    """Evaluates installed policies on the event queue and moves their owners' wishes."""
+
+    def __init__(
+        self,
+        power: PowerManager,
+        events: EventQueue,
+        *,
+        period_s: float = 0.1,
+        branch_period_s: float = 0.001,
+        branch_threshold: float = 0.1,
+        msr_root: Path = Path("/dev/cpu"),
+        msr_stride: int = 1,
+        traffic: Callable[[str], tuple[int, int]] | None = None,
+        wall_clock: Callable[[], datetime] | None = None,
+        timezone: tzinfo | None = None,
+    ) -> None:
+        self.power = power
+        self.events = events
+        self.period_s = period_s
+        self.branch_period_s = branch_period_s
+        self.branch_threshold = branch_threshold
+        self.msr = MsrReader(msr_root, msr_stride)
+        self.traffic = traffic
+        self.timezone = timezone
+        self.wall_clock = wall_clock or (lambda: datetime.now(self.timezone))
+        self._last_traffic: dict[str, tuple[int, float]] = {}
+        self._branch_last: dict[int, tuple[int, int]] = {}
+        self._branch_window: dict[int, deque[bool]] = {}
+        self._branch_cpus: set[int] = set()
+        self._event_id: int | None = None
+        self._branch_event_id: int | None = None
+
+    def start(self) -> None:
+        self._event_id = self.events.register(self.period_s, self._evaluate_all)
+
+    def stop(self) -> None:
+        for event_id in (self._event_id, self._branch_event_id):
+            if event_id is not None:
+                self.events.unregister(event_id)
+        self._event_id = self._branch_event_id = None
+        self.msr.release()
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def _evaluate_all(self, _event_id: int = 0, _data: object = None) -> None:
+        now_mono = self.power.clock()
+        for owner, record in list(self.power.policies.items()):
+            try:
+                self.evaluate(record, now_mono)
+            except Exception:
+                log.exception("policy of %s failed to evaluate; it stays installed", owner)
+        self._release_unused_msrs()
+
+    def evaluate(self, record: PolicyRecord, now_mono: float) -> Level | None:
+        """Decide one policy now and move its owner's wishes; returns the decision."""
+        kind = _policy_type(record)
+        level: Level | None
+        why: str
+        if kind is PolicyType.WORKLOAD:
+            workload = _workload(record)
+            level = (
+                {
+                    Workload.HIGH: Level.MAX,
+                    Workload.MEDIUM: Level.MEDIUM,
+                    Workload.LOW: Level.MIN,
+                }.get(workload)
+                if workload is not None
+                else None
+            )
+            why = f"workload {workload.name if workload is not None else '?'}"
+        elif kind is PolicyType.TIME:
+            level, why = self._time(record, now_mono)
+        elif kind is PolicyType.TRAFFIC:
+            level, why = self._traffic(record, now_mono)
+        elif kind is PolicyType.BRANCH_RATIO:
+            self._branch_cpus |= record.cpus
+            if self._branch_event_id is None:  # sample only while such a policy exists
+                self._branch_event_id = self.events.register(
+                    self.branch_period_s, self._sample_branches
+                )
+            level, why = self._branch_decision(record)
+        else:
+            return None
+        if level is not None:
+            self.power.set_level(record.owner, record.cpus, level.value)
+        decision = f"{level.name if level else 'no change'} ({why})"
+        if decision != record.last_decision:
+            log.info("policy of %s on CPUs %s: %s", record.owner, sorted(record.cpus), decision)
+        record.last_decision = decision
+        record.last_decision_at = self.wall_clock().timestamp()
+        return level
+
+    def _time(self, record: PolicyRecord, now_mono: float) -> tuple[Level | None, str]:
+        hour = self.wall_clock().hour
+        busy, quiet, traffic_hours = _hours(record)
+        if hour in busy:
+            return Level.MAX, f"busy hour {hour}"
+        if hour in quiet:
+            return Level.MIN, f"quiet hour {hour}"
+        if hour in traffic_hours:
+            level, why = self._traffic(record, now_mono)
+            return level, f"traffic hour {hour}: {why}"
+        return None, f"hour {hour} not listed"
+
+    def _traffic(self, record: PolicyRecord, now_mono: float) -> tuple[Level | None, str]:
+        if self.traffic is None:
+            return None, "no traffic source"
+        try:
+            rx, tx = self.traffic(record.owner)
+        except Exception as exc:
+            return None, f"interface statistics unavailable: {exc}"
+        packets = rx + tx
+        last = self._last_traffic.get(record.owner)
+        self._last_traffic[record.owner] = (packets, now_mono)
+        if last is None or now_mono <= last[1]:
+            return None, "first sample"
+        rate = max(0, packets - last[0]) / (now_mono - last[1])
+        avg, high = _thresholds(record)
+        if high and rate >= high:
+            return Level.MAX, f"{rate:.0f} pkt/s ≥ {high}"
+        if avg and rate >= avg:
+            return Level.MEDIUM, f"{rate:.0f} pkt/s ≥ {avg}"
+        return Level.MIN, f"{rate:.0f} pkt/s"
+
+    # -- branch ratio ------------------------------------------------------------------
+
+    def _sample_branches(self, _event_id: int = 0, _data: object = None) -> None:
+        for cpu in sorted(self._branch_cpus):
+            counters = self.msr.read(cpu)
+            if counters is None:
+                continue
+            last = self._branch_last.get(cpu)
+            self._branch_last[cpu] = counters
+            if last is None:
+                continue
+            branches = (counters[0] - last[0]) & _COUNTER_MASK
+            misses = (counters[1] - last[1]) & _COUNTER_MASK
+            high = branches >= IDLE_BRANCHES and misses * 100 / branches > self.branch_threshold
+            window = self._branch_window.setdefault(cpu, deque(maxlen=BRANCH_WINDOW))
+            window.append(high)
+
+    def _branch_decision(self, record: PolicyRecord) -> tuple[Level | None, str]:
+        unavailable = [cpu for cpu in record.cpus if cpu in self.msr.unavailable]
+        if unavailable:
+            return None, f"no MSR access on CPUs {sorted(unavailable)}"
+        windows = [self._branch_window.get(cpu) for cpu in record.cpus]
+        if any(w is not None and any(w) for w in windows):
+            return Level.MAX, "branch-miss ratio above threshold"
+        if windows and all(w is not None and len(w) == BRANCH_WINDOW for w in windows):
+            return Level.MIN, f"{BRANCH_WINDOW} samples below threshold"
+        return None, "window filling"
+
+    def _release_unused_msrs(self) -> None:
+        wanted: set[int] = set()
+        for record in self.power.policies.values():
+            if _policy_type(record) is PolicyType.BRANCH_RATIO:
+                wanted |= record.cpus
+        for cpu in self._branch_cpus - wanted:
+            self.msr.release(cpu)
+            self._branch_last.pop(cpu, None)
+            self._branch_window.pop(cpu, None)
+        self._branch_cpus &= wanted
+        if not self._branch_cpus and self._branch_event_id is not None:
+            self.events.unregister(self._branch_event_id)
+            self._branch_event_id = None
+        for owner in set(self._last_traffic) - set(self.power.policies):
+            del self._last_traffic[owner]
+
+
+def _policy_type(record: PolicyRecord) -> PolicyType | None:
+    if record.packet is not None:
+        return record.packet.policy_enum
+    if record.fifo is not None:
+        return record.fifo.policy_type
+    return None
+
+
+def _workload(record: PolicyRecord) -> Workload | None:
+    if record.packet is not None:
+        return record.packet.workload_enum
+    if record.fifo is not None:
+        return record.fifo.workload
+    return None
+
+
+def _hours(record: PolicyRecord) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
+    if record.packet is not None:
+        p = record.packet
+        return (
+            given_hours(p.busy_hours),
+            given_hours(p.quiet_hours),
+            given_hours(p.hours_to_use_traffic_profile),
+        )
+    if record.fifo is not None:
+        return frozenset(record.fifo.busy_hours), frozenset(record.fifo.quiet_hours), frozenset()
+    return frozenset(), frozenset(), frozenset()
+
+
+def _thresholds(record: PolicyRecord) -> tuple[int, int]:
+    if record.packet is not None:
+        return record.packet.avg_max_packet_thresh, record.packet.max_max_packet_thresh
+    if record.fifo is not None:
+        return record.fifo.avg_packet_thresh or 0, record.fifo.max_packet_thresh or 0
+    return 0, 0
