@@ -52,6 +52,16 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = clock()
 
+    def take_many(self, now: float, count: int) -> int:
+        """Take up to ``count`` tokens at once; returns how many were granted."""
+        tokens = self.tokens
+        if tokens < self.burst:
+            tokens = min(self.burst, tokens + (now - self.stamp) * self.rate_per_s)
+        self.stamp = now
+        granted = min(count, int(tokens))
+        self.tokens = tokens - granted
+        return granted
+
     def take(self, now: float) -> bool:
         tokens = self.tokens
         if tokens < self.burst:
