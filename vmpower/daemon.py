@@ -346,6 +346,8 @@ class Agent:
             for channel in list(self.channels.values()):
                 if channel.state is ChannelState.DISCONNECTED:
                     self._connect(channel)
+            if self.power is not None:
+                self.power.refresh_cpus()  # CPUs hot-plugged since: refuse or serve them
             self.monitor.call_later(RECONNECT_PERIOD_S, tick)
 
         self.monitor.call_later(RECONNECT_PERIOD_S, tick)
