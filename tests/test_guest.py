@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
-import threading
 import tty
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 from agent_support import RunningAgent
 
-from vmpower.devtools import wait_for
+from vmpower.devtools import PtyChannelHost, wait_for
 from vmpower.guest.ports import PortInfo, discover, port_for_vcpu, port_from_arg
 from vmpower.guest.requests import OptionError, PolicyOptions, parse_hours, policy_request
 from vmpower.protocol import FREQ_LIST_SIZE, PACKET_SIZE, PolicyType, decode_packet
@@ -32,83 +30,9 @@ GUEST_CMD = [str(GUEST)] if GUEST.exists() else [sys.executable, "-m", "vmpower.
 SHELL_CMD = [sys.executable, "-m", "vmpower.shell"]
 
 
-class QemuPort:
-    """One power channel: the host side a socket the agent connects to, the guest side
-    a raw pseudo-terminal. Bytes are copied both ways by a thread; hold() keeps the
-    host's replies back until release()."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(socket_path))
-        self.listener.listen(1)
-        self.master, self.slave = os.openpty()
-        # Raw: no echo, no CR/LF translation, no flow control on 0x11/0x13 bytes. The
-        # test keeps the slave open so the terminal (and its settings) outlive each run
-        # of the guest tool, as a virtio port outlives the programs that open it.
-        tty.setraw(self.slave)
-        self.device = os.ttyname(self.slave)
-        self.conn: socket.socket | None = None
-        self.guest_bytes = 0  # bytes the guest sent towards the host
-        self._held: bytearray | None = None
-        self._lock = threading.Lock()
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread: threading.Thread | None = None
-
-    def accept(self, timeout_s: float = 10.0) -> None:
-        self.listener.settimeout(timeout_s)
-        self.conn, _ = self.listener.accept()
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        assert self.conn is not None
-        conn = self.conn.fileno()
-        while True:
-            ready, _, _ = select.select([conn, self.master, self._stop_r], [], [])
-            if self._stop_r in ready:
-                return
-            if conn in ready:
-                data = os.read(conn, 65536)
-                if not data:
-                    return
-                with self._lock:
-                    if self._held is not None:
-                        self._held += data
-                        data = b""
-                if data:
-                    os.write(self.master, data)
-            if self.master in ready:
-                data = os.read(self.master, 65536)
-                self.guest_bytes += len(data)
-                self.conn.sendall(data)
-
-    def hold(self) -> None:
-        with self._lock:
-            self._held = bytearray()
-
-    def held(self) -> int:
-        with self._lock:
-            return len(self._held or b"")
-
-    def release(self) -> None:
-        with self._lock:
-            data, self._held = bytes(self._held or b""), None
-        os.write(self.master, data)
-
-    def close(self) -> None:
-        os.write(self._stop_w, b"x")
-        if self._thread is not None:
-            self._thread.join(5)
-        for fd in (self.master, self.slave, self._stop_r, self._stop_w):
-            os.close(fd)
-        if self.conn is not None:
-            self.conn.close()
-        self.listener.close()
-
-
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[RunningAgent]:
-    # vm1's channels are played by QemuPort, not by RunningAgent's hosts.
+    # vm1's channels are played by PtyChannelHost, not by RunningAgent's hosts.
     running = RunningAgent(tmp_path, channels=("vm2.0", "web.prod.1.0"))
     try:
         yield running
@@ -117,8 +41,8 @@ def agent(tmp_path: Path) -> Iterator[RunningAgent]:
 
 
 @pytest.fixture
-def ports(agent: RunningAgent) -> Iterator[dict[str, QemuPort]]:
-    made = {name: QemuPort(agent.channels_dir / name) for name in ("vm1.0", "vm1.1")}
+def ports(agent: RunningAgent) -> Iterator[dict[str, PtyChannelHost]]:
+    made = {name: PtyChannelHost(agent.channels_dir / name) for name in ("vm1.0", "vm1.1")}
     try:
         agent.start()
         for port in made.values():
@@ -152,7 +76,7 @@ def shell(agent: RunningAgent, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_set_cpu_freq_moves_the_vcpus_own_host_cpu(
-    agent: RunningAgent, ports: dict[str, QemuPort]
+    agent: RunningAgent, ports: dict[str, PtyChannelHost]
 ) -> None:
     dev = ports["vm1.0"].device
     table = agent.table(2)  # vm1 vCPU0 → host CPU 2, vCPU1 → host CPU 3; table[0] is turbo
@@ -169,7 +93,7 @@ def test_set_cpu_freq_moves_the_vcpus_own_host_cpu(
 
 
 def test_other_vcpus_and_other_vms_are_refused(
-    agent: RunningAgent, ports: dict[str, QemuPort]
+    agent: RunningAgent, ports: dict[str, PtyChannelHost]
 ) -> None:
     dev = ports["vm1.0"].device
     run = guest("--device", dev, "set_cpu_freq", "5", "max")  # vm1 has vCPUs 0 and 1
@@ -183,7 +107,7 @@ def test_other_vcpus_and_other_vms_are_refused(
 
 
 def test_queries_read_frequencies_and_caps_once_allowed(
-    agent: RunningAgent, ports: dict[str, QemuPort]
+    agent: RunningAgent, ports: dict[str, PtyChannelHost]
 ) -> None:
     dev = ports["vm1.0"].device
     refused = guest("--device", dev, "query_cpu_freq", "all")
@@ -208,7 +132,9 @@ def test_queries_read_frequencies_and_caps_once_allowed(
     assert beyond.returncode == 1 and "NACK" in beyond.stdout
 
 
-def test_policy_is_installed_and_removed(agent: RunningAgent, ports: dict[str, QemuPort]) -> None:
+def test_policy_is_installed_and_removed(
+    agent: RunningAgent, ports: dict[str, PtyChannelHost]
+) -> None:
     dev = ports["vm1.0"].device
     incomplete = guest("--device", dev, "--vcpu-list", "0-1", "send_policy", "now")
     assert incomplete.returncode == 2 and "--policy" in incomplete.stderr
@@ -236,7 +162,7 @@ def test_policy_is_installed_and_removed(agent: RunningAgent, ports: dict[str, Q
 
 
 def test_late_reply_is_not_taken_for_the_next_commands_reply(
-    agent: RunningAgent, ports: dict[str, QemuPort]
+    agent: RunningAgent, ports: dict[str, PtyChannelHost]
 ) -> None:
     port = ports["vm1.0"]
     dev = port.device
@@ -272,7 +198,7 @@ def test_late_reply_is_not_taken_for_the_next_commands_reply(
 
 
 def test_late_reply_in_one_session_is_skipped(
-    agent: RunningAgent, ports: dict[str, QemuPort]
+    agent: RunningAgent, ports: dict[str, PtyChannelHost]
 ) -> None:
     port = ports["vm1.0"]
     proc = subprocess.Popen(
@@ -310,7 +236,7 @@ def test_late_reply_in_one_session_is_skipped(
 
 
 def test_ports_are_discovered_and_port_n_serves_vcpu_n(
-    agent: RunningAgent, ports: dict[str, QemuPort], tmp_path: Path
+    agent: RunningAgent, ports: dict[str, PtyChannelHost], tmp_path: Path
 ) -> None:
     sysfs, dev = tmp_path / "guest-sys", tmp_path / "guest-dev"
     vports = sysfs / "class" / "virtio-ports"

@@ -23,7 +23,7 @@ from pathlib import Path
 from vmpower import control, protocol
 from vmpower.cpufreq import open_cpufreq
 from vmpower.cpufreq.simulate import build_tree
-from vmpower.devtools import ChannelHost, make_request, wait_for
+from vmpower.devtools import ChannelHost, PtyChannelHost, make_request, wait_for
 from vmpower.protocol import Command, CoreType, ReplyCode, Unit
 from vmpower.sysfs import Sysfs
 
@@ -84,6 +84,15 @@ def describe_reply(reply: bytes) -> str:
     return ReplyCode(code).name if code in (1, 2) else f"code {code}"
 
 
+def run_tool(shown: list[str], command: list[str]) -> None:
+    """Run one of vmpower's commands and print it with its output, indented."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    status = "" if result.returncode == 0 else f"   [exit {result.returncode}]"
+    print(f"  $ {' '.join(shown)}{status}")
+    for line in (result.stdout + result.stderr).rstrip().splitlines():
+        print(f"    {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmpower-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_dir = Path(tempfile.mkdtemp(prefix="vmpower-demo-"))
     agent: subprocess.Popen[bytes] | None = None
     hosts: dict[str, ChannelHost] = {}
+    guest_port: PtyChannelHost | None = None
     try:
         config_path = render(demo_dir)
         sysfs_root = demo_dir / "sysfs"
@@ -100,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         print("  libvirt: test:/// driver with config/demo-node.xml (vm1, vm2, batch)")
         print(f"  cpufreq: simulated acpi-cpufreq, {CPUS} CPUs with turbo; CPUs 0-1 reserved")
         # QEMU's part: bind every channel socket before the agent starts.
-        for name in ("vm1.0", "vm1.1", "vm2.0", "batch.0"):
+        for name in ("vm1.0", "vm2.0", "batch.0"):
             hosts[name] = ChannelHost(demo_dir / "channels" / name)
+        # vm1's port 1 is a pseudo-terminal, as a virtio port looks from inside the guest,
+        # for the guest tool (vmpower-guest --device) to open.
+        guest_port = PtyChannelHost(demo_dir / "channels" / "vm1.1")
         before = freq_table(sysfs_root)
         print_table("Host CPUs before the agent starts:", before)
 
@@ -119,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"vmpowerd exited: {log_path.read_text()}")
         for host in hosts.values():
             host.accept()
-        print(f"\nvmpowerd (pid {agent.pid}) connected to {len(hosts)} channels.")
+        guest_port.accept()
+        print(f"\nvmpowerd (pid {agent.pid}) connected to {len(hosts) + 1} channels.")
 
         script = [
             ("vm1.0", "vm1 vCPU0 → max", make_request(Command.CPU_POWER, Unit.SCALE_MAX, 0)),
@@ -147,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 make_request(Command.CPU_POWER, Unit.SCALE_MAX, 4, core_type=CoreType.PHYSICAL),
             ),
             (
-                "vm1.1",
+                "vm1.0",
                 "vm1 pretending to be vm2 → max",
                 make_request(Command.CPU_POWER, Unit.SCALE_MAX, 0, vm_name="vm2"),
             ),
@@ -177,15 +191,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {channel:<8} {what:<58} → {describe_reply(reply)}")
 
         flood = make_request(Command.CPU_POWER, Unit.SCALE_UP, 1)
-        hosts["vm1.1"].send(flood * 40)
+        hosts["vm2.0"].send(flood * 40)
         codes = [
-            protocol.peek_header(hosts["vm1.1"].recv_exact(protocol.PACKET_SIZE))[2]
+            protocol.peek_header(hosts["vm2.0"].recv_exact(protocol.PACKET_SIZE))[2]
             for _ in range(40)
         ]
-        print(
-            f"  vm1.1    flood: 40 requests at once (limit: burst 20, 50/s)"
-            f"{'':<9} → {codes.count(1)} ACK, {codes.count(2)} NACK"
-        )
+        what = "vm2 flood: 40 requests at once (rate limit: burst 20, 50/s)"
+        print(f"  vm2.0    {what:<58} → {codes.count(1)} ACK, {codes.count(2)} NACK")
+
+        print("\nInside vm1, the guest tool on its virtio port (a pseudo-terminal here):")
+        device = f"1={guest_port.device}"
+        for words in (
+            ["set_cpu_freq", "1", "up"],
+            ["set_cpu_freq", "1", "max"],
+            ["set_cpu_freq", "0", "min"],
+            ["query_cpu_freq", "all"],
+            ["query_cpu_caps", "all"],
+        ):
+            run_tool(
+                ["vmpower-guest", "--device", "1=/dev/virtio-ports/…poweragent.1", *words],
+                [sys.executable, "-m", "vmpower.guest.cli", "--device", device, *words],
+            )
+
+        print("\nThe operator's shell (one-shot commands):")
+        shell = [sys.executable, "-m", "vmpower.shell", "--socket", str(socket_path)]
+        for words in (
+            ["list_vms"],
+            ["show_vm", "vm1"],
+            ["show_cpus"],
+            ["set_cpu_freq", "7", "min"],
+            ["set_cpu_freq", "0", "max"],
+        ):
+            run_tool(["vmpower", *words], [*shell, *words])
 
         during = freq_table(sysfs_root)
         print_table("Host CPUs: before the agent | while serving (* = changed):", before, during)
@@ -214,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             agent.wait()
         for host in hosts.values():
             host.close()
+        if guest_port is not None:
+            guest_port.close()
         if args.keep:
             print(f"(kept {demo_dir})")
         else:

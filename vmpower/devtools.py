@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import select
 import socket
+import threading
 import time
+import tty
 from pathlib import Path
 
 from vmpower import protocol
@@ -91,6 +93,81 @@ class ChannelHost:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class PtyChannelHost:
+    """One power channel the way QEMU and a virtio port make it: the host side a socket
+    the agent connects to, the guest side a raw pseudo-terminal (one open, a byte
+    stream) that ``vmpower-guest --device`` opens. Bytes are copied both ways by a
+    thread; hold() keeps the host's replies back until release() (a late reply)."""
+
+    def __init__(self, socket_path: str | Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(socket_path))
+        self.listener.listen(1)
+        self.master, self.slave = os.openpty()
+        # Raw: no echo, no CR/LF translation, no flow control on 0x11/0x13 bytes. The
+        # test keeps the slave open so the terminal (and its settings) outlive each run
+        # of the guest tool, as a virtio port outlives the programs that open it.
+        tty.setraw(self.slave)
+        self.device = os.ttyname(self.slave)
+        self.conn: socket.socket | None = None
+        self.guest_bytes = 0  # bytes the guest sent towards the host
+        self._held: bytearray | None = None
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    def accept(self, timeout_s: float = 10.0) -> None:
+        self.listener.settimeout(timeout_s)
+        self.conn, _ = self.listener.accept()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.conn is not None
+        conn = self.conn.fileno()
+        while True:
+            ready, _, _ = select.select([conn, self.master, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            if conn in ready:
+                data = os.read(conn, 65536)
+                if not data:
+                    return
+                with self._lock:
+                    if self._held is not None:
+                        self._held += data
+                        data = b""
+                if data:
+                    os.write(self.master, data)
+            if self.master in ready:
+                data = os.read(self.master, 65536)
+                self.guest_bytes += len(data)
+                self.conn.sendall(data)
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = bytearray()
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held or b"")
+
+    def release(self) -> None:
+        with self._lock:
+            data, self._held = bytes(self._held or b""), None
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._thread is not None:
+            self._thread.join(5)
+        for fd in (self.master, self.slave, self._stop_r, self._stop_w):
+            os.close(fd)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
 
 
 def make_request(command: int, unit: int = 0, resource_id: int = 0, **fields: object) -> bytes:
