@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ class RunningAgent:
         return control.request(self.socket, cmd, **args)
 
     def read(self, cpu: int, name: str) -> str:
-        return (self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}").read_text().strip()
+        return read_attr(self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}")
 
     def setspeed(self, cpu: int) -> int:
         return int(self.read(cpu, "scaling_setspeed"))
@@ -125,6 +126,21 @@ class RunningAgent:
             self.proc.wait()
         for host in self.hosts.values():
             host.close()
+
+
+def read_attr(path: Path) -> str:
+    """A simulated sysfs attribute's value, as a reader in another process sees it.
+
+    A simulated attribute is a regular file the agent rewrites (truncate, write): a read
+    racing that write can see it empty, which real sysfs never shows, so retry briefly.
+    """
+    text = ""
+    for _ in range(100):
+        text = path.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.001)
+    return text
 
 
 def to_toml(sections: dict[str, dict[str, Any]]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_support import DEFAULT_CHANNELS, render_node
+from agent_support import DEFAULT_CHANNELS, read_attr, render_node
 
 from vmpower import protocol
 from vmpower.config import config_from_dict
@@ -55,7 +55,7 @@ class AgentThread:
             self.agent.shutdown()
 
     def read(self, cpu: int, name: str) -> str:
-        return (self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}").read_text().strip()
+        return read_attr(self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}")
 
     def table(self, cpu: int) -> list[int]:
         return [int(x) for x in self.read(cpu, "scaling_available_frequencies").split()]
