@@ -59,7 +59,7 @@ class ChannelsConfig:
 @dataclass(frozen=True)
 class CpufreqConfig:
     sysfs_root: Path = _opt(Path("/sys"), "root of sysfs (a simulated tree for tests)")
-    reserved_cpus: CpuSet = _cpus("", "host CPUs vmpower never touches, e.g. \"0-1,8\"")
+    reserved_cpus: CpuSet = _cpus("", 'host CPUs vmpower never touches, e.g. "0-1,8"')
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,12 @@ class TelemetryConfig:
     powercap_root: Path = _opt(
         Path("/sys/class/powercap"), "powercap root for intel-rapl energy counters"
     )
-    access_dir: Path = _opt(
-        Path("/etc/vmpower/access"), "access lists: signals/controls per group"
-    )
+    access_dir: Path = _opt(Path("/etc/vmpower/access"), "access lists: signals/controls per group")
     shm_dir: Path = _opt(Path("/dev/shm"), "where batch buffers are created")
+    start_timeout_s: float = _opt(
+        10.0, "how long start_batch waits for the batch server to be ready", minimum=0.1
+    )
+    max_sessions: int = _opt(64, "batch sessions (servers) running at once", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,9 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, file, base=Path(file).resolve().parent)
 
 
-def config_from_dict(data: dict[str, Any], file: str = "<config>", base: Path | None = None) -> Config:
+def config_from_dict(
+    data: dict[str, Any], file: str = "<config>", base: Path | None = None
+) -> Config:
     """Build a Config from parsed TOML; relative paths resolve against ``base``."""
     sections: dict[str, Any] = {}
     section_types = get_type_hints(Config)
@@ -155,10 +159,12 @@ def _build_section(cls: type, section: str, values: dict[str, Any], file: str, b
 
 def _convert(hint: Any, meta: Any, raw: Any, dotted: str, file: str, base: Path | None) -> Any:
     if meta.get("kind") == "cpus":
-        if isinstance(raw, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        if isinstance(raw, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in raw
+        ):
             raw = ",".join(str(x) for x in raw)
         if not isinstance(raw, str):
-            raise ConfigError(file, dotted, f"must be a CPU list string like \"0-3,8\", got {raw!r}")
+            raise ConfigError(file, dotted, f'must be a CPU list string like "0-3,8", got {raw!r}')
         try:
             return parse_cpu_list(raw)
         except CpuListError as exc:

@@ -82,14 +82,22 @@ class ControlServer:
             # daemon is using it.
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(self.path))
-        os.chmod(self.path, self.mode)
+        # Bind and listen under a temporary name, then rename: the socket appears at its
+        # path only once it accepts connections, so a client never sees it refuse one.
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        if staging.exists():
+            staging.unlink()
+        sock.bind(str(staging))
+        os.chmod(staging, self.mode)
         if self.group:
             try:
-                os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+                os.chown(staging, -1, grp.getgrnam(self.group).gr_gid)
             except KeyError:
+                sock.close()
+                staging.unlink()
                 raise VmpowerError(f"control.group: no group named {self.group!r}") from None
         sock.listen(64)
+        os.rename(staging, self.path)
         sock.setblocking(False)
         self._sock = sock
         self.monitor.add_reader(sock.fileno(), self._accept)

@@ -42,6 +42,7 @@ from vmpower.power import PowerManager
 from vmpower.protocol import Unit
 from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
+from vmpower.telemetry.service import BatchService
 
 log = logging.getLogger("vmpower.daemon")
 
@@ -107,6 +108,7 @@ class Agent:
         self.hypervisor: Hypervisor | None = None
         self.power: PowerManager | None = None
         self.control: ControlServer | None = None
+        self.batches: BatchService | None = None
         self.events = EventQueue(clock=clock, wake=self.monitor.wake)
         self.policies: PolicyEngine | None = None
         self.channels: dict[tuple[str, int], VmChannel] = {}
@@ -177,6 +179,9 @@ class Agent:
             self._open_fifo(cpu)
         for name in sorted(self.hypervisor.vms()):
             self._sync_vm(name)
+        # Batch sessions; start() restores what sessions of a crashed run left.
+        self.batches = BatchService(cfg, self.monitor, self.cpufreq, self.hypervisor)
+        self.batches.start()
         self.control = ControlServer(
             cfg.control.socket, self.monitor, self._commands(), cfg.control.mode, cfg.control.group
         )
@@ -213,6 +218,8 @@ class Agent:
         self.fifos.clear()
         if self.policies is not None:
             self.policies.stop()
+        if self.batches is not None:
+            self.batches.close()  # each session's server restores its controls first
         if self.power is not None:
             self.power.restore_all()
         if self.control is not None:
@@ -447,6 +454,7 @@ class Agent:
                 changes=True,
                 help="operator frequency request for a host CPU",
             ),
+            **(self.batches.commands() if self.batches is not None else {}),
         }
 
     def _vm_arg(self, request: dict[str, Any]) -> VmInfo:

@@ -65,6 +65,15 @@ class Sysfs:
         except OSError as exc:
             raise SysfsError(path, _reason(exc)) from exc
 
+    def open_reader(self, rel: str) -> Reader:
+        """Keep attribute ``rel`` open for repeated reads (telemetry's hot path)."""
+        path = self.path(rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SysfsError(path, _reason(exc)) from exc
+        return Reader(path, fd)
+
     def write(self, rel: str, value: str | int) -> None:
         """Write ``value`` to an attribute; the journal sees the original first."""
         path = self.path(rel)
@@ -83,6 +92,51 @@ class Sysfs:
                 os.close(fd)
         except OSError as exc:
             raise SysfsError(path, f"write {text!r}: {_reason(exc)}") from exc
+
+
+class Reader:
+    """One attribute kept open; ``read()`` re-reads it with ``pread`` at offset 0.
+
+    sysfs regenerates an attribute's text on every read that starts at offset 0
+    (fs/kernfs/file.c: the show() callback runs for position 0), so a kept fd plus
+    pread costs one syscall per sample instead of open/read/close.
+    """
+
+    __slots__ = ("fd", "path")
+
+    # Attributes are at most one page (sysfs show() fills a PAGE_SIZE buffer).
+    MAX_BYTES = 4096
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def read(self) -> str:
+        """The attribute's content, stripped of surrounding whitespace."""
+        try:
+            return os.pread(self.fd, self.MAX_BYTES, 0).decode().strip()
+        except OSError as exc:
+            raise SysfsError(self.path, _reason(exc)) from exc
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SysfsError(self.path, f"unreadable content: {exc}") from None
+
+    def read_int(self) -> int:
+        text = self.read()
+        try:
+            return int(text)
+        except ValueError:
+            raise SysfsError(self.path, f"expected an integer, read {text!r}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def _reason(exc: OSError) -> str:

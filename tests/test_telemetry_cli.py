@@ -1,0 +1,204 @@
+"""`vmpower signals | read | write | session` against the real daemon."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_support import RunningAgent, to_toml
+
+from vmpower import shell
+from vmpower.devtools import wait_for
+from vmpower.errors import ControlError
+from vmpower.telemetry.catalog import CATALOG
+from vmpower.telemetry.cli import main
+
+MAX_FILE = "devices/system/cpu/cpu{}/cpufreq/scaling_max_freq"
+
+
+def start(agent: RunningAgent) -> RunningAgent:
+    """Start the daemon and wait until it answers: its socket file exists from bind(),
+    a moment before listen(), and a connect in between is refused."""
+    agent.start()
+
+    def answers() -> bool:
+        try:
+            agent.control("status")
+        except ControlError:
+            return False
+        return True
+
+    assert wait_for(answers, 10), agent.log()
+    return agent
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
+    running = RunningAgent(tmp_path_factory.mktemp("cli"))
+    try:
+        start(running)
+        yield running
+        assert running.stop() == 0
+    finally:
+        running.close()
+
+
+def run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_signals_lists_the_catalogue_with_access(agent: RunningAgent) -> None:
+    code, out, err = run(["signals", "--socket", str(agent.socket)])
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["NAME", "DOMAIN", "UNITS", "ACCESS", "DESCRIPTION"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == set(CATALOG)
+    assert rows["CPU_FREQUENCY_MAX_CONTROL"][1:4] == ["cpu", "Hz", "rw"]  # root: read/write
+    assert rows["CPU_ENERGY"][1:4] == ["package", "J", "r"]
+
+
+def test_read_prints_one_value(agent: RunningAgent) -> None:
+    code, out, err = run(
+        ["--socket", str(agent.socket), "read", "CPU_FREQUENCY_MAX_AVAIL", "cpu", "0"]
+    )
+    assert (code, out, err) == (0, "2301000000\n", "")
+
+
+def test_read_through_the_shell_with_the_socket_from_the_environment(
+    agent: RunningAgent, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VMPOWER_SOCKET", str(agent.socket))
+    assert shell.main(["read", "CPU_FREQUENCY_MIN_AVAIL", "package", "0"]) == 0
+    assert capsys.readouterr().out == "1200000000\n"
+
+
+def test_socket_from_the_config_file(agent: RunningAgent, tmp_path: Path) -> None:
+    config = tmp_path / "vmpowerd.toml"
+    config.write_text(to_toml({"control": {"socket": str(agent.socket)}}))
+    code, out, _ = run(["read", "TIME", "board", "0", "--config", str(config)])
+    assert code == 0 and float(out) >= 0
+
+
+def test_errors_are_one_line_with_exit_codes(agent: RunningAgent, tmp_path: Path) -> None:
+    sock = ["--socket", str(agent.socket)]
+    code, out, err = run(["read", "NOPE", "cpu", "0", *sock])
+    assert (code, out) == (1, "")
+    assert err.startswith("vmpower: unknown signal or control 'NOPE'") and err.count("\n") == 1
+    code, _, err = run(["read", "TIME", "board", "x", *sock])
+    assert code == 2 and "index must be an integer" in err
+    code, _, err = run(["read", "TIME", "board", "0", "--socket", str(tmp_path / "none.sock")])
+    assert code == 1 and "vmpowerd is not running" in err
+    code, _, _ = run(["read", "TIME", "galaxy", "0", *sock])
+    assert code == 2  # argparse: not a domain
+
+
+def test_write_holds_until_sigterm_then_restores(agent: RunningAgent) -> None:
+    limit = agent.sysfs_root / MAX_FILE.format(4)
+    original = limit.read_text()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vmpower.telemetry.cli",
+            "write",
+            "CPU_FREQUENCY_MAX_CONTROL",
+            "cpu",
+            "4",
+            "1.9e9",
+            "--socket",
+            str(agent.socket),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert wait_for(lambda: limit.read_text().strip() == "1900000", 10)
+        assert proc.poll() is None  # still holding it
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert b"held until interrupted" in err
+    assert limit.read_text() == original
+
+
+def test_write_with_a_hold_time(agent: RunningAgent) -> None:
+    limit = agent.sysfs_root / MAX_FILE.format(5)
+    original = limit.read_text()
+    code, _, err = run(
+        [
+            "write",
+            "CPU_FREQUENCY_MAX_CONTROL",
+            "cpu",
+            "5",
+            "2000000000",
+            "--hold-s",
+            "0",
+            "--socket",
+            str(agent.socket),
+        ]
+    )
+    assert code == 0 and "held for 0 s, then restored" in err
+    assert limit.read_text() == original
+    code, _, err = run(
+        [
+            "write",
+            "CPU_FREQUENCY_MAX_CONTROL",
+            "cpu",
+            "5",
+            "9e9",
+            "--hold-s",
+            "0",
+            "--socket",
+            str(agent.socket),
+        ]
+    )
+    assert code == 1 and "9000000000 Hz is outside cpu 5's" in err
+
+
+def test_session_csv_rows_on_a_grid(agent: RunningAgent) -> None:
+    requests = "# what to sample\nTIME board 0\n\nCPU_FREQUENCY_MAX_AVAIL cpu 1  # static\n"
+    code, out, err = run(
+        ["session", "-t", "0.3", "-p", "0.1", "--socket", str(agent.socket)], stdin=requests
+    )
+    assert (code, err) == (0, "")
+    header, *rows = out.splitlines()
+    assert header == "TIME@board-0,CPU_FREQUENCY_MAX_AVAIL@cpu-1"
+    assert len(rows) == 3
+    times = [float(r.split(",")[0]) for r in rows]
+    assert times == sorted(times)
+    assert all(r.split(",")[1] == "2301000000" for r in rows)
+
+
+def test_session_json_and_one_row_for_time_zero(agent: RunningAgent) -> None:
+    code, out, _ = run(
+        ["session", "-t", "0", "-p", "1", "--format", "json", "--socket", str(agent.socket)],
+        stdin="CPU_FREQUENCY_MIN_AVAIL cpu 0\nVM_VCPU_TIME vm vm1\n",
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 1
+    assert rows[0]["CPU_FREQUENCY_MIN_AVAIL@cpu-0"] == 1.2e9
+    assert rows[0]["VM_VCPU_TIME@vm-vm1"] > 0
+
+
+def test_session_input_errors(agent: RunningAgent) -> None:
+    sock = ["--socket", str(agent.socket)]
+    code, _, err = run(["session", "-t", "1", "-p", "0.5", *sock], stdin="TIME board\n")
+    assert code == 2 and "stdin line 1: expected NAME DOMAIN INDEX" in err
+    code, _, err = run(["session", "-t", "1", "-p", "0.5", *sock], stdin="# nothing\n")
+    assert code == 2 and "no requests on stdin" in err
+    code, _, err = run(["session", "-t", "1", "-p", "0", *sock], stdin="TIME board 0\n")
+    assert code == 2 and "-p must be > 0" in err

@@ -1,0 +1,434 @@
+"""The daemon's side of telemetry: start, watch, stop and recover batch sessions.
+
+``BatchService`` lives in vmpowerd (model: GEOPM's service). It owns the control
+commands ``start_batch``, ``stop_batch``, ``list_batches`` and ``list_signals``; the
+validation of requests (catalogue, domains and indices, the caller's rights from the
+access lists and its socket credentials); the launch of one batch server per session
+(fork + exec of ``python -m vmpower.telemetry.server``, never a bare fork: the daemon has
+threads); and the sessions' ends.
+
+A session's state lives in ``<state.dir>/telemetry/<key>/``: ``session.json`` and the
+session's restore journal. The server removes the directory when it ends cleanly; when
+it crashed (or could not restore), the daemon restores from that journal when it reaps
+the server, and a daemon starting after a crash does the same for every directory left.
+
+Start-up: ``start_batch`` answers only when the server has created its buffers and
+channel and placed its barrier (``vmpower.barrier``); a server that fails says why in
+one line on its stdout, and that line is the refusal. The barrier stays: the daemon
+aborts it to stop a session, and a server whose daemon died sees the barrier's pipe hang
+up and ends itself. The daemon hears of a server's exit through a pidfd on its monitor
+loop. While a session runs, its MIN/MAX frequency controls and the daemon's own
+frequency requests act on the same files (the last writer wins); the daemon drops its
+cached view of those CPUs when the session starts and ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from vmpower.barrier import CHILD, PARENT, Barrier, BarrierTimeout
+from vmpower.config import Config
+from vmpower.control import Command, PeerCred
+from vmpower.errors import RestoreError, TelemetryError, VmpowerError
+from vmpower.restore import RestoreJournal, RestoreReport
+from vmpower.sysfs import Sysfs
+from vmpower.telemetry.access import AccessLists
+from vmpower.telemetry.catalog import CATALOG, Request, Topology, parse_requests
+from vmpower.telemetry.session import (
+    SESSIONS_DIR,
+    SessionSpec,
+    check_key,
+    new_key,
+    process_start_ticks,
+    remove_session_dir,
+    remove_session_files,
+)
+
+log = logging.getLogger("vmpower.telemetry")
+
+STOP_TIMEOUT_S = 5.0
+"""How long stop_batch and shutdown wait for a server to restore and exit."""
+MIN_PERIOD_S = 0.001
+
+
+class _Monitor(Protocol):
+    """What the service needs of the daemon's monitor loop."""
+
+    def add_reader(self, fd: int, callback: Callable[[int], None]) -> None: ...
+
+    def remove(self, fd: int) -> None: ...
+
+
+@dataclass
+class Session:
+    """A running batch server, as the daemon tracks it."""
+
+    spec: SessionSpec
+    session_dir: Path
+    proc: subprocess.Popen[bytes]
+    barrier: Barrier
+    pidfd: int
+    cpus: tuple[int, ...]
+    started_at: float
+
+    def row(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "server_key": spec.key,
+            "server_pid": self.proc.pid,
+            "client_pid": spec.client_pid,
+            "uid": spec.client_uid,
+            "signals": [r.label() for r in spec.signals],
+            "controls": [r.label() for r in spec.controls],
+            "period_s": spec.period_s,
+            "started_at": self.started_at,
+        }
+
+
+def launch_server(
+    spec: SessionSpec,
+    session_dir: Path,
+    timeout_s: float,
+    python: str = sys.executable,
+    log_level: str = "info",
+) -> tuple[subprocess.Popen[bytes], Barrier]:
+    """Write the spec, fork+exec the server, wait for its barrier; TelemetryError on failure."""
+    spec.save(session_dir)
+    barrier = Barrier()
+    child = barrier.fds(CHILD)
+    env = dict(os.environ, VMPOWER_BATCH_LOG=log_level)
+    try:
+        proc = subprocess.Popen(
+            [
+                python,
+                "-m",
+                "vmpower.telemetry.server",
+                "--session-dir",
+                str(session_dir),
+                "--barrier",
+                child.encode(),
+            ],
+            pass_fds=tuple(child),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+            env=env,
+        )
+    except OSError as exc:
+        barrier.destroy()
+        raise TelemetryError(f"cannot start the batch server: {exc}") from None
+    barrier.set_role(PARENT)
+    assert proc.stdout is not None
+    try:
+        ready = barrier.wait_next(timeout_s)
+    except BarrierTimeout:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        barrier.destroy()
+        raise TelemetryError(
+            f"the batch server did not get ready within {timeout_s:g} s (killed)"
+        ) from None
+    if not ready:  # it exited (an abortion queued behind no barrier)
+        message = proc.stdout.read().decode(errors="replace").strip()
+        status = proc.wait()
+        proc.stdout.close()
+        barrier.destroy()
+        raise TelemetryError(
+            message or f"the batch server failed to start (exit status {status}; see the log)"
+        )
+    proc.stdout.close()
+    return proc, barrier
+
+
+def finish_session(session_dir: Path) -> RestoreReport | None:
+    """After its server is gone: remove a session's files, restore what its journal
+    holds, and remove its directory once nothing is left to restore."""
+    try:
+        spec = SessionSpec.load(session_dir)
+    except TelemetryError as exc:
+        log.warning("session %s: %s", session_dir.name, exc)
+        spec = None
+    if spec is not None:
+        removed = remove_session_files(spec.shm_dir, spec.key)
+        if removed:
+            log.info("session %s: removed %d leftover files", spec.key, len(removed))
+    try:
+        journal = RestoreJournal(session_dir)
+        report = journal.recover()
+    except RestoreError as exc:
+        log.error("session %s: %s", session_dir.name, exc)
+        return None
+    if report.restored:
+        log.warning(
+            "session %s: restored %d settings it had changed",
+            session_dir.name,
+            len(report.restored),
+        )
+    if not journal.pending():
+        remove_session_dir(session_dir)
+    return report
+
+
+def recover_sessions(sessions_dir: Path) -> list[str]:
+    """Finish every session a previous daemon left (start-up after a crash)."""
+    if not sessions_dir.is_dir():
+        return []
+    found = []
+    for entry in sorted(sessions_dir.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            found.append(entry.name)
+            finish_session(entry)
+    return found
+
+
+class BatchService:
+    """Batch sessions of one daemon: commands, servers, and their ends."""
+
+    def __init__(
+        self,
+        config: Config,
+        monitor: _Monitor,
+        cpufreq: Any = None,
+        hypervisor: Any = None,
+        *,
+        python: str = sys.executable,
+        access: AccessLists | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.monitor = monitor
+        self.cpufreq = cpufreq
+        self.hypervisor = hypervisor
+        self.python = python
+        self.access = access or AccessLists(config.telemetry.access_dir)
+        self.clock = clock
+        self.sessions_dir = config.state.dir / SESSIONS_DIR
+        self.sessions: dict[str, Session] = {}
+
+    # -- life -------------------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Recover the sessions a crashed run left; returns their keys."""
+        self.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        recovered = recover_sessions(self.sessions_dir)
+        if recovered:
+            log.warning("recovered %d batch sessions of a previous run", len(recovered))
+        return recovered
+
+    def close(self) -> None:
+        """Stop every session: its server restores its controls, then exits."""
+        for session in list(self.sessions.values()):
+            session.barrier.abort()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for key in list(self.sessions):
+            self._wait(self.sessions[key], max(0.0, deadline - time.monotonic()))
+            self._reap(key)
+
+    def commands(self) -> dict[str, Command]:
+        return {
+            "start_batch": Command(
+                self.cmd_start_batch,
+                changes=True,
+                help="start a batch server: signals and controls in shared memory",
+            ),
+            "stop_batch": Command(
+                self.cmd_stop_batch,
+                changes=True,
+                help="stop a batch server (its controls are restored)",
+            ),
+            "list_batches": Command(self.cmd_list_batches, help="running batch sessions"),
+            "list_signals": Command(
+                self.cmd_list_signals, help="signals and controls, with your access"
+            ),
+        }
+
+    # -- commands ------------------------------------------------------------------------
+
+    def cmd_start_batch(self, req: dict[str, Any], cred: PeerCred) -> dict[str, Any]:
+        cfg = self.config
+        signals = parse_requests(req.get("signals"), "signal")
+        controls = parse_requests(req.get("controls"), "control")
+        if not signals and not controls:
+            raise TelemetryError("start_batch needs signals and/or controls to serve")
+        period_s = _period(req.get("period_s"))
+        if len(self.sessions) >= cfg.telemetry.max_sessions:
+            raise TelemetryError(
+                f"too many batch sessions ({cfg.telemetry.max_sessions}, telemetry.max_sessions)"
+            )
+        topology = self.topology()
+        signals = [topology.resolve(r) for r in signals]
+        controls = [topology.resolve(r, write=True) for r in controls]
+        self.access.check(cred.uid, cred.gid, signals, controls)
+        ticks = process_start_ticks(cred.pid)
+        if ticks is None:
+            raise TelemetryError(f"the client (pid {cred.pid}) has exited")
+        key = new_key(cred.pid)
+        spec = SessionSpec(
+            key=key,
+            shm_dir=str(cfg.telemetry.shm_dir),
+            client_pid=cred.pid,
+            client_uid=cred.uid,
+            client_gid=cred.gid,
+            client_start_ticks=ticks,
+            signals=tuple(signals),
+            controls=tuple(controls),
+            period_s=period_s,
+            sysfs_root=str(cfg.cpufreq.sysfs_root),
+            powercap_root=str(cfg.telemetry.powercap_root),
+            proc_root=str(cfg.telemetry.proc_root),
+            libvirt_uri=cfg.libvirt.uri,
+            daemon_pid=os.getpid(),
+            created_at=self.clock(),
+        )
+        session_dir = self.sessions_dir / key
+        self.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        session_dir.mkdir(mode=0o700)
+        try:
+            proc, barrier = launch_server(
+                spec, session_dir, cfg.telemetry.start_timeout_s, self.python, cfg.log.level
+            )
+        except TelemetryError:
+            finish_session(session_dir)
+            raise
+        cpus = _controlled_cpus(topology, controls)
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError as exc:  # cannot watch it: do not leave it running unwatched
+            barrier.abort()
+            proc.wait()
+            barrier.destroy()
+            finish_session(session_dir)
+            raise TelemetryError(f"cannot watch the batch server: {exc}") from None
+        session = Session(spec, session_dir, proc, barrier, pidfd, cpus, self.clock())
+        self.sessions[key] = session
+        self.monitor.add_reader(pidfd, lambda _fd, k=key: self._reap(k))
+        self._forget(cpus)
+        log.info(
+            "batch session %s: server pid %d for pid %d uid %d (%d signals, %d controls%s)",
+            key,
+            proc.pid,
+            cred.pid,
+            cred.uid,
+            len(signals),
+            len(controls),
+            f", every {period_s:g} s" if period_s else "",
+        )
+        return {
+            "server_pid": proc.pid,
+            "server_key": key,
+            "shm_dir": spec.shm_dir,
+            "signals": [r.label() for r in signals],
+            "controls": [r.label() for r in controls],
+            "period_s": period_s,
+        }
+
+    def cmd_stop_batch(self, req: dict[str, Any], cred: PeerCred) -> dict[str, Any]:
+        key = check_key(req.get("server_key"))
+        session = self.sessions.get(key)
+        if session is None:
+            raise TelemetryError(f"no batch session {key} (list_batches shows them)")
+        if cred.uid not in (0, session.spec.client_uid):
+            raise TelemetryError(f"batch session {key} belongs to another user")
+        session.barrier.abort()
+        status = self._wait(session, STOP_TIMEOUT_S)
+        self._reap(key)
+        return {"server_key": key, "stopped": True, "exit_status": status}
+
+    def cmd_list_batches(self, _req: dict[str, Any], cred: PeerCred) -> list[dict[str, Any]]:
+        # A server that just exited may not have been reaped yet (its pidfd is handled
+        # in a later turn of the loop): do it now so the list is current.
+        for key, session in list(self.sessions.items()):
+            if session.proc.poll() is not None:
+                self._reap(key)
+        return [
+            s.row() for _, s in sorted(self.sessions.items()) if cred.uid in (0, s.spec.client_uid)
+        ]
+
+    def cmd_list_signals(self, _req: dict[str, Any], cred: PeerCred) -> list[dict[str, Any]]:
+        rights = self.access.rights(cred.uid, cred.gid)
+        rows = []
+        for name, info in sorted(CATALOG.items()):
+            row = info.row()
+            access = ""
+            if rights.may_read(name):
+                access += "r"
+            if info.writable and rights.may_write(name):
+                access += "w"
+            row["access"] = access or "-"
+            rows.append(row)
+        return rows
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def topology(self) -> Topology:
+        cpus = self.cpufreq.cpus() if self.cpufreq is not None else None
+        vms = sorted(self.hypervisor.vms()) if self.hypervisor is not None else []
+        return Topology.discover(Sysfs(self.config.cpufreq.sysfs_root), cpus, vms)
+
+    def _wait(self, session: Session, timeout_s: float) -> int:
+        try:
+            return session.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.error(
+                "batch session %s: server %d did not stop within %g s: killed",
+                session.spec.key,
+                session.proc.pid,
+                timeout_s,
+            )
+            session.proc.kill()
+            return session.proc.wait()
+
+    def _reap(self, key: str) -> None:
+        """The server exited (pidfd readable): collect it and finish what it left."""
+        session = self.sessions.pop(key, None)
+        if session is None:
+            return
+        self.monitor.remove(session.pidfd)
+        os.close(session.pidfd)
+        status = session.proc.wait()
+        session.barrier.destroy()
+        if session.session_dir.exists():
+            finish_session(session.session_dir)
+        self._forget(session.cpus)
+        log.info("batch session %s ended (server exit status %d)", key, status)
+
+    def _forget(self, cpus: tuple[int, ...]) -> None:
+        if self.cpufreq is None:
+            return
+        for cpu in cpus:
+            try:
+                self.cpufreq.forget(cpu)
+            except VmpowerError as exc:
+                log.debug("cpu %d: cannot drop cached state: %s", cpu, exc)
+
+
+def _period(value: Any) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < MIN_PERIOD_S
+    ):
+        raise TelemetryError(
+            f"period_s must be a number of seconds >= {MIN_PERIOD_S}, not {value!r}"
+        )
+    return float(value)
+
+
+def _controlled_cpus(topology: Topology, controls: list[Request]) -> tuple[int, ...]:
+    cpus: set[int] = set()
+    for request in controls:
+        cpus.update(topology.cpus_of(request.domain, request.index))
+    return tuple(sorted(cpus))
