@@ -21,7 +21,7 @@ RESULTS = HERE / "results"
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+    names = argv or sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     RESULTS.mkdir(exist_ok=True)
     failed = []
     for name in names:
@@ -38,8 +38,11 @@ def main(argv: list[str]) -> int:
             "bench": name,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "duration_s": round(time.time() - started, 3),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
             "figures": figures,
         }
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
