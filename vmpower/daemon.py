@@ -47,6 +47,7 @@ from vmpower.telemetry.service import BatchService
 log = logging.getLogger("vmpower.daemon")
 
 RECONNECT_PERIOD_S = 1.0
+HYPERVISOR_CHECK_S = 0.5  # liveness check of the libvirt connection when nothing happens
 LOCK_NAME = "vmpowerd.lock"
 
 _UNITS = {
@@ -116,6 +117,8 @@ class Agent:
         self.disabled_channels: set[tuple[str, int]] = set()
         self.started_at = time.time()
         self._pending_signals: list[int] = []
+        self._hypervisor_pending = True
+        self._hypervisor_check_at = 0.0
         self._stopped = False
 
     # -- start and stop ----------------------------------------------------------------
@@ -187,7 +190,7 @@ class Agent:
         )
         self.control.start()
         self.monitor.add_end_of_turn(self._end_of_turn)
-        self.monitor.add_ticker(_HypervisorTicker(self.hypervisor))
+        self.monitor.add_ticker(_HypervisorTicker(self, self.hypervisor))
         self._schedule_reconnects()
         log.info(
             "vmpowerd %s ready: libvirt %s, %d VMs, %d channels",
@@ -226,6 +229,8 @@ class Agent:
             self.control.close()
         if self.hypervisor is not None:
             self.hypervisor.close()
+        if self.cpufreq is not None:
+            self.cpufreq.sysfs.close()
         self.monitor.close()
         self.lock.release()
         log.info("vmpowerd stopped; every setting restored")
@@ -236,10 +241,21 @@ class Agent:
         if self._pending_signals:
             self._handle_signals()
         assert self.hypervisor is not None and self.power is not None
-        for event in self.hypervisor.process_events():
-            self._on_vm_event(event)
+        now = self.clock()
+        if self._hypervisor_pending or now >= self._hypervisor_check_at:
+            # Only when libvirt's thread queued something, or once a period for the
+            # liveness check and reconnects: not on every turn of a busy loop.
+            self._hypervisor_pending = False
+            self._hypervisor_check_at = now + HYPERVISOR_CHECK_S
+            for event in self.hypervisor.process_events():
+                self._on_vm_event(event)
         for channel in self.power.flush():
             self._flush(channel)
+
+    def _hypervisor_woke(self) -> None:
+        """libvirt's thread queued an event (or a deadline came): handle it next turn."""
+        self._hypervisor_pending = True
+        self.monitor.wake()
 
     def _flush(self, channel: Any) -> None:
         if isinstance(channel, VmChannel) and channel.sock is not None and not channel.flush():
@@ -700,14 +716,16 @@ class Agent:
 class _HypervisorTicker:
     """Lets the loop wake for the hypervisor's reconnect timer."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
+    def __init__(self, agent: Agent, hypervisor: Hypervisor) -> None:
+        self.agent = agent
         self.hypervisor = hypervisor
 
     def next_due(self) -> float | None:
         return self.hypervisor.next_deadline()
 
     def run_due(self) -> int:
-        return 0  # process_events() runs at the end of every turn anyway
+        self.agent._hypervisor_pending = True  # its reconnect deadline came
+        return 0
 
 
 def _policy_row(policy: Any) -> dict[str, Any]:

@@ -199,8 +199,12 @@ class Monitor:
             except Exception:
                 log.exception("fd %d handler failed; the loop goes on", fd)
         self._run_calls()
-        self._run_timers()
+        now = self.clock()
+        self._run_timers(now)
         for ticker in self._tickers:
+            due = ticker.next_due()
+            if due is None or due > now:
+                continue  # most turns: nothing due, skip the dispatch
             try:
                 ticker.run_due()
             except Exception:
@@ -242,8 +246,7 @@ class Monitor:
             except Exception:
                 log.exception("queued call failed; the loop goes on")
 
-    def _run_timers(self) -> None:
-        now = self.clock()
+    def _run_timers(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, handle = heapq.heappop(timers)

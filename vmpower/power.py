@@ -47,7 +47,13 @@ _QUERIES = {
     int(Command.QUERY_CAPS),
 }
 _FREQ_QUERIES = {int(Command.QUERY_FREQ_LIST), int(Command.QUERY_FREQ)}
-_UNITS = {int(u): u for u in Unit}
+_UNITS = frozenset(int(u) for u in Unit)
+_SCALE_UP = int(Unit.SCALE_UP)
+_SCALE_DOWN = int(Unit.SCALE_DOWN)
+_SCALE_MAX = int(Unit.SCALE_MAX)
+_SCALE_MIN = int(Unit.SCALE_MIN)
+_ENABLE_TURBO = int(Unit.ENABLE_TURBO)
+_DISABLE_TURBO = int(Unit.DISABLE_TURBO)
 
 
 class VmDirectory(Protocol):
@@ -201,18 +207,17 @@ class PowerManager:
                         f"vm_name {name.decode(errors='replace')!r} is not this channel's VM"
                     )
                 if command == _CPU_POWER:
-                    step = _UNITS.get(unit)
-                    if step is None:
+                    if unit not in _UNITS:
                         raise Refused(f"unknown unit {unit}")
                     if vm is None:  # one map look-up per batch: all from the same VM
                         vm = self.vms.ensure_fresh(owner)
                     cpus = self._route(vm, resource_id, core_type)
-                    if step is Unit.ENABLE_TURBO:
+                    if unit == _ENABLE_TURBO:
                         for cpu in cpus:
                             if not self._table(cpu)[2]:  # nominal on top: no turbo range
                                 raise Refused(f"host CPU {cpu} has no turbo")
                     for cpu in cpus:
-                        self._move(owner, cpu, step)
+                        self._move(owner, cpu, unit)
                     pending.append((channel, packet, cpus, ack, True))
                 elif command in _QUERIES:
                     self._query(channel, packet, resource_id, command)
@@ -346,36 +351,44 @@ class PowerManager:
             self._table_cache[cpu] = cached
         return cached
 
-    def _move(self, owner: str, cpu: int, unit: Unit) -> None:
-        """Move ``owner``'s wish for ``cpu`` as ``unit`` says (DPDK's step semantics)."""
-        table, index_of, nominal = self._table(cpu)
-        if unit is Unit.ENABLE_TURBO and not nominal:
+    def _move(self, owner: str, cpu: int, unit: int) -> None:
+        """Move ``owner``'s wish for ``cpu`` as ``unit`` says (DPDK's step semantics).
+
+        ``unit`` is a Unit value; compared as a plain int because this runs for every
+        request (an enum member look-up costs more than the comparison).
+        """
+        table, index_of, nominal = self._table_cache.get(cpu) or self._table(cpu)
+        if unit == _ENABLE_TURBO and not nominal:
             raise Refused(f"host CPU {cpu} has no turbo")
-        per_cpu = self._touch(cpu)
+        per_cpu = self.wishes.get(cpu)
+        if per_cpu is None or cpu not in self._dirty:
+            per_cpu = self._touch(cpu)
         wish = per_cpu.get(owner)
         if wish is None:
-            wish = Wish(self._current_khz(cpu, table, index_of))
-            per_cpu[owner] = wish
-        if unit is Unit.ENABLE_TURBO:
+            wish = per_cpu[owner] = Wish(self._current_khz(cpu, table, index_of))
+        if unit == _ENABLE_TURBO:
             wish.turbo = True
-        elif unit is Unit.DISABLE_TURBO:
+        elif unit == _DISABLE_TURBO:
             wish.turbo = False
         # The turbo range (above nominal) is reachable only while this requester has
         # turbo enabled, as in DPDK's drivers.
         top = 0 if wish.turbo else nominal
-        last = len(table) - 1
         index = index_of.get(wish.freq_khz)
         if index is None:
             index = _nearest_index(table, wish.freq_khz)
-        if unit is Unit.SCALE_UP:
+        if unit == _SCALE_UP:
             index -= 1
-        elif unit is Unit.SCALE_DOWN:
+        elif unit == _SCALE_DOWN:
             index += 1
-        elif unit is Unit.SCALE_MAX or unit is Unit.ENABLE_TURBO:
+        elif unit == _SCALE_MAX or unit == _ENABLE_TURBO:
             index = top  # DPDK: enabling turbo also goes to the turbo frequency
-        elif unit is Unit.SCALE_MIN:
-            index = last
-        wish.freq_khz = table[min(max(index, top), last)]
+        elif unit == _SCALE_MIN:
+            index = len(table) - 1
+        if index < top:
+            index = top
+        elif index >= len(table):
+            index = len(table) - 1
+        wish.freq_khz = table[index]
 
     def _current_khz(self, cpu: int, table: tuple[int, ...], index_of: dict[int, int]) -> int:
         """Where a requester new to ``cpu`` starts from: the CPU's frequency in force."""
@@ -538,12 +551,9 @@ class PowerManager:
                 self.cpufreq.set_turbo(cpu, True)
             if self.cpufreq.set_khz(cpu, target):
                 self.stats.writes += 1
-                log.info(
-                    "host CPU %d → %d kHz (wished by %s)",
-                    cpu,
-                    target,
-                    ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items())),
-                )
+                if log.isEnabledFor(logging.INFO):  # the message's join is not free
+                    wishes = ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items()))
+                    log.info("host CPU %d → %d kHz (wished by %s)", cpu, target, wishes)
             else:
                 self.stats.writes_skipped += 1
             return True

@@ -34,10 +34,17 @@ class Sysfs:
     def __init__(self, root: str | os.PathLike[str] = "/sys", journal: WriteJournal | None = None):
         self.root = Path(root)
         self.journal = journal
+        self._paths: dict[str, str] = {}
+        # Attributes vmpower writes stay open: a frequency step is then one pwrite
+        # instead of open, write, close (the request path's largest cost otherwise).
+        self._write_fds: dict[str, int] = {}
 
     def path(self, rel: str) -> str:
         """Absolute path of ``rel`` (a path relative to the sysfs root)."""
-        return os.path.join(self.root, rel)
+        path = self._paths.get(rel)
+        if path is None:
+            path = self._paths[rel] = os.path.join(self.root, rel)
+        return path
 
     def exists(self, rel: str) -> bool:
         return os.path.exists(self.path(rel))
@@ -81,17 +88,30 @@ class Sysfs:
         journal = self.journal
         if journal is not None and not journal.knows(path):
             journal.remember(path, self.read(rel))
+        data = text.encode()
         try:
-            # sysfs attributes take one write(2) of the whole value; no truncating
-            # reopen games: O_WRONLY without O_TRUNC is what echo > file does on sysfs,
-            # but simulated trees are regular files, so truncate for them.
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            fd = self._write_fds.get(path)
+            if fd is None:
+                fd = self._write_fds[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            # sysfs takes the whole value in one write(2) at offset 0 (kernfs hands the
+            # store() callback each write from position 0). Simulated trees are regular
+            # files: the truncate drops what a longer old value left; on sysfs a size
+            # change is ignored, as for `echo > attr`'s O_TRUNC.
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
         except OSError as exc:
+            self._drop_fd(path)  # e.g. the CPU went offline and its policy dir vanished
             raise SysfsError(path, f"write {text!r}: {_reason(exc)}") from exc
+
+    def _drop_fd(self, path: str) -> None:
+        fd = self._write_fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the attributes kept open for writing."""
+        for path in list(self._write_fds):
+            self._drop_fd(path)
 
 
 class Reader:
