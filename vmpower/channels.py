@@ -126,8 +126,9 @@ class VmChannel(Endpoint):
         self.sock: socket.socket | None = None
         self.stream = protocol.PacketStream()
         self.send_queue_max = send_queue_max
-        self._tx: deque[bytes] = deque()
-        self._tx_head: memoryview | None = None  # a reply partly sent: never dropped
+        self._tx: deque[tuple[bytes, int]] = deque()  # (chunk of replies, how many)
+        self._tx_count = 0
+        self._tx_head: memoryview | None = None  # replies being sent: never dropped
         self.connects = 0
 
     def fileno(self) -> int:
@@ -172,8 +173,7 @@ class VmChannel(Endpoint):
         self.connects += 1
         self.last_error = ""
         self.stream = protocol.PacketStream()  # a new connection starts a new byte stream
-        self._tx.clear()
-        self._tx_head = None
+        self._clear_output()
 
     def close(self) -> None:
         if self.sock is not None:
@@ -203,14 +203,25 @@ class VmChannel(Endpoint):
     # -- send --------------------------------------------------------------------------
 
     def queue_reply(self, reply: bytes) -> None:
-        """Queue a reply; past the bound the oldest queued (unsent) reply is dropped."""
-        tx = self._tx
-        tx.append(reply)
-        self.replies += 1
-        if len(tx) > self.send_queue_max:
-            tx.popleft()
-            self.dropped_replies += 1
-            if self.dropped_replies == 1 or self.dropped_replies % 1000 == 0:
+        """Queue one reply (see queue_replies)."""
+        self.queue_replies([reply])
+
+    def queue_replies(self, replies: list[bytes]) -> None:
+        """Queue a turn's replies as one chunk; past the bound, the oldest unsent go.
+
+        The bound counts replies. Dropping works on whole chunks (a turn's replies), and
+        never on the chunk being sent, so the guest's byte stream stays in 464-byte step.
+        """
+        count = len(replies)
+        self._tx.append((replies[0] if count == 1 else b"".join(replies), count))
+        self._tx_count += count
+        self.replies += count
+        while self._tx_count > self.send_queue_max and len(self._tx) > 1:
+            _, dropped = self._tx.popleft()
+            self._tx_count -= dropped
+            before = self.dropped_replies
+            self.dropped_replies += dropped
+            if before == 0 or before // 1000 != self.dropped_replies // 1000:
                 log.warning(
                     "%s: guest is not reading its replies; %d dropped so far",
                     self.path,
@@ -220,25 +231,30 @@ class VmChannel(Endpoint):
     def has_pending_output(self) -> bool:
         return bool(self._tx) or self._tx_head is not None
 
+    def _clear_output(self) -> None:
+        self._tx.clear()
+        self._tx_count = 0
+        self._tx_head = None
+
     def flush(self) -> bool:
         """Send what the socket takes now; True when everything queued went out."""
         sock = self.sock
         if sock is None:
-            self._tx.clear()
-            self._tx_head = None
+            self._clear_output()
             return True
+        tx = self._tx
         while True:
             head = self._tx_head
             if head is None:
-                if not self._tx:
+                if not tx:
                     return True
                 # One send for everything queued: replies of a turn leave together.
-                tx = self._tx
                 if len(tx) == 1:
-                    data = tx.popleft()
+                    data = tx.popleft()[0]
                 else:
-                    data = b"".join(tx)
+                    data = b"".join(chunk for chunk, _ in tx)
                     tx.clear()
+                self._tx_count = 0
                 head = memoryview(data)
             try:
                 sent = sock.send(head)
@@ -247,8 +263,7 @@ class VmChannel(Endpoint):
                 return False
             except OSError as exc:
                 self.last_error = f"send: {exc.strerror or exc}"
-                self._tx.clear()
-                self._tx_head = None
+                self._clear_output()
                 return True
             self._tx_head = head[sent:] if sent < len(head) else None
             if self._tx_head is not None:

@@ -380,7 +380,7 @@ class PowerManager:
             index -= 1
         elif unit == _SCALE_DOWN:
             index += 1
-        elif unit == _SCALE_MAX or unit == _ENABLE_TURBO:
+        elif unit in (_SCALE_MAX, _ENABLE_TURBO):
             index = top  # DPDK: enabling turbo also goes to the turbo frequency
         elif unit == _SCALE_MIN:
             index = len(table) - 1
@@ -517,7 +517,10 @@ class PowerManager:
         channels: set[Endpoint] = set()
         stats = self.stats
         echo = protocol.echo_reply
-        last_channel = None
+        # Pending items come in runs per channel (one read's worth each): queue each
+        # run's replies as one chunk.
+        run_channel: Endpoint | None = None
+        run: list[bytes] = []
         for channel, packet, cpus, reply, conditional in self._pending:
             if conditional:
                 if failed and cpus & failed:
@@ -528,10 +531,15 @@ class PowerManager:
                     stats.acks += 1
             if reply is None:
                 continue  # FIFO messages have no reply
-            channel.queue_reply(reply)  # type: ignore[attr-defined]
-            if channel is not last_channel:
+            if channel is not run_channel:
+                if run:
+                    run_channel.queue_replies(run)  # type: ignore[union-attr]
+                    run = []
+                run_channel = channel
                 channels.add(channel)
-                last_channel = channel
+            run.append(reply)
+        if run:
+            run_channel.queue_replies(run)  # type: ignore[union-attr]
         self._pending.clear()
         return channels
 
