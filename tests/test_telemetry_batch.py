@@ -82,28 +82,12 @@ def make_agent(base: Path) -> RunningAgent:
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     running = make_agent(tmp_path_factory.mktemp("batch"))
     try:
-        start(running)
+        running.start()
         yield running
         assert running.stop() == 0
     finally:
         running.close()
         shutil.rmtree(running.socket.parent, ignore_errors=True)
-
-
-def start(agent: RunningAgent) -> RunningAgent:
-    """Start the daemon and wait until it answers: its socket file exists from bind(),
-    a moment before listen(), and a connect in between is refused."""
-    agent.start()
-
-    def answers() -> bool:
-        try:
-            agent.control("status")
-        except ControlError:
-            return False
-        return True
-
-    assert wait_for(answers, 10), agent.log()
-    return agent
 
 
 def fresh_agent(tmp_path: Path) -> Iterator[RunningAgent]:
@@ -438,7 +422,7 @@ def lone_agent(tmp_path: Path) -> Iterator[RunningAgent]:
 
 
 def test_daemon_death_ends_its_servers(lone_agent: RunningAgent) -> None:
-    agent = start(lone_agent)
+    agent = lone_agent.start()
     original = khz(agent, 2, "scaling_min_freq")
     batch = BatchClient(agent.socket, controls=[(MIN, "cpu", 2)]).start()
     try:
@@ -454,7 +438,7 @@ def test_daemon_death_ends_its_servers(lone_agent: RunningAgent) -> None:
 
 
 def test_daemon_shutdown_stops_sessions_first(lone_agent: RunningAgent) -> None:
-    agent = start(lone_agent)
+    agent = lone_agent.start()
     original = khz(agent, 2, "scaling_max_freq")
     batch = BatchClient(agent.socket, controls=[(MAX, "cpu", 2)]).start()
     try:
@@ -496,7 +480,7 @@ def test_sessions_left_by_a_crash_are_recovered_at_start(lone_agent: RunningAgen
     stale = session_paths(SHM, key)
     stale.signals.write_bytes(b"stale")
     stale.channel.to_worker.write_bytes(b"stale")
-    start(agent)
+    agent.start()
     assert limit.read_text().strip() == original
     assert not session_dir.exists()
     assert not stale.signals.exists() and not stale.channel.to_worker.exists()

@@ -15,34 +15,17 @@ from agent_support import RunningAgent, to_toml
 
 from vmpower import shell
 from vmpower.devtools import wait_for
-from vmpower.errors import ControlError
 from vmpower.telemetry.catalog import CATALOG
 from vmpower.telemetry.cli import main
 
 MAX_FILE = "devices/system/cpu/cpu{}/cpufreq/scaling_max_freq"
 
 
-def start(agent: RunningAgent) -> RunningAgent:
-    """Start the daemon and wait until it answers: its socket file exists from bind(),
-    a moment before listen(), and a connect in between is refused."""
-    agent.start()
-
-    def answers() -> bool:
-        try:
-            agent.control("status")
-        except ControlError:
-            return False
-        return True
-
-    assert wait_for(answers, 10), agent.log()
-    return agent
-
-
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     running = RunningAgent(tmp_path_factory.mktemp("cli"))
     try:
-        start(running)
+        running.start()
         yield running
         assert running.stop() == 0
     finally:
