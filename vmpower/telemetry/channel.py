@@ -48,7 +48,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from vmpower.errors import TelemetryError
 from vmpower.telemetry.shm import Owner, create_file, map_fd, open_file, unlink_quietly
@@ -392,7 +392,67 @@ def _timeout_ms(deadline_s: float | None) -> int | None:
 # -- the two ends --------------------------------------------------------------------------------
 
 
-class ControllerChannel:
+class _ChannelEnd:
+    """What both ends share: the files, the control block, a FIFO each way, closing."""
+
+    paths: ChannelPaths
+    block: ControlBlock
+    _created: bool
+    _closed: bool
+    _fds: list[int]
+    _from_fd: int
+    _to_fd: int
+    _poller: select.poll
+
+    def _open_end(
+        self,
+        directory: str | os.PathLike[str],
+        prefix: str,
+        create: bool,
+        owner: Owner | None,
+        read_fifo: str,
+        write_fifo: str,
+    ) -> None:
+        self.paths = (
+            create_channel_files(directory, prefix, owner)
+            if create
+            else channel_paths(directory, prefix)
+        )
+        self._created = create
+        self._closed = False
+        self._fds = []
+        try:
+            self.block = ControlBlock(self.paths.block)
+            self._from_fd = _open_fifo(getattr(self.paths, read_fifo), "r")
+            self._fds.append(self._from_fd)
+            # O_RDWR: no waiting for a peer not started yet, and never EPIPE/SIGPIPE
+            # (which would kill a client that did not ignore SIGPIPE) once it is gone.
+            self._to_fd = _open_fifo(getattr(self.paths, write_fifo), "rw")
+            self._fds.append(self._to_fd)
+        except TelemetryError:
+            self.close()
+            raise
+        self._poller = select.poll()
+        self._poller.register(self._from_fd, select.POLLIN)
+
+    def unlink(self) -> None:
+        """Remove every name of this channel (the mappings and open FIFOs stay usable)."""
+        remove_channel_files(self.paths.block.parent, _prefix_of(self.paths))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _close_end(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class ControllerChannel(_ChannelEnd):
     """The controller's end: sets transitions, waits (with a timeout) for the worker's flip.
 
     ``create=True`` makes the files (the controller launches the worker, CMSSW style);
@@ -412,29 +472,9 @@ class ControllerChannel:
             raise ChannelError(f"timeout_s must be > 0, not {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self._timeout_ms = math.ceil(self.timeout_s * 1000)
-        self.paths = (
-            create_channel_files(directory, prefix, owner)
-            if create
-            else channel_paths(directory, prefix)
-        )
-        self._created = create
-        self._closed = False
-        self._fds: list[int] = []
-        try:
-            self.block = ControlBlock(self.paths.block)
-            # Opened while the worker holds its write end (or before the worker ever
-            # opened it), this read end reports the hang-up when the worker is gone.
-            self._from_fd = _open_fifo(self.paths.to_controller, "r")
-            self._fds.append(self._from_fd)
-            # O_RDWR: no waiting for a worker not started yet, and never EPIPE/SIGPIPE
-            # (which would kill a client that did not ignore SIGPIPE) once it is gone.
-            self._to_fd = _open_fifo(self.paths.to_worker, "rw")
-            self._fds.append(self._to_fd)
-        except TelemetryError:
-            self.close()
-            raise
-        self._poller = select.poll()
-        self._poller.register(self._from_fd, select.POLLIN)
+        # Opened while the worker holds its write end (or before the worker ever opened
+        # it), the read end reports the hang-up when the worker is gone.
+        self._open_end(directory, prefix, create, owner, "to_controller", "to_worker")
         self.writer = BankWriter(self.paths, TO_WORKER, self.block, owner)
         self.reader = BankReader(self.paths, FROM_WORKER, self.block)
         self._broken: str | None = None
@@ -623,22 +663,6 @@ class ControllerChannel:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
-    def unlink(self) -> None:
-        """Remove every name of this channel (the mappings and open FIFOs stay usable)."""
-        remove_channel_files(self.paths.block.parent, _prefix_of(self.paths))
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        _close_end(self)
-
-    def __enter__(self) -> ControllerChannel:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
 
 class Transition(NamedTuple):
     code: str
@@ -649,7 +673,7 @@ STOP = Transition("", -1)
 """What ``next_transition`` returns when the controller set the stop flag."""
 
 
-class WorkerChannel:
+class WorkerChannel(_ChannelEnd):
     """The worker's end: waits for transitions, runs them, flips the id and notifies."""
 
     def __init__(
@@ -660,29 +684,10 @@ class WorkerChannel:
         create: bool = False,
         owner: Owner | None = None,
     ) -> None:
-        self.paths = (
-            create_channel_files(directory, prefix, owner)
-            if create
-            else channel_paths(directory, prefix)
-        )
-        self._created = create
-        self._closed = False
-        self._fds: list[int] = []
-        try:
-            self.block = ControlBlock(self.paths.block)
-            self._from_fd = _open_fifo(self.paths.to_worker, "r")
-            self._fds.append(self._from_fd)
-            # O_RDWR: open without waiting for the controller, and never EPIPE on it.
-            self._to_fd = _open_fifo(self.paths.to_controller, "rw")
-            self._fds.append(self._to_fd)
-        except TelemetryError:
-            self.close()
-            raise
+        self._open_end(directory, prefix, create, owner, "to_worker", "to_controller")
         self.block.worker_pid = os.getpid()
         self._done_id = self.block.transition_id
         self._words = self.block.words()
-        self._poller = select.poll()
-        self._poller.register(self._from_fd, select.POLLIN)
         self.writer = BankWriter(self.paths, FROM_WORKER, self.block, owner)
         self.reader = BankReader(self.paths, TO_WORKER, self.block)
         self._current: Transition | None = None
@@ -797,23 +802,8 @@ class WorkerChannel:
     def received(self) -> bytes:
         return self.reader.read()
 
-    def unlink(self) -> None:
-        remove_channel_files(self.paths.block.parent, _prefix_of(self.paths))
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        _close_end(self)
-
-    def __enter__(self) -> WorkerChannel:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-
-def _close_end(end: ControllerChannel | WorkerChannel) -> None:
+def _close_end(end: _ChannelEnd) -> None:
     for fd in end._fds:
         with contextlib.suppress(OSError):
             os.close(fd)
