@@ -111,21 +111,33 @@ class RunningAgent:
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        return stop_daemon(self.proc, sig, timeout_s)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_daemon(self.proc)
         for host in self.hosts.values():
             host.close()
+
+
+def stop_daemon(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 30
+) -> int:
+    """Signal vmpowerd (SIGTERM: it restores what it changed) and return its exit status;
+    killed if it does not exit within ``timeout_s`` (then TimeoutExpired is raised)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_daemon(proc)
+        raise
+
+
+def kill_daemon(proc: subprocess.Popen[bytes] | None) -> None:
+    """Make sure no daemon outlives its test."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def read_attr(path: Path) -> str:

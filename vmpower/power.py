@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vmpower import protocol
@@ -109,7 +109,6 @@ class Stats:
     writes: int = 0
     writes_skipped: int = 0
     write_failures: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
 
 
 class PowerManager:
@@ -143,9 +142,6 @@ class PowerManager:
         # sysfs per request would cost more than the request; refresh_cpus() re-reads it.
         self._managed: dict[int, bool] = {}
         self._cpu_generation = 0
-        # (owner, resource_id, core_type) → (VmInfo it was computed from, CPU generation,
-        # target CPUs or the refusal reason): rule 4 is checked once per map, not per packet.
-        self._routes: dict[tuple[str, int, int], tuple[VmInfo, int, frozenset[int] | str]] = {}
 
     @property
     def reserved_cpus(self) -> frozenset[int]:
@@ -250,7 +246,7 @@ class PowerManager:
                     raise Refused(f"unknown unit {unit}")
                 if vm is _NO_VM:
                     vm = self.vms.ensure_fresh(owner)  # raises UnknownVmError
-                cpus = self._route(vm, resource_id, core_type)
+                cpus = self._targets(vm, resource_id, core_type)
                 if unit == _ENABLE_TURBO:
                     for cpu in cpus:
                         if not self._table(cpu)[2]:  # nominal on top: no turbo range
@@ -326,25 +322,12 @@ class PowerManager:
 
     # -- CPU_POWER ---------------------------------------------------------------------
 
-    def _route(self, vm: VmInfo, resource_id: int, core_type: int) -> frozenset[int]:
-        """The host CPUs a request may act on (rule 4), or Refused; cached per VM map."""
-        key = (vm.name, resource_id, core_type)
-        hit = self._routes.get(key)
-        if hit is not None and hit[0] is vm and hit[1] == self._cpu_generation:
-            result = hit[2]
-        else:
-            try:
-                result = self._targets(vm, resource_id, core_type)
-            except Refused as exc:
-                result = str(exc)
-            if len(self._routes) > 65536:  # a guest cycling through ids: stay bounded
-                self._routes.clear()
-            self._routes[key] = (vm, self._cpu_generation, result)
-        if isinstance(result, str):
-            raise Refused(result)
-        return result
-
     def _targets(self, vm: VmInfo, resource_id: int, core_type: int) -> frozenset[int]:
+        """The host CPUs a request may act on (rule 4), or Refused.
+
+        Run on the slow path only: the fast path reuses the result for the same packet
+        bytes under the same VM map and CPU state.
+        """
         if core_type == _PHYSICAL:
             if resource_id not in vm.pcpus():
                 raise Refused(f"host CPU {resource_id} is not pinned to {vm.name}")
@@ -535,9 +518,6 @@ class PowerManager:
     ) -> None:
         self.stats.nacks += 1
         channel.nacks += 1
-        self.stats.by_reason[reason.split(" ")[0]] = (
-            self.stats.by_reason.get(reason.split(" ")[0], 0) + 1
-        )
         if log_it:
             log.warning("%s: %s refused: %s", channel.path, _command_name(command), reason)
         if command in _FREQ_QUERIES:

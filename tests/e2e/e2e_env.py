@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_support import to_toml
+from agent_support import kill_daemon, stop_daemon, to_toml
 
 from vmpower import control
 from vmpower.cpufreq.simulate import build_tree
@@ -986,19 +986,10 @@ class E2eAgent:
     def stop(self, timeout_s: float = 30) -> int:
         """SIGTERM (vmpowerd restores what it changed) and its exit status."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        return stop_daemon(self.proc, timeout_s=timeout_s)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_daemon(self.proc)
 
 
 # ------------------------------------------------------------------------------ timings
