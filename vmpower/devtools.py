@@ -75,7 +75,7 @@ class ChannelHost:
         """Send one request and read its reply (of the size the protocol gives it)."""
         self.send(packet)
         if reply_size is None:
-            reply_size = reply_size_for(packet)
+            reply_size = protocol.reply_size(packet)
         return self.recv_exact(reply_size, timeout_s)
 
     def close(self) -> None:
@@ -175,18 +175,6 @@ def make_request(command: int, unit: int = 0, resource_id: int = 0, **fields: ob
     return protocol.encode_packet(
         protocol.Packet(command=int(command), unit=int(unit), resource_id=resource_id, **fields)  # type: ignore[arg-type]
     )
-
-
-def reply_size_for(packet: bytes) -> int:
-    """The size of the reply the guest expects for ``packet`` (0: no reply)."""
-    command = protocol.peek_header(packet)[2]
-    if command in (protocol.Command.QUERY_FREQ_LIST, protocol.Command.QUERY_FREQ):
-        return protocol.FREQ_LIST_SIZE
-    if command in (protocol.Command.QUERY_CAPS_LIST, protocol.Command.QUERY_CAPS):
-        return protocol.CAPS_LIST_SIZE
-    if command == protocol.Command.CONNECT:
-        return 0
-    return protocol.PACKET_SIZE
 
 
 def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:  # type: ignore[no-untyped-def]

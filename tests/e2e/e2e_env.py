@@ -70,7 +70,14 @@ VIRTIO_MODULES = (
 CONTROL_PORT_NAME = "org.vmpower.e2e.control"
 POWER_PORT = "/dev/virtio-ports/virtio.serial.port.poweragent.{}"
 # The guest side of vmpower: the guest tool imports nothing else from the package.
-GUEST_MODULES = ("vmpower/__init__.py", "vmpower/errors.py", "vmpower/protocol.py")
+GUEST_MODULES = (
+    "vmpower/__init__.py",
+    "vmpower/errors.py",
+    "vmpower/protocol/__init__.py",
+    "vmpower/protocol/codec.py",
+    "vmpower/protocol/framing.py",
+    "vmpower/protocol/fifo.py",
+)
 # Parts of the Python standard library no test path imports (saves initramfs space).
 PYTHON_PRUNE = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "pydoc_data")
 
