@@ -416,17 +416,6 @@ def test_interface_stats_sum_every_nic(env: Env) -> None:
         env.hv.interface_stats("nope")
 
 
-def test_vcpu_time_is_the_sum_over_vcpus_in_seconds(env: Env) -> None:
-    assert env.hv.conn is not None
-    dom = env.hv.conn.lookupByName("vm1")
-    before = sum(v[2] for v in dom.vcpus()[0]) / 1e9
-    seconds = env.hv.vcpu_time_s("vm1")
-    after = sum(v[2] for v in dom.vcpus()[0]) / 1e9
-    assert 0 < before <= seconds <= after
-    with pytest.raises(HypervisorError, match="not running"):
-        env.hv.vcpu_time_s("off")
-
-
 # ---------------------------------------------------------------- manual tracking
 
 
@@ -482,7 +471,7 @@ def test_lost_connection_is_reported_retried_with_backoff_and_restored(env: Env)
     assert hv.next_deadline() is None
 
     hv.conn.close()  # the connection closed under the agent
-    events = hv.poll()
+    events = hv.process_events()
     assert [e.kind for e in events] == ["connection_lost"]
     status = hv.status()
     assert status["connected"] is False and status["last_error"]
@@ -507,9 +496,9 @@ def test_lost_connection_is_reported_retried_with_backoff_and_restored(env: Env)
         deadline = hv.next_deadline()
         assert deadline is not None
         clock.now = deadline - 0.001
-        assert hv.poll() == []  # too early: no attempt
+        assert hv.process_events() == []  # too early: no attempt
         clock.now = deadline
-        assert hv.poll() == []  # attempt fails
+        assert hv.process_events() == []  # attempt fails
         nxt = hv.next_deadline()
         assert nxt is not None
         delays.append(round(nxt - deadline, 6))
@@ -517,13 +506,13 @@ def test_lost_connection_is_reported_retried_with_backoff_and_restored(env: Env)
     status = hv.status()
     assert status["reconnect_attempts"] == 4 and "cannot connect" in status["last_error"]
 
-    # libvirt is back: the next due poll reconnects and re-reads everything. The test
+    # libvirt is back: the next due process_events() reconnects and re-reads everything. The test
     # driver starts again from the node file, where vm2 runs: that is reported too.
     hidden.rename(env.node)
     deadline = hv.next_deadline()
     assert deadline is not None
     clock.now = deadline
-    events = hv.poll()
+    events = hv.process_events()
     assert events[0] == VmEvent("connection_restored", None, "after 5 attempt(s)")
     assert VmEvent("started", "vm2", "while disconnected") in events
     assert hv.vm("vm2").state is VmState.RUNNING
@@ -560,18 +549,18 @@ def test_connect_failure_is_a_clear_error_and_a_retry_is_scheduled(tmp_path: Pat
     with pytest.raises(HypervisorError, match="not connected"):
         hv.refresh()
 
-    # The file appears: the due poll connects and reports every VM.
+    # The file appears: the due process_events() connects and reports every VM.
     channels = tmp_path / "ch"
     channels.mkdir()
     node_xml(tmp_path, channels).rename(tmp_path / "missing.xml")
     clock.now += 0.5
-    events = hv.poll()
+    events = hv.process_events()
     assert events[0].kind == "connection_restored"
     assert VmEvent("started", "vm1", "while disconnected") in events
     assert len(hv.vms()) == 6
     hv.close()
     assert hv.status()["closed"] is True and hv.next_deadline() is None
-    assert hv.poll() == []
+    assert hv.process_events() == []
 
 
 @pytest.mark.parametrize(

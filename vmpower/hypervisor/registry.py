@@ -1,63 +1,46 @@
-"""The libvirt side of the agent: connection, events, VM registry, vCPU→pCPU map, channels.
+"""class Hypervisor: the agent's one libvirt connection and the VM registry read through it.
 
 This module owns:
 
-* the one libvirt connection of the agent, with reconnection (exponential backoff) when
-  libvirtd goes away, and the process-wide libvirt event loop thread;
+* the connection, with reconnection (exponential backoff on the owner's clock) when
+  libvirtd goes away, and the diff of the registry across a reconnect;
 * the VM registry: every tracked domain's state, vCPU count, live vCPU→host-CPU affinity
-  (the "map", PROTOCOL.md rule 6) and power channels;
-* channel discovery: from each domain's XML, merged with a scan of the channels directory;
-* the few per-VM libvirt calls other modules need (pinning, NIC counters, vCPU time).
+  (the "map", docs/protocol.md, host rule 6) and power channels; ``refresh()``, ``ensure_fresh()``,
+  ``add_vm()``/``remove_vm()``;
+* the few per-VM libvirt calls other modules need (pinning, NIC counters).
 
-Threads: libvirt calls our event callbacks on its own event loop thread; they only put a
-record on a queue and call ``wake()``. The owner thread (the daemon's monitor loop) calls
-``process_events()`` to apply them; it is the only writer of the registry (DESIGN.md,
-"the monitor thread is the only writer of agent state"). A lock still guards the registry
-so that readers on other threads (telemetry, policies) see whole snapshots.
+The owner thread (the daemon's monitor loop) calls ``process_events()`` to apply what
+libvirt's thread queued (libvirt_events.py); it is the only writer of the registry. A lock
+still guards the registry so that readers on other threads (telemetry, policies) see whole
+snapshots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import logging
-import os
-import queue
-import re
-import stat
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import libvirt
 
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import HypervisorError, UnknownVmError
+from vmpower.hypervisor.domain_xml import parse_devices, scan_channels_dir
+from vmpower.hypervisor.libvirt_events import (
+    EventInbox,
+    EventLoop,
+    RawEvent,
+    close_reason,
+    lifecycle_kind,
+)
+from vmpower.hypervisor.model import ChannelInfo, VmEvent, VmInfo, VmState
 
 log = logging.getLogger(__name__)
-
-# The guest side of a power channel is /dev/virtio-ports/virtio.serial.port.poweragent.<n>
-# (PROTOCOL.md, Transport); <n> is the guest lcore the port serves.
-_PORT_NAME = re.compile(r"virtio\.serial\.port\.poweragent\.(\d+)")
-# Host-side socket names in the channels directory: "<vm>.<n>", split at the LAST dot because
-# VM names may contain dots (PROTOCOL.md, Transport, vmpower rule).
-_SOCKET_NAME = re.compile(r"(.+)\.(\d+)")
-
-
-class VmState(enum.Enum):
-    """A domain's run state, folded from libvirt's virDomainState."""
-
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTOFF = "shutoff"
-    CRASHED = "crashed"
-    OTHER = "other"
-
 
 _STATES: dict[int, VmState] = {
     libvirt.VIR_DOMAIN_RUNNING: VmState.RUNNING,
@@ -71,203 +54,8 @@ _STATES: dict[int, VmState] = {
 }
 
 
-@dataclass(frozen=True)
-class ChannelInfo:
-    """One host-side power channel socket of a VM.
-
-    ``source`` is ``"xml"`` when the domain's XML lists it, ``"dir"`` when only the
-    channels directory scan found it.
-    """
-
-    vm: str
-    index: int
-    path: str
-    source: str
-
-
-@dataclass(frozen=True)
-class VmInfo:
-    """What the agent knows of one VM, as of ``map_read_at`` (the owner's clock).
-
-    ``vcpu_pcpus[i]`` is the full set of host CPUs vCPU ``i`` may run on. It and
-    ``channels`` are empty while the domain is not active (shut off, or crashed and gone):
-    a VM that is not running owns no CPU and has no socket to connect to.
-    ``host_cpus`` is the host CPU count the map was read against (0: unknown); it tells a
-    pinned vCPU from an unpinned one (affinity = every host CPU).
-    """
-
-    name: str
-    uuid: str
-    state: VmState
-    vcpu_count: int
-    vcpu_pcpus: tuple[frozenset[int], ...]
-    channels: tuple[ChannelInfo, ...]
-    map_read_at: float
-    host_cpus: int = 0
-
-    @property
-    def active(self) -> bool:
-        """True while the domain has live vCPUs (running or paused)."""
-        return bool(self.vcpu_pcpus)
-
-    def pcpus(self, host_cpus: int | frozenset[int] | None = None) -> frozenset[int]:
-        """Union of the affinity sets of the VM's pinned vCPUs: the host CPUs it owns.
-
-        Unpinned vCPUs (affinity = every host CPU) are left out: an unpinned VM owns no host
-        CPU, it merely may run anywhere (PROTOCOL.md rule 4). ``host_cpus`` (a count, or the
-        set of every host CPU) overrides the field; when neither is known every vCPU counts.
-        """
-        known = host_cpus if host_cpus is not None else (self.host_cpus or None)
-        result: set[int] = set()
-        for vcpu, cpus in enumerate(self.vcpu_pcpus):
-            if known is None or self.is_pinned(vcpu, known):
-                result |= cpus
-        return frozenset(result)
-
-    def is_pinned(self, vcpu: int, host_cpus: int | frozenset[int] | None = None) -> bool:
-        """Whether ``vcpu`` is pinned: its affinity is not every host CPU.
-
-        ``host_cpus`` is the host CPU count or the set of every host CPU (default: the
-        field). A vCPU index the VM does not have (or any vCPU of a VM that is not running)
-        is not pinned.
-        """
-        if host_cpus is None:
-            if not self.host_cpus:
-                raise HypervisorError(f"{self.name}: host CPU count unknown")
-            host_cpus = self.host_cpus
-        if not 0 <= vcpu < len(self.vcpu_pcpus):
-            return False
-        every = frozenset(range(host_cpus)) if isinstance(host_cpus, int) else host_cpus
-        affinity = self.vcpu_pcpus[vcpu]
-        return bool(affinity) and not every <= affinity
-
-
-EventKind = Literal[
-    "defined",
-    "undefined",
-    "started",
-    "stopped",
-    "paused",
-    "resumed",
-    "pinning",
-    "connection_lost",
-    "connection_restored",
-]
-
-
-@dataclass(frozen=True)
-class VmEvent:
-    """Something that happened, as returned by ``Hypervisor.process_events()``.
-
-    ``vm`` is None for the connection events. ``detail`` is libvirt's reason in words
-    ("booted", "destroyed", ...) or where vmpower learnt it ("refresh", "set_pcpu",
-    "add_vm", "while disconnected", ...).
-    """
-
-    kind: EventKind
-    vm: str | None
-    detail: str
-
-
-# libvirt lifecycle event → (our kind, names of libvirt's detail codes in order).
-# SHUTDOWN (the guest finished shutting down) maps to None: STOPPED follows it.
-_LIFECYCLE: dict[int, tuple[EventKind | None, tuple[str, ...]]] = {
-    libvirt.VIR_DOMAIN_EVENT_DEFINED: (
-        "defined",
-        ("added", "updated", "renamed", "from_snapshot"),
-    ),
-    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: ("undefined", ("removed", "renamed")),
-    libvirt.VIR_DOMAIN_EVENT_STARTED: (
-        "started",
-        ("booted", "migrated", "restored", "from_snapshot", "wakeup"),
-    ),
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: (
-        "paused",
-        (
-            "paused",
-            "migrated",
-            "ioerror",
-            "watchdog",
-            "restored",
-            "from_snapshot",
-            "api_error",
-            "postcopy",
-            "postcopy_failed",
-        ),
-    ),
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: (
-        "resumed",
-        ("unpaused", "migrated", "from_snapshot", "postcopy"),
-    ),
-    libvirt.VIR_DOMAIN_EVENT_STOPPED: (
-        "stopped",
-        ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from_snapshot"),
-    ),
-    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: (None, ("finished", "guest", "host")),
-    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: ("paused", ("pmsuspended_memory", "pmsuspended_disk")),
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: ("stopped", ("panicked", "crashloaded")),
-}
-
-_CLOSE_REASONS = ("error", "eof", "keepalive timeout", "client")
-
-
-def _lifecycle_kind(event: int, detail: int) -> tuple[EventKind | None, str]:
-    kind, names = _LIFECYCLE.get(event, (None, ()))
-    return kind, names[detail] if 0 <= detail < len(names) else f"detail {detail}"
-
-
-class _Raw(NamedTuple):
-    """A libvirt callback's record, queued for the owner thread."""
-
-    generation: int  # which connection it came from; older ones are ignored
-    kind: Literal["lifecycle", "tunable", "close"]
-    vm: str | None
-    code: int  # lifecycle event, or close reason
-    detail: int
-    pinning: bool  # tunable event that carries cputune.vcpupin<N>
-
-
 class _ConnectionLost(Exception):
     """Internal: a libvirt call failed and the connection turned out to be dead."""
-
-
-class _EventLoop:
-    """libvirt's default event loop implementation, run in one daemon thread.
-
-    The event implementation is process-wide by libvirt's design: it must be registered once,
-    before any connection that wants events is opened, and run by exactly one thread. That is
-    why this is class state rather than per-Hypervisor state.
-    """
-
-    _lock = threading.Lock()
-    _thread: threading.Thread | None = None
-
-    @classmethod
-    def ensure_running(cls) -> None:
-        with cls._lock:
-            if cls._thread is not None:
-                return
-            libvirt.virEventRegisterDefaultImpl()
-            # libvirt's default error handler prints every error to stderr, including the
-            # ones we expect and handle (a domain gone, a connection lost); the same message
-            # reaches us in the libvirtError, so the printout is only noise.
-            libvirt.registerErrorHandler(_ignore_libvirt_error, None)
-            thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
-            thread.start()
-            cls._thread = thread
-
-    @staticmethod
-    def _run() -> None:
-        while True:
-            try:
-                libvirt.virEventRunDefaultImpl()
-            except libvirt.libvirtError as exc:
-                log.warning("libvirt event loop: %s", exc)
-                time.sleep(0.1)  # do not spin if the loop keeps failing
-
-
-def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
-    return None
 
 
 def _code(exc: libvirt.libvirtError) -> int | None:
@@ -322,7 +110,7 @@ class Hypervisor:
         self._track_all = track_all
 
         self._lock = threading.RLock()
-        self._queue: queue.SimpleQueue[_Raw] = queue.SimpleQueue()
+        self._events = EventInbox(wake)
         self._conn: libvirt.virConnect | None = None
         self._generation = 0
         self._callback_ids: list[int] = []
@@ -347,22 +135,18 @@ class Hypervisor:
         """The live libvirt connection (None while disconnected)."""
         return self._conn
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None
-
     def connect(self) -> None:
         """Open the connection, register event callbacks and read every VM.
 
         On failure raises HypervisorError with libvirt's message and leaves a retry
-        scheduled: an owner that keeps calling ``poll()`` connects when libvirtd comes up.
+        scheduled: an owner that keeps calling ``process_events()`` connects when libvirtd comes up.
         """
         with self._lock:
             if self._closed:
                 raise HypervisorError("this Hypervisor was closed")
             if self._conn is not None:
                 return
-            _EventLoop.ensure_running()
+            EventLoop.ensure_running()
             try:
                 self._open()
             except HypervisorError as exc:
@@ -388,22 +172,7 @@ class Hypervisor:
         generation = self._generation
         ids: list[int] = []
         try:
-            ids.append(
-                conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, generation
-                )
-            )
-            ids.append(
-                conn.domainEventRegisterAny(
-                    None, libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE, self._on_tunable, generation
-                )
-            )
-            try:
-                conn.registerCloseCallback(self._on_close, generation)
-            except libvirt.libvirtError as exc:
-                # Only remote connections can be closed under us; others may refuse.
-                if _code(exc) != libvirt.VIR_ERR_NO_SUPPORT:
-                    raise
+            self._events.register(conn, generation, ids)
             # Set before reading: every VmInfo records the host CPU count it was read with.
             self._host_cpus = conn.getCPUMap()[0]
             vms, doms, ifaces = self._read_all(conn)
@@ -428,13 +197,8 @@ class Hypervisor:
 
     @staticmethod
     def _teardown_conn(conn: libvirt.virConnect, ids: list[int]) -> None:
-        # Every step may fail on a dead connection (or one closed under us, whose handle is
-        # gone); there is nothing left to undo then, so failures are ignored.
-        for callback_id in ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.domainEventDeregisterAny(callback_id)
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
+        EventInbox.unregister(conn, ids)
+        # Fails only on a connection already dead or closed under us: nothing to undo then.
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
 
@@ -503,49 +267,12 @@ class Hypervisor:
         return events + _diff(old, self._vms, "while disconnected")
 
     def next_deadline(self) -> float | None:
-        """When (on the owner's clock) ``poll()`` should next be called; None: on wake only."""
+        """When (on the owner's clock) ``process_events()`` should next be called.
+
+        None: on wake only.
+        """
         with self._lock:
             return None if self._closed else self._next_retry_at
-
-    # ------------------------------------------------------------------ callbacks
-    # These run on libvirt's event thread: they only enqueue and wake, never touch state.
-
-    def _on_lifecycle(
-        self,
-        _conn: libvirt.virConnect,
-        dom: libvirt.virDomain,
-        event: int,
-        detail: int,
-        generation: int,
-    ) -> None:
-        try:
-            self._queue.put(_Raw(generation, "lifecycle", dom.name(), event, detail, False))
-            self._wake()
-        except Exception:  # an exception here would be lost in libvirt's C code
-            log.exception("libvirt lifecycle callback")
-
-    def _on_tunable(
-        self,
-        _conn: libvirt.virConnect,
-        dom: libvirt.virDomain,
-        params: dict[str, Any],
-        generation: int,
-    ) -> None:
-        try:
-            # VIR_DOMAIN_TUNABLE_CPU_VCPUPIN is "cputune.vcpupin%u"; other tunables (shares,
-            # emulator/iothread pinning, block I/O) do not move vCPUs.
-            pinning = any(str(key).startswith("cputune.vcpupin") for key in params)
-            self._queue.put(_Raw(generation, "tunable", dom.name(), 0, 0, pinning))
-            self._wake()
-        except Exception:
-            log.exception("libvirt tunable callback")
-
-    def _on_close(self, _conn: libvirt.virConnect, reason: int, generation: int) -> None:
-        try:
-            self._queue.put(_Raw(generation, "close", None, reason, 0, False))
-            self._wake()
-        except Exception:
-            log.exception("libvirt close callback")
 
     # ------------------------------------------------------------------ event processing
 
@@ -564,26 +291,18 @@ class Hypervisor:
             self._last_error = f"processing events: {exc}"
         return out
 
-    poll = process_events
-
     def _process(self, out: list[VmEvent]) -> None:
         """Append to ``out`` as it goes, so that a failure keeps what was already done."""
         out += self._pending
         self._pending = []
-        raws: list[_Raw] = []
-        while True:
-            try:
-                raws.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
+        raws = self._events.drain()
         if self._closed:
             return
         if self._conn is not None:
             current = [r for r in raws if r.generation == self._generation]
             closed = [r for r in current if r.kind == "close"]
             if closed:
-                reason = closed[0].code
-                words = _CLOSE_REASONS[reason] if 0 <= reason < len(_CLOSE_REASONS) else reason
+                words = close_reason(closed[0].code)
                 out += self._lose(f"connection closed by libvirt ({words})")
             elif not self._alive():
                 out += self._lose("connection is no longer alive")
@@ -599,7 +318,7 @@ class Hypervisor:
         ):
             out += self._try_reconnect()
 
-    def _apply(self, raws: list[_Raw]) -> list[VmEvent]:
+    def _apply(self, raws: list[RawEvent]) -> list[VmEvent]:
         events: list[VmEvent] = []
         touched: dict[str, None] = {}  # ordered set
         for raw in raws:
@@ -607,7 +326,7 @@ class Hypervisor:
             if name is None or not self._wants(name):
                 continue
             if raw.kind == "lifecycle":
-                kind, detail = _lifecycle_kind(raw.code, raw.detail)
+                kind, detail = lifecycle_kind(raw.code, raw.detail)
                 if kind is not None:
                     events.append(VmEvent(kind, name, detail))
             elif raw.kind == "tunable" and raw.pinning:
@@ -645,7 +364,7 @@ class Hypervisor:
         vms: dict[str, VmInfo] = {}
         doms: dict[str, libvirt.virDomain] = {}
         ifaces: dict[str, tuple[str, ...]] = {}
-        sockets = self._scan_dir()
+        sockets = scan_channels_dir(self._channels_dir)
         for dom in conn.listAllDomains(0):
             name = dom.name()
             if not self._wants(name):
@@ -669,7 +388,8 @@ class Hypervisor:
         assert conn is not None
         try:
             dom = conn.lookupByName(name)
-            info, nics = self._read_domain(dom, name, self._scan_dir().get(name, {}))
+            sockets = scan_channels_dir(self._channels_dir).get(name, {})
+            info, nics = self._read_domain(dom, name, sockets)
         except libvirt.libvirtError as exc:
             if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                 self._drop(name)
@@ -722,7 +442,7 @@ class Hypervisor:
                 if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:
                     raise
         if pcpus:
-            channels, nics = _parse_devices(name, dom.XMLDesc(0), dir_sockets)
+            channels, nics = parse_devices(name, dom.XMLDesc(0), dir_sockets)
         info = VmInfo(
             name=name,
             uuid=dom.UUIDString(),
@@ -742,25 +462,6 @@ class Hypervisor:
         # first vcpu_count of them when hot-plugged in order.
         maps = dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
         return tuple(_cpumap_to_set(m) for m in maps[:vcpu_count])
-
-    def _scan_dir(self) -> dict[str, dict[int, str]]:
-        """Sockets ``<vm>.<n>`` in the channels directory, as {vm: {n: path}}."""
-        found: dict[str, dict[int, str]] = {}
-        try:
-            entries = list(os.scandir(self._channels_dir))
-        except OSError:
-            return found  # no directory yet: no channel there
-        for entry in entries:
-            match = _SOCKET_NAME.fullmatch(entry.name)
-            if match is None:
-                continue  # e.g. the host FIFOs fifo<N>: not VM channels
-            try:
-                if not stat.S_ISSOCK(os.stat(entry.path).st_mode):
-                    continue
-            except OSError:
-                continue
-            found.setdefault(match.group(1), {})[int(match.group(2))] = entry.path
-        return found
 
     # ------------------------------------------------------------------ registry API
 
@@ -970,17 +671,6 @@ class Hypervisor:
             tx_packets += max(stats[5], 0)
         return rx_packets, tx_packets
 
-    def vcpu_time_s(self, vm: str) -> float:
-        """CPU time all vCPUs of the VM have used, in seconds."""
-        dom = self._live_domain(vm)
-        try:
-            infos, _maps = dom.vcpus()
-        except libvirt.libvirtError as exc:
-            with self._lock:
-                raise self._failure(exc, f"{vm} vCPU times") from None
-        # virVcpuInfo.cpuTime is in nanoseconds.
-        return sum(cpu_time_ns for _n, _state, cpu_time_ns, _cpu in infos) / 1e9
-
     def status(self) -> dict[str, Any]:
         """What the operator sees of the libvirt side."""
         with self._lock:
@@ -999,57 +689,6 @@ class Hypervisor:
                 "ignored": sorted(self._ignored),
                 "host_cpus": self._host_cpus,
             }
-
-
-def _parse_devices(
-    name: str, xml: str, dir_sockets: dict[int, str]
-) -> tuple[tuple[ChannelInfo, ...], tuple[str, ...]]:
-    """Power channels and NICs from a domain's live XML, channels merged with the dir scan."""
-    by_index: dict[int, ChannelInfo] = {}
-    nics: list[str] = []
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        log.warning(
-            "VM %s: unreadable domain XML (%s); only the channels directory used", name, exc
-        )
-        root = None
-    if root is not None:
-        for channel in root.iterfind("./devices/channel"):
-            target, source = channel.find("target"), channel.find("source")
-            if channel.get("type") != "unix" or target is None or source is None:
-                continue
-            match = _PORT_NAME.fullmatch(target.get("name", ""))
-            if target.get("type") != "virtio" or match is None:
-                continue
-            path = source.get("path")
-            # QEMU must be the socket's server (mode='bind', libvirt's default): the agent
-            # is the client (PROTOCOL.md, Transport).
-            if not path or source.get("mode", "bind") != "bind":
-                continue
-            index = int(match.group(1))
-            if index in by_index:
-                log.warning(
-                    "VM %s lists power channel %d twice; using %s",
-                    name,
-                    index,
-                    by_index[index].path,
-                )
-                continue
-            by_index[index] = ChannelInfo(name, index, path, "xml")
-        for nic in root.iterfind("./devices/interface"):
-            target, mac = nic.find("target"), nic.find("mac")
-            # interfaceStats takes the host-side device name, or the MAC address for NICs
-            # that have none (vhost-user).
-            if target is not None and target.get("dev"):
-                nics.append(target.get("dev", ""))
-            elif mac is not None and mac.get("address"):
-                nics.append(mac.get("address", ""))
-    xml_paths = {c.path for c in by_index.values()}
-    for index, path in dir_sockets.items():
-        if index not in by_index and path not in xml_paths:
-            by_index[index] = ChannelInfo(name, index, path, "dir")
-    return tuple(by_index[i] for i in sorted(by_index)), tuple(nics)
 
 
 def _diff(old: dict[str, VmInfo], new: dict[str, VmInfo], detail: str) -> list[VmEvent]:
