@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmpower.cpufreq import CpuFreq, FreqOp, open_cpufreq
+from vmpower.cpufreq import CpuFreq, open_cpufreq
 from vmpower.cpufreq.simulate import KernelSysfs, build_tree
 from vmpower.errors import CpufreqError, UnsupportedError
 from vmpower.restore import RestoreJournal
@@ -30,7 +30,7 @@ def test_first_control_switches_the_governor_to_userspace_journaled_first(sim_sy
     root = sim_sysfs("acpi-cpufreq", cpus=2)
     cf, journal = journaled(root, tmp_path)
     assert cf.requested_khz(1) == 1_600_000  # not controlled: the current frequency
-    assert cf.apply(1, FreqOp.UP) == 1_700_000
+    assert cf.set_khz(1, 1_700_000)
     assert read(root, f"{POLICY}1/scaling_governor") == "userspace"
     assert read(root, f"{POLICY}1/scaling_setspeed") == "1700000"
     assert read(root, f"{POLICY}0/scaling_governor") == "schedutil"  # only that CPU
@@ -48,17 +48,17 @@ def test_a_cpu_already_under_userspace_keeps_its_governor_untouched(sim_sysfs, t
     cf, journal = journaled(root, tmp_path)
     assert cf.requested_khz(0) == 1_600_000  # read from scaling_setspeed
     assert cf.state(0).target_khz == 1_600_000
-    cf.apply(0, FreqOp.MIN)
+    assert cf.set_khz(0, 1_200_000)
     assert [Path(p).name for p in journal.pending()] == ["scaling_setspeed"]
 
 
 def test_after_forget_the_governor_is_taken_again(sim_sysfs, tmp_path):
     root = sim_sysfs("acpi-cpufreq", cpus=1)
     cf, journal = journaled(root, tmp_path)
-    cf.apply(0, FreqOp.MAX)
+    assert cf.set_khz(0, 2_301_000)
     journal.restore()
     cf.forget(0)
-    assert cf.apply(0, FreqOp.MIN) == 1_200_000
+    assert cf.set_khz(0, 1_200_000)
     assert read(root, f"{POLICY}0/scaling_governor") == "userspace"
     assert read(root, f"{POLICY}0/scaling_setspeed") == "1200000"
 
@@ -68,9 +68,8 @@ def test_current_frequency_off_the_table_rounds_to_the_nearest_entry(sim_sysfs):
     (root / f"{POLICY}0/scaling_cur_freq").write_text("1641000\n")
     cf = open_cpufreq(Sysfs(root))
     assert cf.requested_khz(0) == 1_600_000
-    assert cf.target_khz(0, FreqOp.UP) == 1_700_000
-    assert cf.target_khz(0, FreqOp.DOWN, from_khz=1_641_000) == 1_600_000
-    assert cf.target_khz(0, FreqOp.UP, from_khz=1_641_000) == 1_700_000
+    (root / f"{POLICY}0/scaling_cur_freq").write_text("1651000\n")
+    assert cf.requested_khz(0) == 1_700_000  # nearer the entry above
 
 
 def test_turbo_is_the_pss_entry_1000_khz_above(sim_sysfs):
@@ -90,23 +89,28 @@ def test_boost_off_caps_every_cpu_and_set_turbo_switches_it_on_journaled(
     (root / f"{CPU}/cpufreq/boost").write_text("0\n")
     cf, journal = journaled(root, tmp_path)
     assert not cf.turbo_enabled(0) and not cf.turbo_enabled(1)
-    assert cf.apply(0, FreqOp.MAX) == 2_300_000
+    with pytest.raises(CpufreqError, match="turbo is disabled"):
+        cf.set_khz(0, 2_301_000)
+    assert cf.set_khz(0, 2_300_000)
     with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
         cf.set_turbo(0, True)
     assert read(root, f"{CPU}/cpufreq/boost") == "1"
     assert "system-wide" in caplog.text
     assert cf.turbo_enabled(0) and cf.turbo_enabled(1)  # the switch is global
-    assert cf.apply(0, FreqOp.MAX) == 2_301_000
+    assert read(root, f"{POLICY}0/scaling_setspeed") == "2300000"  # not moved by the switch
+    assert cf.set_khz(0, 2_301_000)
+    assert read(root, f"{POLICY}0/scaling_setspeed") == "2301000"
     journal.restore()
     assert read(root, f"{CPU}/cpufreq/boost") == "0"
 
 
-def test_turbo_off_for_one_cpu_never_touches_the_global_switch(sim_sysfs):
+def test_turbo_off_is_refused_and_never_touches_the_global_switch(sim_sysfs):
     root = sim_sysfs("acpi-cpufreq", cpus=2)
     cf = open_cpufreq(KernelSysfs(root))
-    cf.set_turbo(0, False)
+    with pytest.raises(CpufreqError, match="never switches turbo off"):
+        cf.set_turbo(0, False)
     assert read(root, f"{CPU}/cpufreq/boost") == "1"
-    assert cf.turbo_enabled(1)
+    assert cf.turbo_enabled(0) and cf.turbo_enabled(1)
 
 
 def test_no_userspace_governor_is_unsupported_reported_once(sim_sysfs, caplog):
@@ -117,7 +121,7 @@ def test_no_userspace_governor_is_unsupported_reported_once(sim_sysfs, caplog):
     with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
         for cpu in (0, 1, 0):
             with pytest.raises(UnsupportedError, match="userspace governor is not available"):
-                cf.apply(cpu, FreqOp.MAX)
+                cf.set_khz(cpu, 2_300_000)
     assert caplog.text.count("userspace governor is not available") == 1
     assert read(root, f"{POLICY}0/scaling_governor") == "schedutil"
     assert cf.unsupported() == [
@@ -144,7 +148,7 @@ def test_unknown_driver_with_a_table_works_through_setspeed(tmp_path):
     assert cf.managed(0)
     # the 1000 kHz turbo convention is ACPI's: another driver's top entry is plain
     assert not cf.capabilities(0).turbo
-    assert cf.apply(0, FreqOp.MAX) == 2_301_000
+    assert cf.set_khz(0, 2_301_000)  # no turbo range: the top entry needs no switch
     assert read(root, f"{POLICY}0/scaling_setspeed") == "2301000"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmpower.cpufreq import FreqOp, open_cpufreq
+from vmpower.cpufreq import open_cpufreq
 from vmpower.cpufreq.simulate import KernelSysfs
 from vmpower.errors import CpufreqError, UnsupportedError
 from vmpower.restore import RestoreJournal
@@ -44,7 +44,10 @@ def test_amd_keeps_its_turbo_entry_while_boost_is_off(sim_sysfs):
     cf = open_cpufreq(KernelSysfs(root))
     assert cf.table_khz(0)[0] == 4_680_000
     assert not cf.turbo_enabled(0)
-    assert cf.apply(0, FreqOp.MAX) == 3_300_000
+    with pytest.raises(CpufreqError, match="turbo is disabled"):
+        cf.set_khz(0, 4_680_000)
+    assert cf.set_khz(0, 3_300_000)
+    assert cf.state(0).target_khz == 3_300_000
 
 
 def test_amd_per_policy_boost_is_switched_for_that_cpu_only(sim_sysfs, tmp_path, caplog):
@@ -53,7 +56,7 @@ def test_amd_per_policy_boost_is_switched_for_that_cpu_only(sim_sysfs, tmp_path,
     journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
     cf = open_cpufreq(KernelSysfs(root, journal))
     assert cf.turbo_enabled(0) and not cf.turbo_enabled(1)
-    assert cf.apply(1, FreqOp.MAX) == 3_300_000
+    assert cf.set_khz(1, 3_300_000)
     with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
         cf.set_turbo(1, True)
     assert "system-wide" not in caplog.text
@@ -64,7 +67,8 @@ def test_amd_per_policy_boost_is_switched_for_that_cpu_only(sim_sysfs, tmp_path,
         "scaling_min_freq",
         "boost",
     ]
-    assert cf.apply(1, FreqOp.MAX) == 4_680_000
+    assert cf.set_khz(1, 4_680_000)
+    assert cf.state(1).target_khz == 4_680_000
     journal.restore()
     assert read(root, f"{POLICY}1/boost") == "0"
 
@@ -134,7 +138,9 @@ def test_cppc_turbo_entry_computed_while_boost_is_off(sim_sysfs):
     cf = open_cpufreq(KernelSysfs(root))
     # highest 3300 / nominal 3000 of a 3000 MHz nominal: 3.3 GHz
     assert cf.table_khz(0)[0] == 3_300_000
-    assert cf.apply(0, FreqOp.MAX) == 3_000_000
+    with pytest.raises(CpufreqError, match="turbo is disabled"):
+        cf.set_khz(0, 3_300_000)
+    assert cf.set_khz(0, 3_000_000)
     cf.set_turbo(0, True)
     assert read(root, f"{CPU}/cpufreq/boost") == "1"
 
@@ -154,4 +160,5 @@ def test_cppc_without_acpi_cppc_is_non_turbo_reported_once(sim_sysfs, caplog):
         assert cf.nominal_khz(0) == cf.nominal_khz(1) == 3_300_000
     assert not cf.capabilities(1).turbo
     assert caplog.text.count("acpi_cppc/ lacks") == 1
-    assert cf.apply(0, FreqOp.MAX) == 3_300_000
+    assert cf.set_khz(0, 3_300_000)  # the top entry counts as non-turbo
+    assert cf.state(0).target_khz == 3_300_000

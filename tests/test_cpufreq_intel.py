@@ -1,4 +1,8 @@
-"""intel_pstate: min/max pinning and its write order, the 100 MHz table, no_turbo, EPP."""
+"""intel_pstate: min/max pinning and its write order, the 100 MHz table, no_turbo, EPP.
+
+The write order of the two limits is ``vmpower.cpufreq.limits.write_limits``, shared
+with the telemetry controls; its rule is checked here against KernelSysfs.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vmpower.cpufreq import FreqOp, open_cpufreq
+from vmpower.cpufreq import open_cpufreq
+from vmpower.cpufreq.limits import write_limits
 from vmpower.cpufreq.simulate import KernelSysfs
 from vmpower.errors import CpufreqError, SysfsError
 from vmpower.restore import RestoreJournal
@@ -70,6 +77,41 @@ def test_long_walks_up_and_down_never_cross_the_limits(sim_sysfs):
         assert cf.state(0).target_khz == khz
 
 
+def test_a_value_within_the_limits_moves_the_maximum_first(sim_sysfs, tmp_path):
+    root = sim_sysfs("intel_pstate", cpus=1)  # limits 800000-4700000
+    journal = RestoreJournal(tmp_path / "state")
+    cf = open_cpufreq(KernelSysfs(root, journal))
+    assert cf.set_khz(0, 2_000_000)
+    assert first_writes(journal) == ["scaling_max_freq", "scaling_min_freq"]
+
+
+KHZ = st.integers(8, 47).map(lambda n: n * 100_000)  # intel_pstate's range, 100 MHz grid
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(current=st.tuples(KHZ, KHZ).map(sorted), new=st.tuples(KHZ, KHZ).map(sorted))
+def test_write_limits_never_holds_min_above_max(sim_sysfs, current, new):
+    """Any pair of limits to any other: KernelSysfs refuses min > max at every write,
+    so a wrong order raises here; a limit already at its value is not written."""
+    root = sim_sysfs("intel_pstate", cpus=1)
+    pin(root, 0, current[0])
+    (root / f"{POLICY}0/scaling_max_freq").write_text(f"{current[1]}\n")
+    written = write_limits(KernelSysfs(root), 0, new[0], new[1], current[0], current[1])
+    assert written == (new[0] != current[0]) + (new[1] != current[1])
+    assert (
+        int(read(root, f"{POLICY}0/scaling_min_freq")),
+        int(read(root, f"{POLICY}0/scaling_max_freq")),
+    ) == tuple(new)
+
+
+def test_write_limits_refuses_a_crossed_pair(sim_sysfs):
+    root = sim_sysfs("intel_pstate", cpus=1)
+    with pytest.raises(ValueError, match="above maximum"):
+        write_limits(KernelSysfs(root), 0, 2_000_000, 1_000_000, 800_000, 4_700_000)
+
+
 def test_the_limits_are_re_read_after_someone_else_changed_them(sim_sysfs):
     root = sim_sysfs("intel_pstate", cpus=1)
     cf = open_cpufreq(KernelSysfs(root))
@@ -86,14 +128,15 @@ def test_no_turbo_caps_at_base_and_set_turbo_clears_it_journaled(sim_sysfs, tmp_
     journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
     cf = open_cpufreq(KernelSysfs(root, journal))
     assert not cf.turbo_enabled(0)
-    assert cf.apply(0, FreqOp.MAX) == 3_000_000
+    assert cf.set_khz(0, 3_000_000)
     with pytest.raises(CpufreqError, match="turbo is disabled"):
         cf.set_khz(0, 3_100_000)
     with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
         cf.set_turbo(0, True)
     assert read(root, f"{CPU}/intel_pstate/no_turbo") == "0"
     assert "system-wide" in caplog.text
-    assert cf.apply(0, FreqOp.MAX) == 4_700_000
+    assert cf.set_khz(0, 4_700_000)
+    assert cf.state(0).target_khz == 4_700_000
     assert journal.restore().failed == []
     assert read(root, f"{CPU}/intel_pstate/no_turbo") == "1"
 
@@ -114,7 +157,9 @@ def test_a_refused_no_turbo_write_is_a_clear_error(sim_sysfs):
     with pytest.raises(CpufreqError, match=r"cannot switch turbo on.*EPERM"):
         cf.set_turbo(0, True)
     assert not cf.turbo_enabled(0)
-    assert cf.apply(0, FreqOp.MAX) == 3_000_000
+    with pytest.raises(CpufreqError, match="turbo is disabled"):
+        cf.set_khz(0, 4_700_000)
+    assert cf.set_khz(0, 3_000_000)
 
 
 def test_epp_is_checked_against_the_available_list(sim_sysfs):
@@ -166,5 +211,5 @@ def test_passive_mode_intel_cpufreq_is_driven_the_same_way(sim_sysfs):
     (root / f"{POLICY}0/scaling_driver").write_text("intel_cpufreq\n")
     cf = open_cpufreq(KernelSysfs(root))
     assert cf.driver(0) == "intel_cpufreq"
-    assert cf.apply(0, FreqOp.MIN) == 800_000
+    assert cf.set_khz(0, 800_000)
     assert cf.state(0).target_khz == 800_000

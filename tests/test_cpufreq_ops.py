@@ -1,4 +1,4 @@
-"""The CpuFreq facade on every driver: operations, turbo, exact sets, refusals, state.
+"""The CpuFreq facade on every driver: sets, the turbo switch, refusals, state, files.
 
 Most tests run on KernelSysfs, which refuses what the kernel would refuse, so a
 passing test also shows vmpower never asked the kernel for something invalid.
@@ -7,6 +7,7 @@ passing test also shows vmpower never asked the kernel for something invalid.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmpower.cpufreq import Capabilities, CpuFreq, FreqOp, open_cpufreq
+from vmpower.cpufreq import Capabilities, CpuFreq, open_cpufreq
 from vmpower.cpufreq.simulate import DRIVERS, KernelSysfs, build_tree, set_cpu_online, snapshot
 from vmpower.errors import CpufreqError, UnsupportedError
 from vmpower.restore import RestoreJournal
@@ -42,6 +43,26 @@ def raw(root: Path, rel: str, value: object) -> None:
     (root / rel).write_text(f"{value}\n")
 
 
+# Each driver's turbo switch (relative path, value meaning "off"); amd-pstate has one
+# per policy, the others one for the whole system.
+SWITCHES = {
+    "acpi-cpufreq": [(f"{CPU}/cpufreq/boost", "0")],
+    "intel_pstate": [(f"{CPU}/intel_pstate/no_turbo", "1")],
+    "amd-pstate-epp": [(f"{CPU}/cpu{c}/cpufreq/boost", "0") for c in range(2)],
+    "amd-pstate": [(f"{CPU}/cpu{c}/cpufreq/boost", "0") for c in range(2)],
+    "cppc_cpufreq": [(f"{CPU}/cpufreq/boost", "0")],
+}
+
+
+def switch_turbo_off(root: Path, driver: str) -> list[str]:
+    """Switch turbo off as an administrator would (through the kernel's rules: on
+    intel_pstate no_turbo=1 also lowers the limits above base); returns the files."""
+    kernel_writer = KernelSysfs(root)
+    for rel, off in SWITCHES[driver]:
+        kernel_writer.write(rel, off)
+    return [rel for rel, _ in SWITCHES[driver]]
+
+
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_table_is_high_to_low_with_turbo_first(sim_sysfs, driver):
     cf = kernel(sim_sysfs(driver, cpus=2))
@@ -55,54 +76,55 @@ def test_table_is_high_to_low_with_turbo_first(sim_sysfs, driver):
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_every_operation_lands_on_the_table_and_in_the_files(sim_sysfs, driver):
+def test_every_set_lands_in_the_files(sim_sysfs, driver):
     cf = kernel(sim_sysfs(driver, cpus=2))
     table = cf.table_khz(1)
-    expected = [
-        (FreqOp.MIN, table[-1]),
-        (FreqOp.UP, table[-2]),
-        (FreqOp.MAX, table[0]),
-        (FreqOp.DOWN, table[1]),
-        (FreqOp.UP, table[0]),
-        (FreqOp.UP, table[0]),  # nothing above the top
-        (FreqOp.MEDIUM, table[len(table) // 2]),
-        (FreqOp.MIN, table[-1]),
-        (FreqOp.DOWN, table[-1]),  # nothing below the bottom
-    ]
-    for op, khz in expected:
-        assert cf.apply(1, op) == khz, op
+    # down to the bottom, up one entry, to the top (turbo), down, the middle, repeats
+    for khz in (table[-1], table[-2], table[0], table[1], table[len(table) // 2], table[-1]):
+        assert cf.set_khz(1, khz)
         assert cf.requested_khz(1) == khz
         assert cf.state(1).target_khz == khz  # what the kernel's files now ask for
     assert cf.state(0).target_khz is None  # the other CPU was not touched
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_turbo_off_caps_the_cpu_at_nominal_and_on_lifts_it(sim_sysfs, driver):
-    cf = kernel(sim_sysfs(driver, cpus=2))
+def test_turbo_switch_off_caps_at_nominal_and_set_turbo_switches_it_on_journaled(
+    sim_sysfs, tmp_path, driver
+):
+    root = sim_sysfs(driver, cpus=2)
+    switches = switch_turbo_off(root, driver)
+    originals = {rel: (root / rel).read_text() for rel in switches}
+    journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
+    cf = kernel(root, journal)
     top, nominal, _, _ = EXPECTED[driver]
-    assert cf.apply(1, FreqOp.MAX) == top
-    assert cf.turbo_enabled(1)
-    cf.set_turbo(1, False)
     assert not cf.turbo_enabled(1)
-    assert cf.state(1).target_khz == nominal  # moved out of the turbo range at once
     assert cf.state(1).turbo_enabled is False
-    assert cf.apply(1, FreqOp.MAX) == nominal
-    assert cf.apply(1, FreqOp.UP) == nominal
     with pytest.raises(CpufreqError, match="turbo is disabled"):
         cf.set_khz(1, top)
-    assert cf.turbo_enabled(0)  # per CPU: the other one keeps its turbo
+    assert cf.set_khz(1, nominal)
     cf.set_turbo(1, True)
     assert cf.turbo_enabled(1)
-    assert cf.state(1).target_khz == nominal  # enabling does not move the CPU by itself
-    assert cf.apply(1, FreqOp.MAX) == top
+    # only CPU 1's switch: the system-wide one, or its own policy's on amd-pstate
+    switched = [rel for rel in switches if (root / rel).read_text() != originals[rel]]
+    assert switched == [s for s in switches if "cpu0/" not in s]
+    assert set(map(str, (root / rel for rel in switched))) <= set(journal.pending())
+    assert cf.state(1).target_khz == nominal  # switching on does not move the CPU
+    assert cf.set_khz(1, top)
+    assert cf.state(1).target_khz == top
+    assert journal.restore().failed == []
+    assert {rel: (root / rel).read_text() for rel in switches} == originals
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_disabling_turbo_takes_control_of_an_uncontrolled_cpu(sim_sysfs, driver):
-    cf = kernel(sim_sysfs(driver, cpus=1))
-    cf.set_turbo(0, False)
-    target = cf.state(0).target_khz
-    assert target is not None and target <= cf.nominal_khz(0)
+def test_turbo_is_never_switched_off(sim_sysfs, driver):
+    root = sim_sysfs(driver, cpus=2)
+    cf = kernel(root)
+    assert cf.set_khz(1, EXPECTED[driver][0])
+    before = snapshot(root)
+    with pytest.raises(CpufreqError, match="never switches turbo off"):
+        cf.set_turbo(1, False)
+    assert snapshot(root) == before
+    assert cf.turbo_enabled(1) and cf.turbo_enabled(0)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -146,12 +168,11 @@ def test_refusals_are_clear_and_write_nothing(sim_sysfs, driver):
     for cpu, khz, message in cases:
         with pytest.raises(CpufreqError, match=message):
             cf.set_khz(cpu, khz)  # type: ignore[arg-type]
-    with pytest.raises(CpufreqError, match="reserved"):
-        cf.set_turbo(2, False)
-    with pytest.raises(CpufreqError, match="unknown frequency operation"):
-        cf.target_khz(0, "up")  # type: ignore[arg-type]
-    with pytest.raises(CpufreqError, match="positive kHz"):
-        cf.target_khz(0, FreqOp.UP, from_khz=-5)
+    for enabled in (True, False):
+        with pytest.raises(CpufreqError, match="reserved"):
+            cf.set_turbo(2, enabled)
+    with pytest.raises(CpufreqError, match="offline"):
+        cf.set_turbo(3, True)
     assert snapshot(root) == before
 
 
@@ -187,15 +208,16 @@ def test_cpus_online_managed_and_state(sim_sysfs, driver):
 def test_a_cpu_unplugged_after_start_is_refused_then_usable_again(sim_sysfs, driver):
     root = sim_sysfs(driver, cpus=2)
     cf = kernel(root)
-    cf.apply(1, FreqOp.MIN)
+    table = cf.table_khz(1)
+    assert cf.set_khz(1, table[-1])
     set_cpu_online(root, 1, False)
     assert not cf.managed(1)
     with pytest.raises(CpufreqError, match="offline"):
-        cf.apply(1, FreqOp.MAX)
+        cf.set_khz(1, table[0])
     set_cpu_online(root, 1, True)
     assert cf.managed(1)
-    assert cf.apply(1, FreqOp.MAX) == cf.table_khz(1)[0]
-    assert cf.state(1).target_khz == cf.table_khz(1)[0]
+    assert cf.set_khz(1, table[0])
+    assert cf.state(1).target_khz == table[0]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -206,7 +228,8 @@ def test_no_turbo_hardware(sim_sysfs, driver, caplog):
     assert cf.capabilities(0) == Capabilities(turbo=False, priority=False)
     assert not cf.turbo_enabled(0)
     assert cf.state(0).turbo_enabled is None
-    assert cf.apply(0, FreqOp.MAX) == table[0]
+    assert cf.set_khz(0, table[0])  # the top entry is plain: no switch needed
+    assert cf.state(0).target_khz == table[0]
     with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
         for cpu in (0, 1, 0):
             with pytest.raises(UnsupportedError, match=f"cpu {cpu} has no turbo range"):
@@ -229,6 +252,38 @@ def test_acpi_has_no_priority_notion(sim_sysfs):
     assert not any(cf.capabilities(c).priority for c in range(4))
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_the_path_prefixes_pick_out_one_cpus_journal_entries(sim_sysfs, tmp_path, driver):
+    root = sim_sysfs(driver, cpus=12)
+    journal = RestoreJournal(tmp_path / "state")
+    cf = kernel(root, journal)
+    for cpu in (1, 11):
+        assert cf.set_khz(cpu, cf.table_khz(cpu)[-1])
+    cpu_prefix, cpufreq_prefix = cf.cpu_path_prefix(1), cf.cpufreq_path_prefix(1)
+    assert cpu_prefix == f"{root}/{CPU}/cpu1/"
+    assert cpufreq_prefix == f"{root}/{CPU}/cpu1/cpufreq/"
+    ours = [p for p in journal.pending() if p.startswith(cpu_prefix)]
+    assert ours and all(p.startswith(cpufreq_prefix) for p in ours)
+    assert not any(p.startswith(cf.cpu_path_prefix(11)) for p in ours)  # cpu1/ is not cpu11/
+    assert len(journal.pending()) == 2 * len(ours)
+
+
+def test_close_releases_the_kept_open_files_and_writes_reopen_them(sim_sysfs):
+    cf = kernel(sim_sysfs("intel_pstate", cpus=2))
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    assert cf.set_khz(1, 2_000_000)
+    assert open_fds() == before + 2  # scaling_min_freq and scaling_max_freq kept open
+    cf.close()
+    assert open_fds() == before
+    assert cf.set_khz(1, 1_000_000)  # usable after close: files are opened again
+    assert cf.state(1).target_khz == 1_000_000
+    cf.close()
+
+
 # -- properties --------------------------------------------------------------------------
 
 SETTINGS = settings(
@@ -237,7 +292,6 @@ SETTINGS = settings(
 
 ACTIONS = st.lists(
     st.one_of(
-        st.sampled_from(list(FreqOp)),
         st.tuples(st.just("turbo"), st.booleans()),
         st.tuples(st.just("set"), st.integers(0, 60)),
         st.tuples(st.just("epp"), st.sampled_from(["power", "performance", "default", "bogus"])),
@@ -249,26 +303,28 @@ ACTIONS = st.lists(
 
 @pytest.mark.parametrize("driver", DRIVERS)
 @SETTINGS
-@given(actions=ACTIONS)
-def test_any_sequence_is_valid_for_the_kernel_and_fully_restored(driver, actions):
+@given(switch_on=st.booleans(), actions=ACTIONS)
+def test_any_sequence_is_valid_for_the_kernel_and_fully_restored(driver, switch_on, actions):
     """Whatever the requests, the kernel never refuses a write, every request lands on
-    the table under the turbo cap, and the journal brings back every original file."""
+    the table under the turbo switch's cap, and the journal brings back every original."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "sys"
         build_tree(root, driver, 2, turbo=True)
+        if not switch_on:
+            switch_turbo_off(root, driver)
         before = snapshot(root)
         writer = KernelSysfs(root)
         journal = RestoreJournal(Path(tmp) / "state", writer=writer.write_path)
         cf = kernel(root, journal)
         controlled = False  # once vmpower sets a frequency, the files pin it
         for action in actions:
-            if isinstance(action, FreqOp):
-                khz = cf.apply(1, action)
-                assert khz in cf.table_khz(1)
-                controlled = True
-            elif action[0] == "turbo":
-                cf.set_turbo(1, action[1])
-                controlled = controlled or not action[1]
+            if action[0] == "turbo":
+                if action[1]:
+                    cf.set_turbo(1, True)
+                    assert cf.turbo_enabled(1)
+                else:
+                    with pytest.raises(CpufreqError, match="never switches turbo off"):
+                        cf.set_turbo(1, False)
             elif action[0] == "set":
                 table = cf.table_khz(1)
                 khz = table[action[1] % len(table)]
@@ -278,6 +334,7 @@ def test_any_sequence_is_valid_for_the_kernel_and_fully_restored(driver, actions
                         cf.set_khz(1, khz)
                     continue
                 cf.set_khz(1, khz)
+                assert cf.requested_khz(1) == khz
                 controlled = True
             else:
                 try:
@@ -301,29 +358,3 @@ def settings_of(files: dict[str, str]) -> dict[str, str]:
     """File contents as the kernel shows them (newline-terminated, so stripped), less
     scaling_cur_freq: the hardware's view, not a setting, so nothing restores it."""
     return {k: v.strip() for k, v in files.items() if not k.endswith("scaling_cur_freq")}
-
-
-@pytest.mark.parametrize("driver", DRIVERS)
-@SETTINGS
-@given(data=st.data())
-def test_stepping_rules(sim_sysfs, driver, data):
-    cf = kernel(sim_sysfs(driver, cpus=1))
-    table = cf.table_khz(0)
-    turbo = data.draw(st.booleans(), label="turbo")
-    cf.set_turbo(0, turbo)
-    cap = table[0] if turbo else cf.nominal_khz(0)
-    start = data.draw(st.integers(table[-1] - 50_000, table[0] + 50_000), label="from_khz")
-    up = cf.target_khz(0, FreqOp.UP, start)
-    down = cf.target_khz(0, FreqOp.DOWN, start)
-    for khz in (up, down):
-        assert khz in table and khz <= cap
-    assert down <= max(min(start, cap), table[-1])
-    if start < cap:
-        assert start < up or up == cap
-        # UP moves to the very next entry: nothing of the table lies in between
-        assert not [f for f in table if start < f < up]
-    if table[-1] < start <= cap:
-        assert down < start and not [f for f in table if down < f < start]
-        assert cf.target_khz(0, FreqOp.UP, down) == (start if start in table else up)
-    assert cf.target_khz(0, FreqOp.MAX, start) == cap
-    assert cf.target_khz(0, FreqOp.MIN, start) == table[-1]

@@ -258,14 +258,13 @@ def test_any_series_of_writes_is_undone(writes):
 
 CHILD = r"""
 import sys
-from vmpower.cpufreq import FreqOp, open_cpufreq
+from vmpower.cpufreq import open_cpufreq
 from vmpower.errors import CpufreqError
 from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
 
 root, state, quiet = sys.argv[1], sys.argv[2], sys.argv[3] == "quiet"
 cf = open_cpufreq(Sysfs(root, RestoreJournal(state)))
-ops = [FreqOp.MIN, FreqOp.UP, FreqOp.MAX, FreqOp.DOWN, FreqOp.MEDIUM]
 epp = ["power", "balance_power", "performance"]
 print("ready", flush=True)
 n = 0
@@ -273,14 +272,18 @@ while True:  # a series of writes that never ends: only SIGKILL stops it
     for cpu in cf.cpus():
         n += 1
         if n % 7 == 0:
-            cf.set_turbo(cpu, n % 2 == 0)
+            cf.set_turbo(cpu, True)
         elif n % 5 == 0:
             try:
                 cf.set_epp(cpu, epp[n % 3])
             except CpufreqError:
                 pass  # acpi-cpufreq, amd-pstate, cppc: no EPP
         else:
-            cf.apply(cpu, ops[n % len(ops)])
+            # walk the table (its turbo range only once turbo is switched on)
+            table = cf.table_khz(cpu)
+            if not cf.turbo_enabled(cpu):
+                table = tuple(f for f in table if f <= cf.nominal_khz(cpu))
+            cf.set_khz(cpu, table[(n * 3) % len(table)])
         if not quiet:
             print(n, flush=True)
 """

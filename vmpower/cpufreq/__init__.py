@@ -6,6 +6,6 @@ simulated sysfs builder (``vmpower.cpufreq.simulate``) live in the submodules.
 """
 
 from vmpower.cpufreq.core import CpuFreq, open_cpufreq
-from vmpower.cpufreq.model import Capabilities, CpuState, FreqOp
+from vmpower.cpufreq.model import Capabilities, CpuState
 
-__all__ = ["Capabilities", "CpuFreq", "CpuState", "FreqOp", "open_cpufreq"]
+__all__ = ["Capabilities", "CpuFreq", "CpuState", "open_cpufreq"]

@@ -3,14 +3,22 @@
 It owns validation (the simulated tree's plain files accept anything, so everything the
 kernel would refuse is refused here first with ``CpufreqError``), the per-CPU caches
 that keep the request path cheap (static tables and facts, the last frequency set, the
-turbo cap), and the once-only reporting of unsupported features. The per-driver file
-work is delegated to a backend (see ``vmpower.cpufreq.detect``).
+turbo switch's state), the files of each CPU (``cpu_path_prefix``,
+``cpufreq_path_prefix``, ``close``), and the once-only reporting of unsupported
+features. The per-driver file work is delegated to a backend (see
+``vmpower.cpufreq.detect``).
 
-Turbo is per CPU: a CPU whose turbo is disabled is capped at its highest non-turbo
-frequency (DPDK's drivers do the same with their ``turbo_enable`` flag). The driver's
-turbo switch (``cpufreq/boost``, ``intel_pstate/no_turbo``, ``cpuN/cpufreq/boost``) is
-only ever switched *on*, when a CPU asks for turbo while it is off; the journal puts it
-back. It is never switched off for one CPU, since on most drivers it is system-wide.
+Which frequency a CPU should run (stepping up and down the table, each requester's
+turbo wish) is decided by the request path, ``vmpower.power``; this facade sets what
+it is told, within the rules.
+
+Turbo: the turbo range (the table entries above the nominal frequency) is usable while
+the driver's turbo switch (``cpufreq/boost``, ``intel_pstate/no_turbo``,
+``cpuN/cpufreq/boost``) is on, and ``set_khz`` refuses it while the switch is off (the
+kernel would clamp it to nominal). The switch is only ever switched *on*
+(``set_turbo``), when a CPU needs turbo while it is off; the journal puts it back. It
+is never switched off, since on most drivers it is system-wide: a CPU leaves its turbo
+range by asking a lower frequency.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from vmpower.cpufreq.detect import (
     read_cpu_list,
     system_driver,
 )
-from vmpower.cpufreq.model import Capabilities, CpuInfo, CpuState, FreqOp, step
+from vmpower.cpufreq.model import Capabilities, CpuInfo, CpuState
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import CpufreqError, SysfsError, UnsupportedError
 from vmpower.sysfs import Sysfs
@@ -38,22 +46,14 @@ log = logging.getLogger("vmpower.cpufreq")
 class _Cpu:
     """Per-CPU facts and caches (mutable; only the facade touches them)."""
 
-    __slots__ = ("cap_khz", "entries", "info", "last_khz", "switch", "switch_on", "turbo_wanted")
+    __slots__ = ("entries", "info", "last_khz", "switch", "switch_on")
 
     def __init__(self, info: CpuInfo, switch: str | None, switch_on: bool) -> None:
         self.info = info
         self.entries = frozenset(info.table_khz)
-        self.switch = switch
-        self.switch_on = switch_on
-        self.turbo_wanted = True  # DPDK enables turbo by default where the CPU has it
+        self.switch = switch  # the turbo switch's relative path (None: there is none)
+        self.switch_on = switch_on  # as last read or written
         self.last_khz: int | None = None  # the value vmpower last set (None: not in control)
-        self.cap_khz = info.max_khz
-        self.recap()
-
-    def recap(self) -> None:
-        info = self.info
-        turbo = info.has_turbo and self.turbo_wanted and self.switch_on
-        self.cap_khz = info.max_khz if turbo else info.nominal_khz
 
 
 def open_cpufreq(sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> CpuFreq:
@@ -118,39 +118,42 @@ class CpuFreq:
         self._check_present(cpu)
         return self._driver
 
-    # -- tables and stepping -------------------------------------------------------------
+    # -- files ---------------------------------------------------------------------------
+
+    def cpu_path_prefix(self, cpu: int) -> str:
+        """Absolute path of ``cpu``'s sysfs directory, ending in "/": every file of
+        that CPU (its journal entries included) starts with it. Any CPU number is
+        accepted; an absent CPU's prefix matches nothing."""
+        return self.sysfs.path(f"{CPU_DIR}/cpu{cpu}/")
+
+    def cpufreq_path_prefix(self, cpu: int) -> str:
+        """Absolute path of ``cpu``'s ``cpufreq/`` directory, ending in "/": the prefix
+        of the policy files vmpower writes for it (as the journal records them)."""
+        return self.sysfs.path(f"{policy_dir(cpu)}/")
+
+    def close(self) -> None:
+        """Close the attributes kept open for writing (at shutdown; reopened on demand)."""
+        self.sysfs.close()
+
+    # -- tables --------------------------------------------------------------------------
 
     def table_khz(self, cpu: int) -> tuple[int, ...]:
         """Frequencies high → low; the turbo range (entries above nominal) first."""
         return self._cpu(cpu).info.table_khz
 
     def nominal_khz(self, cpu: int) -> int:
-        """The highest non-turbo frequency (the cap while turbo is disabled)."""
+        """The highest non-turbo frequency (the cap while the turbo switch is off)."""
         return self._cpu(cpu).info.nominal_khz
-
-    def target_khz(self, cpu: int, op: FreqOp, from_khz: int | None = None) -> int:
-        """Where ``op`` lands from ``from_khz`` (default: what is requested now)."""
-        c = self._cpu(cpu)
-        if not isinstance(op, FreqOp):
-            raise CpufreqError(f"unknown frequency operation {op!r}")
-        if from_khz is None:
-            from_khz = self.requested_khz(cpu)
-        elif isinstance(from_khz, bool) or not isinstance(from_khz, int) or from_khz <= 0:
-            raise CpufreqError(
-                f"cpu {cpu}: from_khz must be a positive kHz value, got {from_khz!r}"
-            )
-        return step(c.info, c.cap_khz, op, from_khz)
-
-    def apply(self, cpu: int, op: FreqOp) -> int:
-        """Move ``cpu`` as ``op`` says; returns the frequency now requested."""
-        freq_khz = self.target_khz(cpu, op)
-        self.set_khz(cpu, freq_khz)
-        return freq_khz
 
     # -- the request path ----------------------------------------------------------------
 
     def set_khz(self, cpu: int, freq_khz: int) -> bool:
-        """Request ``freq_khz``; False (nothing written) when vmpower already set it."""
+        """Request ``freq_khz``; False (nothing written) when vmpower already set it.
+
+        Refused (``CpufreqError``, nothing written): a reserved or absent CPU, a value
+        off the table (or outside the bounds, where any kHz is settable), and a turbo
+        entry while the turbo switch is off (``set_turbo`` first).
+        """
         if cpu in self._reserved:
             raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
         c = self._cpus.get(cpu) or self._cpu(cpu)
@@ -168,10 +171,10 @@ class CpuFreq:
                 f"cpu {cpu}: {freq_khz} kHz is not in the frequency table"
                 f" ({' '.join(map(str, info.table_khz))})"
             )
-        if freq_khz > c.cap_khz:
+        if freq_khz > info.nominal_khz and not c.switch_on:
             raise CpufreqError(
                 f"cpu {cpu}: {freq_khz} kHz is in the turbo range and turbo is disabled"
-                f" (highest allowed {c.cap_khz} kHz)"
+                f" (highest allowed {info.nominal_khz} kHz)"
             )
         if c.last_khz == freq_khz:
             return False
@@ -206,9 +209,7 @@ class CpuFreq:
         c = self._cpus.get(cpu)
         if c is not None:
             c.last_khz = None
-            c.turbo_wanted = True
             c.switch_on = self._read_switch(c.switch)
-            c.recap()
         self._epp_choices.pop(cpu, None)
         if self._backend is not None:
             self._backend.forget(cpu)
@@ -216,21 +217,20 @@ class CpuFreq:
     # -- turbo ---------------------------------------------------------------------------
 
     def turbo_enabled(self, cpu: int) -> bool:
-        """The CPU may use its turbo range now (its own flag and the driver's switch)."""
+        """The CPU has a turbo range and the driver's turbo switch is on (read now)."""
         c = self._cpu(cpu)
         if not c.info.has_turbo:
             return False
         c.switch_on = self._read_switch(c.switch)
-        c.recap()
-        return c.switch_on and c.turbo_wanted
+        return c.switch_on
 
     def set_turbo(self, cpu: int, enabled: bool) -> None:
-        """Allow or forbid the turbo range for ``cpu``.
+        """Make ``cpu``'s turbo range usable: switch the driver's turbo switch on if it
+        is off (system-wide on most drivers; journaled like every write).
 
-        Enabling switches the driver's turbo switch on if it is off (system-wide on
-        most drivers; journaled like every write). Disabling caps the CPU at its
-        nominal frequency and moves it there if it is above (or not yet controlled).
-        Neither moves a CPU up: the caller asks for MAX when it wants DPDK's behaviour.
+        It does not move the CPU: the caller sets a turbo frequency next. vmpower never
+        switches turbo off (``enabled=False`` is refused): the switch is system-wide on
+        most drivers, and a CPU leaves its turbo range by asking a lower frequency.
         """
         if cpu in self._reserved:
             raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
@@ -241,18 +241,14 @@ class CpuFreq:
                 f"{self._driver}: some CPUs have no turbo range (first seen: cpu {cpu})",
                 f"cpu {cpu} has no turbo range",
             )
-        if enabled:
-            if not self._read_switch(c.switch):
-                self._switch_on(cpu, c)
-            c.switch_on = True
-            c.turbo_wanted = True
-            c.recap()
-            return
-        c.turbo_wanted = False
-        c.recap()
-        current = c.last_khz if c.last_khz is not None else self.requested_khz(cpu)
-        if c.last_khz is None or current > c.cap_khz:
-            self.set_khz(cpu, min(current, c.cap_khz))
+        if not enabled:
+            raise CpufreqError(
+                f"cpu {cpu}: vmpower never switches turbo off (the switch is system-wide on"
+                " most drivers); set a frequency at or below nominal instead"
+            )
+        if not self._read_switch(c.switch):
+            self._switch_on(cpu, c)
+        c.switch_on = True
 
     def _switch_on(self, cpu: int, c: _Cpu) -> None:
         rel = c.switch
@@ -278,7 +274,6 @@ class CpuFreq:
         for other in self._cpus.values():
             if other.switch == rel:
                 other.switch_on = True
-                other.recap()
 
     def _read_switch(self, rel: str | None) -> bool:
         if rel is None:

@@ -1,26 +1,15 @@
-"""Value types of the cpufreq facade: operations, capabilities, per-CPU state and facts.
+"""Value types of the cpufreq facade: capabilities, per-CPU state and static facts.
 
 Also the frequency-table arithmetic every backend shares (tables are kHz, high→low,
-turbo entries first) and the pure stepping rule behind ``CpuFreq.target_khz``.
+turbo entries first). Stepping through a table (up, down, min, max, medium) is not
+here: the request path (``vmpower.power``) owns it.
 """
 
 from __future__ import annotations
 
-import bisect
-import enum
 from dataclasses import dataclass
 
 STEP_KHZ = 100_000  # the 100 MHz bus clock: P-state granularity on intel_pstate and CPPC
-
-
-class FreqOp(enum.Enum):
-    """A frequency move, as the guest protocol and the policies ask for it."""
-
-    UP = "up"
-    DOWN = "down"
-    MIN = "min"
-    MAX = "max"
-    MEDIUM = "medium"
 
 
 @dataclass(frozen=True)
@@ -111,28 +100,3 @@ def full_range_table(low_khz: int, nominal_khz: int, high_khz: int) -> list[int]
     if low_khz <= nominal_khz <= high_khz:
         table.append(nominal_khz)
     return table
-
-
-def step(info: CpuInfo, cap_khz: int, op: FreqOp, from_khz: int) -> int:
-    """Where ``op`` lands from ``from_khz`` on this CPU's table, never above ``cap_khz``.
-
-    UP is the next entry above ``from_khz`` and DOWN the next below (a value between
-    two entries moves to its neighbour in that direction); MIN is the lowest entry,
-    MAX the cap (the turbo entry only while turbo is enabled), MEDIUM the middle of the
-    table (DPDK's ``num_freqs / 2`` index, turbo entry included).
-    """
-    table = info.table_khz
-    asc = info.ascending_khz
-    if op is FreqOp.MAX:
-        result = cap_khz
-    elif op is FreqOp.MIN:
-        result = table[-1]
-    elif op is FreqOp.MEDIUM:
-        result = table[len(table) // 2]
-    elif op is FreqOp.UP:
-        i = bisect.bisect_right(asc, from_khz)
-        result = asc[i] if i < len(asc) else asc[-1]
-    else:  # DOWN
-        i = bisect.bisect_left(asc, from_khz)
-        result = asc[i - 1] if i > 0 else asc[0]
-    return min(result, cap_khz)

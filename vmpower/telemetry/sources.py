@@ -25,8 +25,8 @@ Kernel and platform rules behind the readers:
 * Frequency limits: the kernel clamps ``scaling_min/max_freq`` into
   ``cpuinfo_min_freq..cpuinfo_max_freq`` silently and refuses (kernels before 5.3) or
   clamps a minimum above the maximum; vmpower refuses both with a clear error before
-  writing anything, and orders the two writes so min <= max holds in between (as
-  ``vmpower.cpufreq.limits`` does).
+  writing anything, and writes the two limits with ``vmpower.cpufreq.limits.write_limits``
+  (the one place that orders them so min <= max holds in between).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from vmpower.cpufreq.limits import write_limits
 from vmpower.errors import SysfsError, TelemetryError, VmpowerError
 from vmpower.sysfs import Reader, Sysfs
 from vmpower.telemetry.catalog import CPU_DIR, VM, Request, Topology, signal_info
@@ -571,7 +572,7 @@ class ControlApplier:
             khz = round(value / 1000)
             for cpu in cpus:
                 wanted.setdefault(cpu, {})[limit] = (khz, request)
-        plan: list[tuple[int, list[tuple[str, int]]]] = []
+        plan: list[tuple[int, int, int, int, int]] = []  # cpu, new min, max, current min, max
         try:
             for cpu, limits in sorted(wanted.items()):
                 files = self._files[cpu]
@@ -592,25 +593,17 @@ class ControlApplier:
                         f" {new_max * 1000} Hz (scaling_min_freq must not exceed"
                         " scaling_max_freq)"
                     )
-                # Raise the maximum first when the new minimum is above the current
-                # maximum; else lower the minimum first: min <= max holds in between.
-                new = {"min": new_min, "max": new_max}
-                current = {"min": cur_min, "max": cur_max}
-                order = ("max", "min") if new_min > cur_max else ("min", "max")
-                plan.append((cpu, [(lim, new[lim]) for lim in order if new[lim] != current[lim]]))
+                plan.append((cpu, new_min, new_max, cur_min, cur_max))
         except SysfsError as exc:
             raise TelemetryError(f"cannot read the current limits: {exc}") from None
         written = 0
-        for cpu, steps in plan:
-            for limit, khz in steps:
-                rel = f"{CPU_DIR}/cpu{cpu}/cpufreq/scaling_{limit}_freq"
-                try:
-                    self._sysfs.write(rel, khz)
-                except VmpowerError as exc:
-                    raise TelemetryError(
-                        f"cpu {cpu}: writing scaling_{limit}_freq failed: {exc}"
-                    ) from None
-                written += 1
+        for cpu, new_min, new_max, cur_min, cur_max in plan:
+            try:
+                written += write_limits(self._sysfs, cpu, new_min, new_max, cur_min, cur_max)
+            except VmpowerError as exc:
+                raise TelemetryError(
+                    f"cpu {cpu}: writing its frequency limits failed: {exc}"
+                ) from None
         return written
 
     def cpus(self) -> list[int]:
