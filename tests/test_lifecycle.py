@@ -1,7 +1,7 @@
 """VM lifecycle and pinning under a running agent (in-process, real test driver).
 
 libvirt's test driver keeps private state per connection, so lifecycle changes are
-made through the agent's own connection (``agent.hypervisor.conn``), as a libvirtd
+made through the agent's own connection (``agent.parts.hypervisor.conn``), as a libvirtd
 would see them from virsh. The agent runs its real monitor loop in a thread.
 """
 
@@ -65,8 +65,9 @@ class AgentThread:
         return protocol.peek_header(reply)[2]
 
     def domain(self, name: str):  # type: ignore[no-untyped-def]
-        assert self.agent.hypervisor is not None and self.agent.hypervisor.conn is not None
-        return self.agent.hypervisor.conn.lookupByName(name)
+        conn = self.agent.parts.hypervisor.conn
+        assert conn is not None
+        return conn.lookupByName(name)
 
     def stop(self) -> None:
         self.agent.request_stop()

@@ -25,9 +25,11 @@ from vmpower.policies import (
     IA32_PMC0,
     IA32_PMC1,
     PolicyEngine,
+    PolicyRecord,
+    PolicySpec,
     given_hours,
 )
-from vmpower.power import PolicyRecord, PowerManager
+from vmpower.power import PowerManager
 from vmpower.protocol import FifoPolicy, Packet, PolicyType, Workload
 from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
@@ -84,7 +86,8 @@ class Rig:
         return [int(x) for x in self.read(cpu, "scaling_available_frequencies").split()]
 
     def install(self, owner: str, cpus: set[int], **packet: object) -> PolicyRecord:
-        record = PolicyRecord(owner, packet=Packet(**packet), cpus=frozenset(cpus))  # type: ignore[arg-type]
+        spec = PolicySpec.from_packet(Packet(**packet))  # type: ignore[arg-type]
+        record = PolicyRecord(owner, spec, cpus=frozenset(cpus))
         self.power.policies[owner] = record
         return record
 
@@ -256,7 +259,9 @@ def test_fifo_time_policy(rig: Rig) -> None:
         avg_packet_thresh=None,
         max_packet_thresh=None,
     )
-    rig.power.policies["fifo6"] = PolicyRecord("fifo6", fifo=policy, cpus=frozenset({6}))
+    rig.power.policies["fifo6"] = PolicyRecord(
+        "fifo6", PolicySpec.from_fifo(policy), cpus=frozenset({6})
+    )
     rig.wall = datetime(2026, 11, 23, 0, 15)  # from JSON, hour 0 is a real hour
     rig.tick()
     assert rig.read(6, "scaling_setspeed") == str(rig.table(6)[1])

@@ -5,12 +5,16 @@ socket (``/tmp/powermonitor/<vm>.<n>``) and vmpower connects to it as the client
 non-blocking. Each channel keeps its own receive framing (464-byte packets), a
 bounded send queue (a guest that never reads its replies must not block anyone:
 past the bound the oldest unsent replies are dropped and counted) and a token bucket
-for the flood rule (PROTOCOL.md, host rule 9).
+for the flood rule (docs/protocol.md, host rule 9).
 
 A FIFO channel (``fifo<N>``, mode 0660) carries JSON messages from host processes for
 host CPU N; the FIFO's permissions decide who may control CPU N.
 
-This module does socket and FIFO I/O only; what a message means is ``power``'s job.
+``ChannelRegistry`` keeps every open endpoint (VM channels by ``(vm, index)``, FIFOs
+by host CPU), registers them with the monitor loop, reconnects dropped VM channels
+and sends each turn's replies. It does socket and FIFO I/O only: what a message means
+is ``power``'s job, handed over through the two callbacks it is built with, and which
+VMs should have channels is the daemon's (from the hypervisor).
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmpower import protocol
+
+if TYPE_CHECKING:
+    from vmpower.monitor import Monitor
 
 log = logging.getLogger("vmpower.channels")
 
@@ -202,10 +210,6 @@ class VmChannel(Endpoint):
 
     # -- send --------------------------------------------------------------------------
 
-    def queue_reply(self, reply: bytes) -> None:
-        """Queue one reply (see queue_replies)."""
-        self.queue_replies([reply])
-
     def queue_replies(self, replies: list[bytes]) -> None:
         """Queue a turn's replies as one chunk; past the bound, the oldest unsent go.
 
@@ -227,9 +231,6 @@ class VmChannel(Endpoint):
                     self.path,
                     self.dropped_replies,
                 )
-
-    def has_pending_output(self) -> bool:
-        return bool(self._tx) or self._tx_head is not None
 
     def _clear_output(self) -> None:
         self._tx.clear()
@@ -321,3 +322,193 @@ class FifoChannel(Endpoint):
             except FileNotFoundError:
                 pass
         self.state = ChannelState.CLOSED
+
+
+PacketHandler = Callable[[VmChannel, list[bytes]], None]
+MessageHandler = Callable[[FifoChannel, list[object]], None]
+
+
+class ChannelRegistry:
+    """Every open power endpoint, wired to the monitor loop; owned by the monitor thread."""
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        directory: Path,
+        on_packets: PacketHandler,
+        on_messages: MessageHandler,
+        *,
+        rate_per_s: float,
+        burst: int,
+        send_queue_max: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.monitor = monitor
+        self.directory = directory
+        self.on_packets = on_packets
+        self.on_messages = on_messages
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.send_queue_max = send_queue_max
+        self.clock = clock
+        self.vm_channels: dict[tuple[str, int], VmChannel] = {}
+        self.fifos: dict[int, FifoChannel] = {}
+        # Channels the operator disabled: kept across reconnects and VM restarts.
+        self.disabled: set[tuple[str, int]] = set()
+
+    def _bucket(self) -> TokenBucket:
+        return TokenBucket(self.rate_per_s, self.burst, self.clock)
+
+    # -- VM channels -------------------------------------------------------------------
+
+    def for_vm(self, vm: str) -> list[VmChannel]:
+        return [c for (name, _), c in self.vm_channels.items() if name == vm]
+
+    def indexes(self, vm: str) -> set[int]:
+        return {index for name, index in self.vm_channels if name == vm}
+
+    def vms(self) -> set[str]:
+        return {name for name, _ in self.vm_channels}
+
+    def open_vm(
+        self, vm: str, channels: Iterable[tuple[int, str]], only: set[int] | None = None
+    ) -> list[int]:
+        """Open (and connect) the given ``(index, path)`` channels of a running VM.
+
+        A channel already open on the same path is kept; one whose path changed is
+        reopened. Returns the indexes newly opened.
+        """
+        opened = []
+        for index, path in channels:
+            if only is not None and index not in only:
+                continue
+            key = (vm, index)
+            channel = self.vm_channels.get(key)
+            if channel is None or channel.path != path:
+                if channel is not None:
+                    self._close(channel)
+                channel = VmChannel(vm, index, path, self._bucket(), self.send_queue_max)
+                channel.enabled = key not in self.disabled
+                self.vm_channels[key] = channel
+                opened.append(index)
+            if channel.state is ChannelState.DISCONNECTED:
+                self._connect(channel)
+        return opened
+
+    def close_vm(self, vm: str) -> None:
+        """A VM stopped or left: close its channels."""
+        for key in [k for k in self.vm_channels if k[0] == vm]:
+            self._close(self.vm_channels.pop(key))
+
+    def set_enabled(self, vm: str, index: int, enabled: bool) -> None:
+        key = (vm, index)
+        if enabled:
+            self.disabled.discard(key)
+        else:
+            self.disabled.add(key)
+        channel = self.vm_channels.get(key)
+        if channel is not None:
+            channel.enabled = enabled
+
+    def reconnect(self) -> None:
+        """Connect again every channel whose peer went away (the VM still runs)."""
+        for channel in list(self.vm_channels.values()):
+            if channel.state is ChannelState.DISCONNECTED:
+                self._connect(channel)
+
+    def _connect(self, channel: VmChannel) -> None:
+        state = channel.connect()
+        if state is ChannelState.CONNECTED:
+            self._connected(channel)
+        elif state is ChannelState.CONNECTING:
+            self.monitor.add_writer(channel.fileno(), lambda _fd, c=channel: self._finish(c))
+
+    def _finish(self, channel: VmChannel) -> None:
+        self.monitor.remove(channel.fileno())
+        if channel.finish_connect() is ChannelState.CONNECTED:
+            self._connected(channel)
+
+    def _connected(self, channel: VmChannel) -> None:
+        log.info("%s: channel %d of %s connected", channel.path, channel.index, channel.vm)
+        self.monitor.add_reader(channel.fileno(), lambda _fd, c=channel: self._readable(c))
+
+    def _readable(self, channel: VmChannel) -> None:
+        packets = channel.receive()
+        if packets is None:
+            log.info("%s: channel of %s closed by the other end", channel.path, channel.vm)
+            self.monitor.remove(channel.fileno())
+            channel.close()  # reconnect() connects it again while the VM runs
+            return
+        if packets:
+            self.on_packets(channel, packets)
+
+    def _close(self, channel: VmChannel) -> None:
+        if channel.sock is not None:
+            self.monitor.remove(channel.fileno())
+        channel.close()
+
+    # -- replies -----------------------------------------------------------------------
+
+    def send(self, endpoints: Iterable[Endpoint]) -> None:
+        """Send the replies queued on ``endpoints`` (the end of a turn)."""
+        for endpoint in endpoints:
+            # FIFOs have no replies; a channel whose socket refuses the rest is drained
+            # when it turns writable.
+            if (
+                isinstance(endpoint, VmChannel)
+                and endpoint.sock is not None
+                and not endpoint.flush()
+            ):
+                self.monitor.add_writer(endpoint.fileno(), lambda _fd, c=endpoint: self._drain(c))
+
+    def _drain(self, channel: VmChannel) -> None:
+        if channel.flush() and channel.sock is not None:
+            self.monitor.remove_writer(channel.fileno())
+
+    # -- FIFOs -------------------------------------------------------------------------
+
+    def open_fifo(self, cpu: int) -> None:
+        fifo = FifoChannel(self.directory, cpu, self._bucket())
+        try:
+            fifo.open()
+        except OSError as exc:
+            log.error("%s: cannot open FIFO: %s", fifo.path, exc)
+            return
+        self.fifos[cpu] = fifo
+
+        def readable(_fd: int, f: FifoChannel = fifo) -> None:
+            messages = f.receive()
+            if messages:
+                self.on_messages(f, messages)
+
+        self.monitor.add_reader(fifo.fileno(), readable)
+
+    def close_fifo(self, cpu: int) -> None:
+        fifo = self.fifos.pop(cpu)
+        self.monitor.remove(fifo.fileno())
+        fifo.close()
+
+    def set_fifo_cpus(self, cpus: Iterable[int]) -> None:
+        """Open the FIFOs of ``cpus`` and close the others."""
+        wanted = set(cpus)
+        for cpu in sorted(set(self.fifos) - wanted):
+            self.close_fifo(cpu)
+        for cpu in sorted(wanted - set(self.fifos)):
+            self.open_fifo(cpu)
+
+    # -- limits and shutdown -----------------------------------------------------------
+
+    def set_limits(self, rate_per_s: float, burst: int, send_queue_max: int) -> None:
+        """New flood and send-queue limits (reload): every endpoint gets a fresh bucket."""
+        self.rate_per_s, self.burst, self.send_queue_max = rate_per_s, burst, send_queue_max
+        for endpoint in [*self.vm_channels.values(), *self.fifos.values()]:
+            endpoint.bucket = self._bucket()
+            if isinstance(endpoint, VmChannel):
+                endpoint.send_queue_max = send_queue_max
+
+    def close_all(self) -> None:
+        for channel in list(self.vm_channels.values()):
+            self._close(channel)
+        self.vm_channels.clear()
+        for cpu in list(self.fifos):
+            self.close_fifo(cpu)

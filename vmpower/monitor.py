@@ -71,7 +71,6 @@ class Monitor:
         self._end_of_turn: list[Callable[[], None]] = []
         self._tickers: list[Ticker] = []
         self._stopping = False
-        self._thread_id: int | None = None
         self.turns = 0
 
     # -- fds ---------------------------------------------------------------------------
@@ -153,9 +152,6 @@ class Monitor:
         """Drive an external scheduler: its next_due() bounds the wait, run_due() runs it."""
         self._tickers.append(ticker)
 
-    def in_loop_thread(self) -> bool:
-        return self._thread_id == threading.get_ident()
-
     # -- the loop ----------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -165,7 +161,6 @@ class Monitor:
 
     def run(self) -> None:
         """Run turns until stop()."""
-        self._thread_id = threading.get_ident()
         self._stopping = False
         while not self._stopping:
             self.run_once()

@@ -1,10 +1,12 @@
-"""Power policies (PROTOCOL.md "Policies"): WORKLOAD, TIME, TRAFFIC, BRANCH_RATIO.
+"""Power policies (docs/protocol.md, "Policies"): WORKLOAD, TIME, TRAFFIC, BRANCH_RATIO.
 
-Policies are installed by PKT_POLICY (VM channels) or a FIFO's ``create`` message and
-stored by ``power.PowerManager`` keyed by the requesting channel's owner; this module
-evaluates them on the periodic event queue (never in a busy loop) and turns each
-decision into that owner's wish for the policy's CPUs, which the request handler
-arbitrates and applies like any other wish at the end of the monitor turn.
+Policies are installed by PKT_POLICY (VM channels) or a FIFO's ``create`` message;
+either becomes one ``PolicySpec`` when installed, so evaluation never asks where a
+policy came from. ``power.PowerManager`` stores the ``PolicyRecord`` keyed by the
+requesting channel's owner; this module evaluates them on the periodic event queue
+(never in a busy loop) and turns each decision, a workload level (HIGH, MEDIUM, LOW),
+into that owner's wish for the policy's CPUs, which the request handler arbitrates
+and applies like any other wish at the end of the monitor turn.
 
 Inputs are passed in so tests can script them: the wall clock and time zone (TIME),
 packet counters (TRAFFIC: libvirt interface statistics of the domain, any NIC) and
@@ -13,21 +15,21 @@ the msr device root (BRANCH_RATIO).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmpower.protocol import PolicyType, Workload
+from vmpower.protocol import FifoPolicy, Packet, PolicyType, Workload
 
 if TYPE_CHECKING:
     from vmpower.events import EventQueue
-    from vmpower.power import PolicyRecord, PowerManager
+    from vmpower.power import PowerManager
 
 log = logging.getLogger("vmpower.policies")
 
@@ -48,10 +50,58 @@ _U64 = struct.Struct("<Q")
 _COUNTER_MASK = (1 << 48) - 1  # general-purpose counters are 48 bits wide on current cores
 
 
-class Level(enum.Enum):
-    MAX = "max"
-    MEDIUM = "medium"
-    MIN = "min"
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy as installed, whatever carried it (a PKT_POLICY packet or FIFO JSON)."""
+
+    type: PolicyType
+    workload: Workload | None = None  # WORKLOAD: the level asked for
+    busy_hours: frozenset[int] = frozenset()  # TIME: hours at max
+    quiet_hours: frozenset[int] = frozenset()  # TIME: hours at min
+    traffic_hours: frozenset[int] = frozenset()  # TIME: hours decided by TRAFFIC
+    avg_packet_thresh: int = 0  # TRAFFIC: packets/s for MEDIUM (0: none)
+    max_packet_thresh: int = 0  # TRAFFIC: packets/s for HIGH (0: none)
+
+    @classmethod
+    def from_packet(cls, packet: Packet) -> PolicySpec:
+        kind = packet.policy_enum
+        if kind is None:
+            raise ValueError(f"unknown policy_to_use {packet.policy_to_use}")
+        return cls(
+            type=kind,
+            workload=packet.workload_enum,
+            busy_hours=given_hours(packet.busy_hours),
+            quiet_hours=given_hours(packet.quiet_hours),
+            traffic_hours=given_hours(packet.hours_to_use_traffic_profile),
+            avg_packet_thresh=packet.avg_max_packet_thresh,
+            max_packet_thresh=packet.max_max_packet_thresh,
+        )
+
+    @classmethod
+    def from_fifo(cls, message: FifoPolicy) -> PolicySpec:
+        if message.policy_type is None:
+            raise ValueError("policy without a policy type")
+        return cls(
+            type=message.policy_type,
+            workload=message.workload,
+            busy_hours=frozenset(message.busy_hours),
+            quiet_hours=frozenset(message.quiet_hours),
+            avg_packet_thresh=message.avg_packet_thresh or 0,
+            max_packet_thresh=message.max_packet_thresh or 0,
+        )
+
+
+@dataclass
+class PolicyRecord:
+    """A policy one requester installed, on the host CPUs it applies to."""
+
+    owner: str
+    spec: PolicySpec
+    cpus: frozenset[int] = frozenset()
+    vcpus: tuple[int, ...] | None = None  # VIRTUAL policies: re-mapped when pinning changes
+    installed_at: float = 0.0
+    last_decision: str = ""
+    last_decision_at: float | None = None
 
 
 def given_hours(hours: tuple[int, ...]) -> frozenset[int]:
@@ -190,23 +240,15 @@ class PolicyEngine:
                 log.exception("policy of %s failed to evaluate; it stays installed", owner)
         self._release_unused_msrs()
 
-    def evaluate(self, record: PolicyRecord, now_mono: float) -> Level | None:
+    def evaluate(self, record: PolicyRecord, now_mono: float) -> Workload | None:
         """Decide one policy now and move its owner's wishes; returns the decision."""
-        kind = _policy_type(record)
-        level: Level | None
+        spec = record.spec
+        kind = spec.type
+        level: Workload | None
         why: str
         if kind is PolicyType.WORKLOAD:
-            workload = _workload(record)
-            level = (
-                {
-                    Workload.HIGH: Level.MAX,
-                    Workload.MEDIUM: Level.MEDIUM,
-                    Workload.LOW: Level.MIN,
-                }.get(workload)
-                if workload is not None
-                else None
-            )
-            why = f"workload {workload.name if workload is not None else '?'}"
+            level = spec.workload
+            why = f"workload {level.name if level is not None else '?'}"
         elif kind is PolicyType.TIME:
             level, why = self._time(record, now_mono)
         elif kind is PolicyType.TRAFFIC:
@@ -221,27 +263,27 @@ class PolicyEngine:
         else:
             return None
         if level is not None:
-            self.power.set_level(record.owner, record.cpus, level.value)
-        decision = f"{level.name if level else 'no change'} ({why})"
+            self.power.set_level(record.owner, record.cpus, level)
+        decision = f"{_LEVEL_NAMES[level]} ({why})"
         if decision != record.last_decision:
             log.info("policy of %s on CPUs %s: %s", record.owner, sorted(record.cpus), decision)
         record.last_decision = decision
         record.last_decision_at = self.wall_clock().timestamp()
         return level
 
-    def _time(self, record: PolicyRecord, now_mono: float) -> tuple[Level | None, str]:
+    def _time(self, record: PolicyRecord, now_mono: float) -> tuple[Workload | None, str]:
         hour = self.wall_clock().hour
-        busy, quiet, traffic_hours = _hours(record)
-        if hour in busy:
-            return Level.MAX, f"busy hour {hour}"
-        if hour in quiet:
-            return Level.MIN, f"quiet hour {hour}"
-        if hour in traffic_hours:
+        spec = record.spec
+        if hour in spec.busy_hours:
+            return Workload.HIGH, f"busy hour {hour}"
+        if hour in spec.quiet_hours:
+            return Workload.LOW, f"quiet hour {hour}"
+        if hour in spec.traffic_hours:
             level, why = self._traffic(record, now_mono)
             return level, f"traffic hour {hour}: {why}"
         return None, f"hour {hour} not listed"
 
-    def _traffic(self, record: PolicyRecord, now_mono: float) -> tuple[Level | None, str]:
+    def _traffic(self, record: PolicyRecord, now_mono: float) -> tuple[Workload | None, str]:
         if self.traffic is None:
             return None, "no traffic source"
         try:
@@ -254,12 +296,12 @@ class PolicyEngine:
         if last is None or now_mono <= last[1]:
             return None, "first sample"
         rate = max(0, packets - last[0]) / (now_mono - last[1])
-        avg, high = _thresholds(record)
+        avg, high = record.spec.avg_packet_thresh, record.spec.max_packet_thresh
         if high and rate >= high:
-            return Level.MAX, f"{rate:.0f} pkt/s ≥ {high}"
+            return Workload.HIGH, f"{rate:.0f} pkt/s ≥ {high}"
         if avg and rate >= avg:
-            return Level.MEDIUM, f"{rate:.0f} pkt/s ≥ {avg}"
-        return Level.MIN, f"{rate:.0f} pkt/s"
+            return Workload.MEDIUM, f"{rate:.0f} pkt/s ≥ {avg}"
+        return Workload.LOW, f"{rate:.0f} pkt/s"
 
     # -- branch ratio ------------------------------------------------------------------
 
@@ -278,21 +320,21 @@ class PolicyEngine:
             window = self._branch_window.setdefault(cpu, deque(maxlen=BRANCH_WINDOW))
             window.append(high)
 
-    def _branch_decision(self, record: PolicyRecord) -> tuple[Level | None, str]:
+    def _branch_decision(self, record: PolicyRecord) -> tuple[Workload | None, str]:
         unavailable = [cpu for cpu in record.cpus if cpu in self.msr.unavailable]
         if unavailable:
             return None, f"no MSR access on CPUs {sorted(unavailable)}"
         windows = [self._branch_window.get(cpu) for cpu in record.cpus]
         if any(w is not None and any(w) for w in windows):
-            return Level.MAX, "branch-miss ratio above threshold"
+            return Workload.HIGH, "branch-miss ratio above threshold"
         if windows and all(w is not None and len(w) == BRANCH_WINDOW for w in windows):
-            return Level.MIN, f"{BRANCH_WINDOW} samples below threshold"
+            return Workload.LOW, f"{BRANCH_WINDOW} samples below threshold"
         return None, "window filling"
 
     def _release_unused_msrs(self) -> None:
         wanted: set[int] = set()
         for record in self.power.policies.values():
-            if _policy_type(record) is PolicyType.BRANCH_RATIO:
+            if record.spec.type is PolicyType.BRANCH_RATIO:
                 wanted |= record.cpus
         for cpu in self._branch_cpus - wanted:
             self.msr.release(cpu)
@@ -306,38 +348,10 @@ class PolicyEngine:
             del self._last_traffic[owner]
 
 
-def _policy_type(record: PolicyRecord) -> PolicyType | None:
-    if record.packet is not None:
-        return record.packet.policy_enum
-    if record.fifo is not None:
-        return record.fifo.policy_type
-    return None
-
-
-def _workload(record: PolicyRecord) -> Workload | None:
-    if record.packet is not None:
-        return record.packet.workload_enum
-    if record.fifo is not None:
-        return record.fifo.workload
-    return None
-
-
-def _hours(record: PolicyRecord) -> tuple[frozenset[int], frozenset[int], frozenset[int]]:
-    if record.packet is not None:
-        p = record.packet
-        return (
-            given_hours(p.busy_hours),
-            given_hours(p.quiet_hours),
-            given_hours(p.hours_to_use_traffic_profile),
-        )
-    if record.fifo is not None:
-        return frozenset(record.fifo.busy_hours), frozenset(record.fifo.quiet_hours), frozenset()
-    return frozenset(), frozenset(), frozenset()
-
-
-def _thresholds(record: PolicyRecord) -> tuple[int, int]:
-    if record.packet is not None:
-        return record.packet.avg_max_packet_thresh, record.packet.max_max_packet_thresh
-    if record.fifo is not None:
-        return record.fifo.avg_packet_thresh or 0, record.fifo.max_packet_thresh or 0
-    return 0, 0
+# How a decision reads in the log and show_policies (the level each workload sets).
+_LEVEL_NAMES = {
+    Workload.HIGH: "MAX",
+    Workload.MEDIUM: "MEDIUM",
+    Workload.LOW: "MIN",
+    None: "no change",
+}

@@ -1,4 +1,4 @@
-"""Request handling: authorize, arbitrate, apply, reply (PROTOCOL.md "Host behaviour").
+"""Request handling: authorize, arbitrate, apply, reply (docs/protocol.md, "Host rules").
 
 ``PowerManager`` turns decoded channel messages into frequency wishes and replies:
 
@@ -8,9 +8,10 @@
 * every requester's wish is kept per host CPU and the CPU runs at the highest wish
   among the requesters sharing it (arbitration, rule 5);
 * writes are coalesced: requests only move wishes, and once per monitor turn
-  ``flush()`` writes each changed CPU once (through the restore journal, which
-  ``Sysfs`` consults before a file's first write) and only then queues the replies,
-  so an ACK always means "applied" and a failed write turns into a NACK;
+  ``finish_turn()`` writes each changed CPU once (through the restore journal, which
+  ``Sysfs`` consults before a file's first write), only then queues the replies and
+  hands them to the channels to send, so an ACK always means "applied" and a failed
+  write turns into a NACK;
 * when a requester leaves (VM stopped, channel removed, pinning changed), its wishes
   go; a CPU nobody wishes for any more gets its original settings back.
 """
@@ -21,12 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vmpower import protocol
 from vmpower.cpufreq import CpuFreq
 from vmpower.errors import ProtocolError, UnknownVmError, VmpowerError
-from vmpower.protocol import Command, CoreType, ReplyCode, Unit
+from vmpower.policies import PolicyRecord, PolicySpec
+from vmpower.protocol import Command, CoreType, ReplyCode, Unit, Workload
 
 if TYPE_CHECKING:
     from vmpower.channels import Endpoint, FifoChannel, VmChannel
@@ -37,8 +39,12 @@ log = logging.getLogger("vmpower.power")
 
 ACK = int(ReplyCode.ACK)
 NACK = int(ReplyCode.NACK)
+# Commands and units are compared as plain ints on the request path: an enum member
+# look-up per request costs more than the comparison itself.
 _CPU_POWER = int(Command.CPU_POWER)
 _CONNECT = int(Command.CONNECT)
+_PKT_POLICY = int(Command.PKT_POLICY)
+_PKT_POLICY_REMOVE = int(Command.PKT_POLICY_REMOVE)
 _PHYSICAL = int(CoreType.PHYSICAL)
 _QUERIES = {
     int(Command.QUERY_FREQ_LIST),
@@ -54,6 +60,7 @@ _SCALE_MAX = int(Unit.SCALE_MAX)
 _SCALE_MIN = int(Unit.SCALE_MIN)
 _ENABLE_TURBO = int(Unit.ENABLE_TURBO)
 _DISABLE_TURBO = int(Unit.DISABLE_TURBO)
+_LEVELS = frozenset(Workload)
 
 
 class VmDirectory(Protocol):
@@ -76,29 +83,43 @@ class Wish:
     turbo: bool = False
 
 
-@dataclass
-class PolicyRecord:
-    """A policy a requester installed (evaluated by ``vmpower.policies``)."""
-
-    owner: str
-    packet: protocol.Packet | None = None
-    fifo: protocol.FifoPolicy | None = None
-    cpus: frozenset[int] = frozenset()
-    vcpus: tuple[int, ...] | None = None  # VIRTUAL policies: re-mapped when pinning changes
-    installed_at: float = 0.0
-    last_decision: str = ""
-    last_decision_at: float | None = None
-
-
 # A reply waiting for the end-of-turn flush: (channel, request packet, CPUs it acted on,
 # reply, conditional). A conditional reply is the ACK, sent unless one of its CPUs failed
 # to apply (then NACK); a None reply (FIFO message) is no reply.
 _Pending = tuple["Endpoint", bytes, frozenset[int], bytes | None, bool]
 _PACKET_CACHE_MAX = 4096
-_NO_VM = object()  # stands for "the channel's VM is unknown" in a read's fast path
-# Fields of a packet-cache entry: peek_routing's five, the ACK, then the route cache.
-_E_UNIT, _E_ACK, _E_ROUTE_VM, _E_ROUTE_GEN, _E_ROUTE_CPUS = 1, 5, 6, 7, 8
 _NO_CPUS: frozenset[int] = frozenset()
+
+
+class _KnownPacket:
+    """What the handler learnt of one distinct packet: its header, its ACK, its route.
+
+    Guests repeat the same bytes, so the header is decoded and the ACK built once. The
+    route (the host CPUs the packet acts on) is remembered with the ``VmInfo`` and the
+    CPU-state generation it was checked against: while both are unchanged, every rule of
+    the slow path would say "allowed" again for these exact bytes.
+    """
+
+    __slots__ = (
+        "ack",
+        "command",
+        "core_type",
+        "resource_id",
+        "route_cpus",
+        "route_generation",
+        "route_vm",
+        "unit",
+        "vm_name",
+    )
+
+    def __init__(self, packet: bytes) -> None:
+        self.resource_id, self.unit, self.command, self.vm_name, self.core_type = (
+            protocol.peek_routing(packet)
+        )
+        self.ack = protocol.echo_reply(packet, 0, ACK)
+        self.route_vm: VmInfo | None = None
+        self.route_generation = -1
+        self.route_cpus = _NO_CPUS
 
 
 @dataclass
@@ -121,12 +142,14 @@ class PowerManager:
         journal: RestoreJournal | None,
         reserved_cpus: frozenset[int] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
+        send_replies: Callable[[set[Endpoint]], None] | None = None,
     ) -> None:
         self.cpufreq = cpufreq
         self.vms = vms
         self.journal = journal
         self._reserved_cpus = reserved_cpus
         self.clock = clock
+        self.send_replies = send_replies
         self.query_allowed: set[str] = set()
         self.wishes: dict[int, dict[str, Wish]] = {}
         self.policies: dict[str, PolicyRecord] = {}
@@ -136,7 +159,7 @@ class PowerManager:
         # Each CPU's wishes as they were before this turn first touched them, so a failed
         # write puts them back (and its requests get NACK).
         self._snapshot: dict[int, dict[str, Wish]] = {}
-        self._packet_cache: dict[bytes, list[Any]] = {}
+        self._packet_cache: dict[bytes, _KnownPacket] = {}
         self._table_cache: dict[int, tuple[tuple[int, ...], dict[int, int], int]] = {}
         # Whether each host CPU may be controlled (online, cpufreq, not reserved): reading
         # sysfs per request would cost more than the request; refresh_cpus() re-reads it.
@@ -174,61 +197,58 @@ class PowerManager:
         # within the channel's rate, the rest get NACK (a CONNECT probe takes a token too,
         # and gets no reply either way).
         allowed = channel.bucket.take_many(self.clock(), len(packets))
+        vm: VmInfo | None
         try:
-            vm: Any = self.vms.ensure_fresh(owner)  # one map look-up per read
+            vm = self.vms.ensure_fresh(owner)  # one map look-up per read
         except UnknownVmError:
-            vm = _NO_VM  # every request below is refused on the slow path
+            vm = None  # every request below is refused on the slow path
         generation = self._cpu_generation
-        enabled = channel.enabled
+        # The fast path needs a known VM and an enabled channel for the whole read.
+        fast = vm is not None and channel.enabled
         pending = self._pending
         cache = self._packet_cache
         move = self._move
         for packet in packets:
-            entry = cache.get(packet)
-            if entry is None:
-                entry = self._learn(packet)
+            known = cache.get(packet)
+            if known is None:
+                known = self._learn(packet)
             allowed -= 1
             # Fast path: a CPU_POWER packet this VM sent before, under the same map and
             # CPU state, within its rate: every check of the slow path gave "allowed"
             # for these exact bytes, so only the wish moves.
             if (
-                entry[_E_ROUTE_VM] is vm
-                and entry[_E_ROUTE_GEN] == generation
+                fast
+                and known.route_vm is vm
+                and known.route_generation == generation
                 and allowed >= 0
-                and enabled
             ):
-                cpus = entry[_E_ROUTE_CPUS]
+                cpus = known.route_cpus
                 for cpu in cpus:
-                    move(owner, cpu, entry[_E_UNIT])
-                pending.append((channel, packet, cpus, entry[_E_ACK], True))
+                    move(owner, cpu, known.unit)
+                pending.append((channel, packet, cpus, known.ack, True))
                 continue
-            self._slow_path(channel, packet, entry, allowed, vm, generation)
+            self._slow_path(channel, packet, known, allowed, vm, generation)
 
-    def _learn(self, packet: bytes) -> list[Any]:
-        """Decode a packet's header and build its ACK once; guests repeat their packets."""
+    def _learn(self, packet: bytes) -> _KnownPacket:
+        """Remember a new distinct packet (the cache is bounded: full, it starts over)."""
         cache = self._packet_cache
         if len(cache) >= _PACKET_CACHE_MAX:
             cache.clear()
-        entry = cache[packet] = [
-            *protocol.peek_routing(packet),
-            protocol.echo_reply(packet, 0, ACK),
-            None,  # the VmInfo the route below was checked against
-            -1,  # the CPU-state generation it was checked under
-            _NO_CPUS,  # the host CPUs it acts on
-        ]
-        return entry
+        known = cache[packet] = _KnownPacket(packet)
+        return known
 
     def _slow_path(
         self,
         channel: VmChannel,
         packet: bytes,
-        entry: list[Any],
+        known: _KnownPacket,
         allowed: int,
-        vm: Any,
+        vm: VmInfo | None,
         generation: int,
     ) -> None:
         """Every rule, for a packet the fast path could not vouch for."""
-        resource_id, unit, command, name, core_type, ack = entry[:6]
+        command = known.command
+        unit = known.unit
         if command == _CONNECT:
             return  # the guest library never reads a reply to its probe
         if allowed < 0:
@@ -239,14 +259,15 @@ class PowerManager:
         try:
             if not channel.enabled:
                 raise Refused("channel disabled")
+            name = known.vm_name
             if name and name != owner.encode()[: protocol.MAX_VM_NAME_BYTES]:
                 raise Refused(f"vm_name {name.decode(errors='replace')!r} is not this channel's VM")
             if command == _CPU_POWER:
                 if unit not in _UNITS:
                     raise Refused(f"unknown unit {unit}")
-                if vm is _NO_VM:
+                if vm is None:
                     vm = self.vms.ensure_fresh(owner)  # raises UnknownVmError
-                cpus = self._targets(vm, resource_id, core_type)
+                cpus = self._targets(vm, known.resource_id, known.core_type)
                 if unit == _ENABLE_TURBO:
                     for cpu in cpus:
                         if not self._table(cpu)[2]:  # nominal on top: no turbo range
@@ -255,17 +276,17 @@ class PowerManager:
                     # These bytes from this VM are allowed under this map: next time the
                     # fast path may skip the checks (the name check depends only on the
                     # owner, which the VmInfo identity pins down).
-                    entry[_E_ROUTE_VM] = vm
-                    entry[_E_ROUTE_GEN] = generation
-                    entry[_E_ROUTE_CPUS] = cpus
+                    known.route_vm = vm
+                    known.route_generation = generation
+                    known.route_cpus = cpus
                 for cpu in cpus:
                     self._move(owner, cpu, unit)
-                self._pending.append((channel, packet, cpus, ack, True))
+                self._pending.append((channel, packet, cpus, known.ack, True))
             elif command in _QUERIES:
-                self._query(channel, packet, resource_id, command)
-            elif command == Command.PKT_POLICY:
+                self._query(channel, packet, known.resource_id, command)
+            elif command == _PKT_POLICY:
                 self._install_policy(channel, packet)
-            elif command == Command.PKT_POLICY_REMOVE:
+            elif command == _PKT_POLICY_REMOVE:
                 self._remove_policy(channel, packet)
             else:
                 raise Refused(f"unknown command {command}")
@@ -304,17 +325,16 @@ class PowerManager:
                         self._drop_wishes(channel.owner)
                         log.info("%s: policy destroyed", channel.owner)
                     else:
-                        self.policies[channel.owner] = PolicyRecord(
+                        if message.policy_type is None:
+                            raise Refused("policy without a policy type")
+                        record = PolicyRecord(
                             channel.owner,
-                            fifo=message,
+                            PolicySpec.from_fifo(message),
                             cpus=frozenset({channel.cpu}),
                             installed_at=now,
                         )
-                        log.info(
-                            "%s: %s policy installed",
-                            channel.owner,
-                            message.policy_type.name if message.policy_type else "?",
-                        )
+                        self.policies[channel.owner] = record
+                        log.info("%s: %s policy installed", channel.owner, record.spec.type.name)
             except Refused as exc:
                 channel.nacks += 1
                 self.stats.nacks += 1
@@ -335,8 +355,8 @@ class PowerManager:
         elif core_type == 0:
             if resource_id >= vm.vcpu_count or resource_id >= len(vm.vcpu_pcpus):
                 raise Refused(f"vCPU {resource_id} out of range ({vm.name} has {vm.vcpu_count})")
-            cpus = vm.vcpu_pcpus[resource_id]
-            if not cpus or len(cpus) >= self.vms.host_cpu_count():
+            cpus = vm.pinned_pcpus(resource_id, self.vms.host_cpu_count())
+            if not cpus:
                 raise Refused(f"vCPU {resource_id} of {vm.name} is not pinned")
         else:
             raise Refused(f"unknown core_type {core_type}")
@@ -447,9 +467,10 @@ class PowerManager:
             vcpus = range(resource_id, resource_id + 1)
         values: list[int] = [0] * protocol.MAX_VCPU_PER_VM
         priority: list[int] = [0] * protocol.MAX_VCPU_PER_VM
+        host_cpus = self.vms.host_cpu_count()
         for vcpu in vcpus:
-            cpus = vm.vcpu_pcpus[vcpu]
-            if not cpus or len(cpus) >= self.vms.host_cpu_count():
+            cpus = vm.pinned_pcpus(vcpu, host_cpus)
+            if not cpus:
                 continue  # unpinned: nothing of the host to report (0)
             cpu = min(cpus)
             try:
@@ -491,7 +512,11 @@ class PowerManager:
             self._check_cpu(cpu)
         vcpus = None if decoded.core_type == _PHYSICAL else decoded.control_list
         self.policies[channel.owner] = PolicyRecord(
-            channel.owner, packet=decoded, cpus=cpus, vcpus=vcpus, installed_at=self.clock()
+            channel.owner,
+            PolicySpec.from_packet(decoded),
+            cpus=cpus,
+            vcpus=vcpus,
+            installed_at=self.clock(),
         )
         log.info(
             "%s: %s policy installed on host CPUs %s",
@@ -520,14 +545,14 @@ class PowerManager:
         channel.nacks += 1
         if log_it:
             log.warning("%s: %s refused: %s", channel.path, _command_name(command), reason)
-        if command in _FREQ_QUERIES:
-            reply = protocol.nack_freq_list(packet)
-        elif command in _QUERIES:
-            reply = protocol.nack_caps_list(packet)
-        else:
-            reply = protocol.echo_reply(packet, 0, NACK)
         # Replies leave in request order, after this turn's writes (see flush()).
-        self._pending.append((channel, packet, _NO_CPUS, reply, False))
+        self._pending.append((channel, packet, _NO_CPUS, protocol.nack_reply(packet), False))
+
+    def finish_turn(self) -> None:
+        """The end of a monitor turn: apply the changed wishes, then send the replies."""
+        channels = self.flush()
+        if channels and self.send_replies is not None:
+            self.send_replies(channels)
 
     def flush(self) -> set[Endpoint]:
         """Apply this turn's changed wishes, then queue the replies; returns channels to send on."""
@@ -542,7 +567,7 @@ class PowerManager:
         self._snapshot.clear()
         channels: set[Endpoint] = set()
         stats = self.stats
-        echo = protocol.echo_reply
+        nack = protocol.nack_reply
         # Pending items come in runs per channel (one read's worth each): queue each
         # run's replies as one chunk.
         run_channel: Endpoint | None = None
@@ -552,7 +577,7 @@ class PowerManager:
                 if failed and cpus & failed:
                     stats.nacks += 1
                     channel.nacks += 1
-                    reply = echo(packet, 0, NACK) if packet else None
+                    reply = nack(packet) if packet else None
                 else:
                     stats.acks += 1
             if reply is None:
@@ -618,11 +643,7 @@ class PowerManager:
             if policy.vcpus is not None:
                 host_cpus = self.vms.host_cpu_count()
                 policy.cpus = frozenset().union(
-                    *(
-                        vm.vcpu_pcpus[v]
-                        for v in policy.vcpus
-                        if v < len(vm.vcpu_pcpus) and vm.is_pinned(v, host_cpus)
-                    )
+                    *(vm.pinned_pcpus(v, host_cpus) for v in policy.vcpus)
                 )
             else:
                 policy.cpus = policy.cpus & owned
@@ -642,7 +663,7 @@ class PowerManager:
         self.wishes.pop(cpu, None)
         if self.journal is None:
             return
-        prefix = self.cpufreq.sysfs.path(f"devices/system/cpu/cpu{cpu}/")
+        prefix = self.cpufreq.cpu_path_prefix(cpu)
         report = self.journal.restore(lambda path: path.startswith(prefix))
         self.cpufreq.forget(cpu)
         if report.restored:
@@ -662,12 +683,16 @@ class PowerManager:
                 self.cpufreq.forget(cpu)
             log.info("restored %d files; %d failed", len(report.restored), len(report.failed))
 
-    def set_level(self, owner: str, cpus: Iterable[int], level: str) -> None:
-        """A policy's decision: ``owner`` wishes max, medium or min on ``cpus``.
+    def set_level(self, owner: str, cpus: Iterable[int], level: Workload) -> None:
+        """A policy's decision: ``owner`` wishes HIGH (max), MEDIUM or LOW (min) on ``cpus``.
 
-        The turbo entry is used only when the owner asked for turbo itself; MEDIUM is the
-        middle of the table (DPDK's rule). Applied at the end of the turn like requests.
+        The levels are the protocol's workload levels (docs/protocol.md, "Policies").
+        The turbo entries are reachable only when the owner asked for turbo itself, so
+        MAX is the top of the range the owner may reach and MEDIUM the middle of it.
+        Applied at the end of the turn like requests.
         """
+        if level not in _LEVELS:
+            raise ValueError(f"unknown level {level!r}: one of HIGH, MEDIUM, LOW")
         for cpu in cpus:
             try:
                 self._check_cpu(cpu)
@@ -677,7 +702,12 @@ class PowerManager:
             wish = self.wishes.get(cpu, {}).get(owner)
             top = 0 if (wish is not None and wish.turbo) else nominal
             last = len(table) - 1
-            index = {"max": top, "min": last}.get(level, (top + last) // 2)
+            if level == Workload.HIGH:
+                index = top
+            elif level == Workload.LOW:
+                index = last
+            else:
+                index = (top + last) // 2
             freq_khz = table[index]
             if wish is None:
                 self._touch(cpu)[owner] = Wish(freq_khz)
@@ -705,7 +735,7 @@ class PowerManager:
         per_cpu = self.wishes.get(cpu, {})
         original: dict[str, str] = {}
         if self.journal is not None:
-            prefix = self.cpufreq.sysfs.path(f"devices/system/cpu/cpu{cpu}/cpufreq/")
+            prefix = self.cpufreq.cpufreq_path_prefix(cpu)
             original = {
                 path[len(prefix) :]: value
                 for path, value in self.journal.pending().items()

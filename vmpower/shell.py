@@ -29,6 +29,7 @@ from vmpower import control
 from vmpower.config import load_config
 from vmpower.cpuset import format_cpu_list, parse_cpu_list
 from vmpower.errors import ConfigError, ControlError, CpuListError, VmpowerError
+from vmpower.protocol import UNIT_BY_OP
 
 PROMPT = "vmpower> "
 DEFAULT_SOCKET = Path("/run/vmpower/control.sock")
@@ -37,7 +38,6 @@ HISTORY_ENV = "VMPOWER_HISTORY"
 HISTORY_NAME = ".vmpower_history"
 HISTORY_LENGTH = 1000
 TABLE_WIDTH = 80
-OPS = ("up", "down", "min", "max", "enable_turbo", "disable_turbo")
 TELEMETRY_COMMANDS = ("signals", "read", "write", "session")
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -97,7 +97,9 @@ COMMANDS: dict[str, Spec] = {
         ("vm", "enable"),
     ),
     "set_cpu_freq": Spec(
-        f"set_cpu_freq <cpu> {'|'.join(OPS)}", "operator's request for a host CPU", ("cpu", "op")
+        f"set_cpu_freq <cpu> {'|'.join(UNIT_BY_OP)}",
+        "operator's request for a host CPU",
+        ("cpu", "op"),
     ),
     "help": Spec("help [<command>]", "list the commands, or explain one", ("command",)),
     "quit": Spec("quit", "leave the shell"),
@@ -488,8 +490,10 @@ class Shell:
     def cmd_set_cpu_freq(self, args: list[str], spec: Spec) -> None:
         self._arity(args, spec, 2)
         cpu = _int_arg(args[0], "host CPU", spec.usage)
-        if args[1] not in OPS:
-            raise UsageError(f"{args[1]!r} is not one of {', '.join(OPS)}; usage: {spec.usage}")
+        if args[1] not in UNIT_BY_OP:
+            raise UsageError(
+                f"{args[1]!r} is not one of {', '.join(UNIT_BY_OP)}; usage: {spec.usage}"
+            )
         result = self._call("set_cpu_freq", cpu=cpu, op=args[1])
         self._print(result, lambda: f"host CPU {result['cpu']}: {result['freq_khz']} kHz")
 
@@ -538,7 +542,7 @@ class Shell:
         fixed = {
             "status": ["enabled", "disabled"],
             "enable": ["enable", "disable"],
-            "op": list(OPS),
+            "op": list(UNIT_BY_OP),
             "command": list(COMMANDS),
         }
         return fixed.get(kind, [])

@@ -9,7 +9,7 @@ the stream is kept in step explicitly:
   an earlier request gave up (or after an earlier process exited) is not ours;
 * a request that timed out in this process still owes its reply: those bytes are
   skipped when they arrive, whatever comes next (the host answers every request
-  with a reply of the size the protocol gives it: PROTOCOL.md, host rule 2);
+  with a reply of the size the protocol gives it: docs/protocol.md, host rule 2);
 * a reply is accepted only if it fits the request (an ACK/NACK echoes every field;
   a query reply has the right code): anything else is a stale reply from another
   process, skipped byte by byte until the stream lines up again.

@@ -29,8 +29,8 @@ from vmpower.guest.ports import (
     port_for_vcpu,
     port_from_arg,
 )
-from vmpower.guest.requests import OPS, OptionError, PolicyOptions
-from vmpower.protocol import Command, PolicyType, ReplyCode, Workload
+from vmpower.guest.requests import OptionError, PolicyOptions
+from vmpower.protocol import UNIT_BY_OP, Command, PolicyType, ReplyCode, Workload
 
 PROMPT = "vmpower(guest)> "
 DEFAULT_TIMEOUT_S = 2.0
@@ -38,7 +38,7 @@ DEFAULT_TIMEOUT_S = 2.0
 # name: (usage, summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "set_cpu_freq": (
-        f"set_cpu_freq <vcpu> {'|'.join(OPS)}",
+        f"set_cpu_freq <vcpu> {'|'.join(UNIT_BY_OP)}",
         "ask the host to change the frequency of a vCPU's host CPUs",
     ),
     "send_policy": ("send_policy now", "install the policy the options describe"),
@@ -127,8 +127,8 @@ class GuestSession:
             raise UsageError(f"usage: {usage}")
         vcpu = _vcpu(args[0], usage, requests.VCPU_LIMIT)
         op = args[1]
-        if op not in OPS:
-            raise UsageError(f"{op!r} is not one of {', '.join(OPS)}; usage: {usage}")
+        if op not in UNIT_BY_OP:
+            raise UsageError(f"{op!r} is not one of {', '.join(UNIT_BY_OP)}; usage: {usage}")
         request = requests.power_request(vcpu, op, self.vm_name)
         reply = self._exchange(vcpu, request, requests.echo_of(request))
         return self._ack_or_nack(f"vCPU {vcpu} {op}", reply)
@@ -436,7 +436,7 @@ def _setup_completion() -> None:
         elif len(words) == 1:
             options = first_arg.get(words[0], [])
         elif len(words) == 2 and words[0] == "set_cpu_freq":
-            options = list(OPS)
+            options = list(UNIT_BY_OP)
         else:
             options = []
         matches = [o + " " for o in options if o.startswith(text)]

@@ -1,7 +1,7 @@
 """Finding the guest's power ports and choosing which one carries a request.
 
 QEMU gives the guest one virtio-serial port per power channel; the host names them
-``virtio.serial.port.poweragent.<n>`` (PROTOCOL.md, Transport). The kernel exposes
+``virtio.serial.port.poweragent.<n>`` (docs/protocol.md, "Transport"). The kernel exposes
 each port as ``/sys/class/virtio-ports/vport<D>p<P>`` whose ``name`` attribute holds
 that name, with the device node ``/dev/vport<D>p<P>``; udev adds the link
 ``/dev/virtio-ports/<name>``. Discovery asks udev (``pyudev``) when it is importable

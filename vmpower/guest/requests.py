@@ -1,7 +1,7 @@
 """The guest's requests: option values parsed, packets built, replies recognised.
 
 Owns the rules that turn ``vmpower-guest`` options into the 464-byte request of
-PROTOCOL.md (via :func:`vmpower.protocol.encode_packet`) and the checks that tell a
+docs/protocol.md (via :func:`vmpower.protocol.encode_packet`) and the checks that tell a
 request's own reply from a stale one. Nothing here does I/O.
 
 No defaults that surprise: DPDK's guest_cli starts from a filled-in policy (VM name
@@ -18,16 +18,8 @@ from dataclasses import dataclass
 
 from vmpower import protocol
 from vmpower.errors import ProtocolError, VmpowerError
-from vmpower.protocol import Command, PolicyType, ReplyCode, Unit, Workload
+from vmpower.protocol import UNIT_BY_OP, Command, PolicyType, ReplyCode, Workload
 
-OPS: dict[str, Unit] = {
-    "up": Unit.SCALE_UP,
-    "down": Unit.SCALE_DOWN,
-    "min": Unit.SCALE_MIN,
-    "max": Unit.SCALE_MAX,
-    "enable_turbo": Unit.ENABLE_TURBO,
-    "disable_turbo": Unit.DISABLE_TURBO,
-}
 VCPU_LIMIT = 2**64  # resource_id is a u64: vCPU numbers below this
 _LIST_ITEM = re.compile(r"(\d+)(?:-(\d+))?")
 
@@ -149,7 +141,9 @@ def check_vm_name(vm_name: str) -> None:
 def power_request(vcpu: int, op: str, vm_name: str) -> bytes:
     """CPU_POWER for a vCPU of this VM (core_type VIRTUAL)."""
     return _encode(
-        protocol.Packet(resource_id=vcpu, unit=OPS[op], command=Command.CPU_POWER, vm_name=vm_name)
+        protocol.Packet(
+            resource_id=vcpu, unit=UNIT_BY_OP[op], command=Command.CPU_POWER, vm_name=vm_name
+        )
     )
 
 

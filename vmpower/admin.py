@@ -1,0 +1,302 @@
+"""The operator's commands: what each control-socket command reads, checks and changes.
+
+``control`` carries JSON lines; this module gives them meaning. Each ``cmd_*`` handler
+takes the request's arguments (checked here, with a clear error for anything wrong)
+and the caller's credentials, and returns a JSON-able result. Handlers run on the
+monitor thread, so they read and change agent state directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from vmpower import __version__
+from vmpower.channels import ChannelRegistry, ChannelState
+from vmpower.control import Command, PeerCred
+from vmpower.cpufreq import CpuFreq
+from vmpower.cpuset import format_cpu_list, parse_cpu_list
+from vmpower.errors import ControlError, CpuListError, VmpowerError
+from vmpower.hypervisor import Hypervisor, VmInfo, VmState
+from vmpower.lifecycle import VmLifecycle
+from vmpower.policies import PolicyRecord
+from vmpower.power import PowerManager
+from vmpower.protocol import UNIT_BY_OP
+from vmpower.restore import RestoreJournal
+
+
+class AdminCommands:
+    """The control commands of a running agent, over its parts."""
+
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        power: PowerManager,
+        cpufreq: CpuFreq,
+        channels: ChannelRegistry,
+        lifecycle: VmLifecycle,
+        journal: RestoreJournal,
+        started_at: float,
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.power = power
+        self.cpufreq = cpufreq
+        self.channels = channels
+        self.lifecycle = lifecycle
+        self.journal = journal
+        self.started_at = started_at
+
+    def commands(self) -> dict[str, Command]:
+        return {
+            "status": Command(self.cmd_status, help="daemon status"),
+            "list_vms": Command(self.cmd_list_vms, help="VMs with state and channels"),
+            "show_vm": Command(self.cmd_show_vm, help="one VM: channels, vCPU map, query"),
+            "show_cpus": Command(self.cmd_show_cpus, help="host CPUs: frequencies and holders"),
+            "show_policies": Command(self.cmd_show_policies, help="installed policies"),
+            "add_vm": Command(self.cmd_add_vm, changes=True, help="serve a VM"),
+            "rm_vm": Command(self.cmd_rm_vm, changes=True, help="stop serving a VM"),
+            "add_channels": Command(self.cmd_add_channels, changes=True, help="open channels"),
+            "set_channel_status": Command(
+                self.cmd_set_channel_status, changes=True, help="enable or disable channels"
+            ),
+            "set_pcpu": Command(self.cmd_set_pcpu, changes=True, help="pin a vCPU"),
+            "set_query": Command(self.cmd_set_query, changes=True, help="allow queries"),
+            "set_cpu_freq": Command(
+                self.cmd_set_cpu_freq,
+                changes=True,
+                help="operator frequency request for a host CPU",
+            ),
+        }
+
+    # -- arguments ---------------------------------------------------------------------
+
+    def _vm_arg(self, request: dict[str, Any]) -> VmInfo:
+        name = request.get("vm")
+        if not isinstance(name, str) or not name:
+            raise ControlError('missing "vm": the VM name')
+        try:
+            return self.hypervisor.vm(name)
+        except VmpowerError:
+            raise ControlError(f"unknown VM {name!r} (list_vms shows the known ones)") from None
+
+    def _cpu_arg(self, value: Any) -> int:
+        cpus = self.cpufreq.cpus()
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ControlError(f"host CPU must be an integer, got {value!r}")
+        if value not in cpus:
+            raise ControlError(f"host CPU {value} out of range (0-{max(cpus)})")
+        return value
+
+    def _channel_list(self, vm: VmInfo, request: dict[str, Any]) -> set[int]:
+        spec = request.get("channels", "all")
+        if spec == "all":
+            return {ch.index for ch in vm.channels} | self.channels.indexes(vm.name)
+        try:
+            if isinstance(spec, list):
+                return {int(x) for x in spec}
+            return set(parse_cpu_list(str(spec)))
+        except (ValueError, CpuListError):
+            raise ControlError(f"bad channel list {spec!r}: use all, 0,1 or 0-3") from None
+
+    # -- reading -----------------------------------------------------------------------
+
+    def cmd_status(self, _req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        stats = self.power.stats
+        vm_channels = self.channels.vm_channels.values()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "libvirt": self.hypervisor.status(),
+            "vms": len(self.hypervisor.vms()),
+            "channels": len(vm_channels),
+            "channels_connected": sum(1 for c in vm_channels if c.state is ChannelState.CONNECTED),
+            "fifos": sorted(self.channels.fifos),
+            "requests": stats.requests,
+            "acks": stats.acks,
+            "nacks": stats.nacks,
+            "writes": stats.writes,
+            "writes_skipped": stats.writes_skipped,
+            "write_failures": stats.write_failures,
+            "pending_restore": len(self.journal.pending()),
+            "reserved_cpus": format_cpu_list(self.power.reserved_cpus),
+        }
+
+    def cmd_list_vms(self, _req: dict[str, Any], _cred: PeerCred) -> list[dict[str, Any]]:
+        rows = []
+        for name, vm in sorted(self.hypervisor.vms().items()):
+            chans = self.channels.for_vm(name)
+            rows.append(
+                {
+                    "name": name,
+                    "state": vm.state.name.lower(),
+                    "vcpus": vm.vcpu_count,
+                    "pcpus": format_cpu_list(vm.pcpus()),
+                    "tracked": self.hypervisor.tracked(name),
+                    "channels": len(chans),
+                    "connected": sum(1 for c in chans if c.state is ChannelState.CONNECTED),
+                    "query": name in self.power.query_allowed,
+                }
+            )
+        return rows
+
+    def cmd_show_vm(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        vm = self._vm_arg(req)
+        host_cpus = self.hypervisor.host_cpu_count()
+        vcpus = [
+            {
+                "vcpu": vcpu,
+                "pcpus": format_cpu_list(cpus),
+                "pinned": bool(vm.pinned_pcpus(vcpu, host_cpus)),
+            }
+            for vcpu, cpus in enumerate(vm.vcpu_pcpus)
+        ]
+        channels = []
+        known = {ch.index: ch for ch in vm.channels}
+        for index in sorted(set(known) | self.channels.indexes(vm.name)):
+            channel = self.channels.vm_channels.get((vm.name, index))
+            if channel is not None:
+                channels.append(channel.describe())
+            else:
+                channels.append(
+                    {
+                        "index": index,
+                        "path": known[index].path,
+                        "state": "closed",
+                        "enabled": (vm.name, index) not in self.channels.disabled,
+                    }
+                )
+        policy = self.power.policies.get(vm.name)
+        return {
+            "name": vm.name,
+            "uuid": vm.uuid,
+            "state": vm.state.name.lower(),
+            "tracked": self.hypervisor.tracked(vm.name),
+            "vcpu_count": vm.vcpu_count,
+            "vcpus": vcpus,
+            "channels": channels,
+            "query": vm.name in self.power.query_allowed,
+            "policy": policy_row(policy) if policy else None,
+        }
+
+    def cmd_show_cpus(self, req: dict[str, Any], _cred: PeerCred) -> list[dict[str, Any]]:
+        wanted = req.get("cpu")
+        cpus = self.cpufreq.cpus() if wanted in (None, "all") else [self._cpu_arg(wanted)]
+        holders: dict[int, list[str]] = {}
+        for name, vm in self.hypervisor.vms().items():
+            if vm.state is VmState.RUNNING:
+                for cpu in vm.pcpus():
+                    holders.setdefault(cpu, []).append(name)
+        rows = []
+        for cpu in cpus:
+            if not self.cpufreq.online(cpu):
+                rows.append({"cpu": cpu, "online": False})
+                continue
+            row = self.power.cpu_report(cpu)
+            row["vms"] = sorted(holders.get(cpu, []))
+            rows.append(row)
+        return rows
+
+    def cmd_show_policies(self, _req: dict[str, Any], _cred: PeerCred) -> list[dict[str, Any]]:
+        return [policy_row(p) for _, p in sorted(self.power.policies.items())]
+
+    # -- changing ----------------------------------------------------------------------
+
+    def cmd_add_vm(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        name = req.get("vm")
+        if not isinstance(name, str) or not name:
+            raise ControlError('missing "vm": the VM name')
+        try:
+            self.hypervisor.add_vm(name)
+        except VmpowerError as exc:
+            raise ControlError(str(exc)) from None
+        return {"vm": name, "opened": self.lifecycle.sync_vm(name)}
+
+    def cmd_rm_vm(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        vm = self._vm_arg(req)
+        self.lifecycle.vm_gone(vm.name)
+        self.hypervisor.remove_vm(vm.name)
+        return {"vm": vm.name, "removed": True}
+
+    def cmd_add_channels(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        vm = self._vm_arg(req)
+        self.hypervisor.refresh(vm.name)
+        vm = self.hypervisor.vm(vm.name)
+        if vm.state is not VmState.RUNNING:
+            raise ControlError(f"{vm.name} is not running ({vm.state.name.lower()})")
+        wanted = self._channel_list(vm, req)
+        known = {ch.index for ch in vm.channels}
+        missing = wanted - known
+        if missing:
+            raise ControlError(
+                f"{vm.name} has no channel {format_cpu_list(missing)} "
+                f"(known: {format_cpu_list(known) or 'none'})"
+            )
+        self.lifecycle.sync_vm(vm.name, only=wanted)
+        return {"vm": vm.name, "channels": sorted(wanted)}
+
+    def cmd_set_channel_status(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        vm = self._vm_arg(req)
+        status = req.get("status")
+        if status not in ("enabled", "disabled"):
+            raise ControlError('status must be "enabled" or "disabled"')
+        wanted = self._channel_list(vm, req)
+        for index in wanted:
+            self.channels.set_enabled(vm.name, index, status == "enabled")
+        return {"vm": vm.name, "channels": sorted(wanted), "status": status}
+
+    def cmd_set_pcpu(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        vm = self._vm_arg(req)
+        vcpu = req.get("vcpu")
+        if isinstance(vcpu, bool) or not isinstance(vcpu, int) or not 0 <= vcpu < vm.vcpu_count:
+            raise ControlError(f"vCPU must be 0-{vm.vcpu_count - 1} for {vm.name}, got {vcpu!r}")
+        try:
+            cpus = parse_cpu_list(str(req.get("cpus", "")))
+        except CpuListError as exc:
+            raise ControlError(str(exc)) from None
+        if not cpus:
+            raise ControlError("no host CPU given")
+        host_cpus = self.hypervisor.host_cpu_count()
+        for cpu in cpus:
+            if cpu >= host_cpus:
+                raise ControlError(f"host CPU {cpu} out of range (0-{host_cpus - 1})")
+        try:
+            self.hypervisor.set_pcpu(vm.name, vcpu, cpus)
+        except VmpowerError as exc:
+            raise ControlError(str(exc)) from None
+        self.lifecycle.pinning_changed(vm.name)
+        return {"vm": vm.name, "vcpu": vcpu, "pcpus": format_cpu_list(cpus)}
+
+    def cmd_set_query(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
+        vm = self._vm_arg(req)
+        enable = req.get("enable")
+        if not isinstance(enable, bool):
+            raise ControlError('"enable" must be true or false')
+        if enable:
+            self.power.query_allowed.add(vm.name)
+        else:
+            self.power.query_allowed.discard(vm.name)
+        return {"vm": vm.name, "query": enable}
+
+    def cmd_set_cpu_freq(self, req: dict[str, Any], cred: PeerCred) -> dict[str, Any]:
+        cpu = self._cpu_arg(req.get("cpu"))
+        op = req.get("op")
+        unit = UNIT_BY_OP.get(op) if isinstance(op, str) else None
+        if unit is None:
+            raise ControlError(f"op must be one of {', '.join(UNIT_BY_OP)}, got {op!r}")
+        try:
+            freq_khz = self.power.set_cpu_freq("operator", cpu, unit)
+        except VmpowerError as exc:
+            raise ControlError(str(exc)) from None
+        return {"cpu": cpu, "freq_khz": freq_khz}
+
+
+def policy_row(policy: PolicyRecord) -> dict[str, Any]:
+    return {
+        "owner": policy.owner,
+        "type": policy.spec.type.name,
+        "cpus": format_cpu_list(policy.cpus),
+        "last_decision": policy.last_decision,
+        "last_decision_at": policy.last_decision_at,
+    }
