@@ -1,4 +1,4 @@
-"""vmpowerd as a real subprocess: every PROTOCOL.md host rule, end to end.
+"""vmpowerd as a real subprocess: every docs/protocol.md host rule, end to end.
 
 The test plays QEMU (it binds the channel sockets and the agent connects), speaks
 the binary protocol, and checks the replies and the simulated sysfs.

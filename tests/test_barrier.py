@@ -1,4 +1,4 @@
-"""Tests of vmpower.barrier with real fork(): TELEMETRY.md section 1, rows 1-16.
+"""Tests of vmpower.barrier with real fork(): docs/telemetry.md section 1, rows 1-16.
 
 The pytest process plays the parent role and forks the child role. The child runs a
 script, writes its outcomes ("ok", "fail" or "timeout" per step) as JSON on a pipe and

@@ -1,4 +1,4 @@
-"""Tests of vmpower.events: the periodic event queue (TELEMETRY.md section 4).
+"""Tests of vmpower.events: the periodic event queue (docs/telemetry.md section 4).
 
 Almost every test drives the queue with an injected fake clock, so times are exact; the
 clock advances inside callbacks to model slow work. One test runs on time.monotonic

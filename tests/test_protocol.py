@@ -16,12 +16,9 @@ from hypothesis import strategies as st
 from vmpower import protocol as P
 from vmpower.errors import ProtocolError
 
-# DPDK 22.11 guest captures (PROTOCOL.md's vectors). The repo copy wins when present.
+# DPDK 22.11 guest captures (docs/protocol.md, "Test vectors").
 _VECTOR_NAME = "dpdk-22.11-guest.json"
-_VECTOR_PLACES = (
-    Path(__file__).parent / "data" / _VECTOR_NAME,
-    Path("/work/shared/spec/vectors") / _VECTOR_NAME,
-)
+_VECTOR_PLACES = (Path(__file__).parent / "data" / _VECTOR_NAME,)
 PADDING = (range(153, 156), range(445, 448), range(457, 464))
 PADDING_BYTES = frozenset(i for r in PADDING for i in r)
 NAME_FIELD = range(16, 48)

@@ -1,6 +1,6 @@
 """The controller/worker channel, with real fork, real FIFOs and real /dev/shm.
 
-Ports of CMSSW FWCore/SharedMemory's tests (TELEMETRY.md section 3): three transitions
+Ports of CMSSW FWCore/SharedMemory's tests (docs/telemetry.md section 3): three transitions
 with buffer records and an exact count (test_channels), a late worker that succeeds by
 the flip rule (okTimeout), retries (test_channels_retry), start-up timeout
 (startupTimeout), a worker dying mid-transition (transitionTimeout, which must fail and

@@ -1,7 +1,7 @@
 """The inter-process barrier (model: systemd's ``Barrier``, src/basic/barrier.c).
 
 This module owns the synchronisation of a parent and the one child it forks (used by
-the batch server's start-up, TELEMETRY.md sections 1 and 2). Standard library only.
+the batch server's start-up, docs/telemetry.md sections 1 and 2). Standard library only.
 
 Mechanism: two eventfds and a pipe, all created before ``fork()``.
 

@@ -6,7 +6,7 @@ timeout and calls :meth:`EventQueue.run_due` when the poll returns. Other thread
 register and unregister events at any time; ``wake()`` tells the owner to shorten its
 poll when a new event is due earlier than everything already queued.
 
-Rules (TELEMETRY.md section 4), with where they come from:
+Rules (docs/telemetry.md section 4), with where they come from:
 
 * Ids start at 32769 and are never reused (PCP: ``afid`` starts at 0x8000 and is
   pre-incremented), so a stale id can never unregister someone else's event.

@@ -2,7 +2,7 @@
  * loadgen: plays QEMU's part for the host agent benchmark (bench/bench_agent.py).
  *
  * QEMU binds each VM power channel (an AF_UNIX stream socket) and the host agent
- * connects to it as the client (shared/spec/PROTOCOL.md, "Transport"). This program
+ * connects to it as the client (docs/protocol.md, "Transport"). This program
  * binds N such sockets, tells the bench it is ready, accepts the agent on each, then
  * drives DPDK-format CPU_POWER requests (464-byte packets, little-endian, command 1,
  * unit alternating SCALE_UP 1 / SCALE_DOWN 2, resource_id = a vCPU the VM owns) and

@@ -1,4 +1,4 @@
-"""The controller/worker channel (model: CMSSW FWCore/SharedMemory, TELEMETRY.md section 3).
+"""The controller/worker channel (model: CMSSW FWCore/SharedMemory, docs/telemetry.md section 3).
 
 Two processes share a small control block; this module owns its layout, the two named
 FIFOs that carry wake-ups, and the growable payload banks.

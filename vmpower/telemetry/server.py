@@ -5,7 +5,7 @@ The daemon starts it with fork followed at once by exec of a fresh interpreter
 nothing here inherits the daemon's threads or locks. This module owns the server's life:
 
 1. Set-up: check that the client is still the process the daemon accepted (a pidfd,
-   then start time, uid and gid compared, TELEMETRY.md section 5: no pid reuse), open
+   then start time, uid and gid compared, docs/telemetry.md section 5: no pid reuse), open
    every reader and control file, create both value buffers and the channel (0600,
    owned by the client), then place one barrier: the daemon answers ``start_batch`` only
    then. A failure prints one line on stdout (the daemon's pipe) and exits instead.

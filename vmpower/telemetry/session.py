@@ -5,7 +5,7 @@ This module owns
 * ``session_paths(shm_dir, key)``: every name a session uses in ``telemetry.shm_dir``
   (the two value buffers ``vmpower-batch-<key>-signals`` / ``-controls`` and the channel's
   files). ``remove_session_files`` removes exactly those names, so the cleanup of a
-  crashed run always matches what was created (GEOPM's did not: TELEMETRY.md section 5);
+  crashed run always matches what was created (GEOPM's did not: docs/telemetry.md section 5);
 * ``SessionSpec``: what the daemon decided for a session (client identity, validated
   requests, roots), written as ``session.json`` into the session's state directory
   (``<state.dir>/telemetry/<key>/``), read by the exec'd server and, after a crash, by
@@ -198,7 +198,7 @@ def process_start_ticks(pid: int, pid_root: str | os.PathLike[str] = "/proc") ->
     """Start time of ``pid`` in clock ticks since boot (proc(5): /proc/<pid>/stat field 22).
 
     None when the process is gone. With uid and gid it tells a process from a later one
-    that reused its pid (TELEMETRY.md section 5).
+    that reused its pid (docs/telemetry.md section 5).
     """
     try:
         with open(Path(pid_root) / str(pid) / "stat", "rb") as f:

@@ -5,7 +5,7 @@ This module owns
 * how a file meant for one client is created in a world-writable directory such as
   ``/dev/shm``: ``O_CREAT | O_EXCL | O_NOFOLLOW`` (never an existing file, never through a
   symlink someone planted), mode 0600, then ``fchown`` to the client (the daemon runs as
-  root; the client must own its buffers, TELEMETRY.md section 2);
+  root; the client must own its buffers, docs/telemetry.md section 2);
 * ``ValueBuffer``: the signal and control buffers. Layout, host byte order (both ends run
   on the same host)::
 
@@ -20,7 +20,7 @@ This module owns
   Writers follow a sequence lock: bump the sequence to odd, store the values, bump it to
   even. Readers copy the values between two reads of the sequence and retry while it is
   odd or changed, so a reader never returns a torn sample and never blocks the writer
-  (continuous mode, TELEMETRY.md section 2). The sequence is read and written as one
+  (continuous mode, docs/telemetry.md section 2). The sequence is read and written as one
   aligned 8-byte access through a ``memoryview`` cast, so it cannot tear itself; on
   x86-64 (TSO) stores become visible in program order, which is all the lock needs.
 """
