@@ -78,12 +78,13 @@ class RunningAgent:
                 result[str(path.relative_to(self.sysfs_root))] = path.read_text()
         return result
 
-    def start(self, accept: bool = True) -> RunningAgent:
+    def start(self, accept: bool = True, env: dict[str, str] | None = None) -> RunningAgent:
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "vmpower.daemon", "--config", str(self.config_path)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **env} if env else None,
             )
         proc = self.proc
         ok = wait_for(lambda: self.socket.exists() or proc.poll() is not None, 30)

@@ -9,6 +9,7 @@ listening sockets in a per-test directory.
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from vmpower.devtools import wait_for
 from vmpower.errors import HypervisorError, UnknownVmError
 from vmpower.hypervisor import ChannelInfo, Hypervisor, VmEvent, VmInfo, VmState
 
@@ -574,3 +576,110 @@ def test_connect_failure_is_a_clear_error_and_a_retry_is_scheduled(tmp_path: Pat
 def test_bad_settings_are_refused(tmp_path: Path, kwargs: dict[str, float]) -> None:
     with pytest.raises(HypervisorError):
         Hypervisor("test:///default", tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- libvirt on a worker thread
+
+
+class Owner:
+    """Plays the monitor thread: the worker posts outcomes here; ``run_until`` applies them."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def post(self, call: Callable[[], None]) -> None:
+        self.calls.put(call)
+
+    def run_until(self, done: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                self.calls.get(timeout=min(remaining, 0.1))()
+            except queue.Empty:
+                continue
+        return True
+
+
+@pytest.fixture
+def threaded(tmp_path: Path) -> Iterator[tuple[Hypervisor, Owner]]:
+    channels = tmp_path / "ch"
+    channels.mkdir()
+    node = node_xml(tmp_path, channels)
+    owner = Owner()
+    hv = Hypervisor(f"test://{node}", channels, map_refresh_s=0.05, post=owner.post)
+    hv.connect()
+    yield hv, owner
+    hv.close()
+
+
+def test_on_a_worker_the_request_path_never_waits_and_the_fresh_map_follows(
+    threaded: tuple[Hypervisor, Owner],
+) -> None:
+    hv, owner = threaded
+    assert hv.conn is not None
+    hv.conn.lookupByName("vm1").pinVcpu(0, cpumap({6}))
+    assert wait_for(lambda: time.monotonic() - hv.vm("vm1").map_read_at > 0.05, WAIT_S)
+    # Stale: the last known map is returned at once and a re-read is asked of the worker.
+    assert hv.ensure_fresh("vm1").vcpu_pcpus[0] == {2}
+    # Its outcome is applied only on the owner thread.
+    assert owner.run_until(lambda: hv.vm("vm1").vcpu_pcpus[0] == {6})
+    assert hv.ensure_fresh("vm1").vcpu_pcpus == (frozenset({6}), frozenset({3}))
+    assert VmEvent("pinning", "vm1", "refresh") in hv.process_events()
+
+    # Operator calls wait for their outcome (libvirt answers), applied before they return.
+    assert hv.set_pcpu("vm1", 1, frozenset({7})).vcpu_pcpus[1] == {7}
+    maps = hv.conn.lookupByName("vm1").vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    assert [frozenset(i for i, on in enumerate(m) if on) for m in maps] == [{6}, {7}]
+
+    # Lifecycle events: process_events() starts the re-read, a later call reports it.
+    hv.conn.lookupByName("vm2").destroy()
+    events: list[VmEvent] = []
+
+    def stopped() -> bool:
+        events.extend(hv.process_events())
+        return has("stopped", "vm2")(events)
+
+    assert owner.run_until(stopped)
+    assert hv.vm("vm2").state is VmState.SHUTOFF
+    status = hv.status()
+    assert status["responsive"] is True and status["stalled_s"] == 0
+
+
+def test_a_hung_libvirt_call_holds_neither_the_request_path_nor_the_operator(
+    threaded: tuple[Hypervisor, Owner], caplog: pytest.LogCaptureFixture
+) -> None:
+    hv, owner = threaded
+    # Hold the worker as a hung libvirtd would (a call that does not return).
+    gate = threading.Event()
+    hv._worker.submit(gate.wait, lambda _job: None)
+    try:
+        assert wait_for(lambda: hv.status()["responsive"] is False, WAIT_S)
+        status = hv.status()
+        assert status["connected"] is True and status["stalled_s"] >= 1.0
+        before = hv.vm("vm1")
+        assert wait_for(lambda: time.monotonic() - before.map_read_at > 0.05, WAIT_S)
+        for _ in range(100):  # one re-read is queued, however often the map is asked for
+            assert hv.ensure_fresh("vm1") == before
+        assert hv.status()["calls_waiting"] == 1
+        for call in (
+            lambda: hv.set_pcpu("vm1", 0, frozenset({1})),
+            lambda: hv.refresh("vm1"),
+            lambda: hv.add_vm("nope"),
+        ):
+            with pytest.raises(HypervisorError, match=r"libvirt is not responding \(no answer"):
+                call()
+        assert hv.process_events() == []  # the owner's turn goes on
+        assert hv.process_events() == []
+        stall_lines = [r for r in caplog.records if "libvirt has not answered" in r.message]
+        assert len(stall_lines) == 1  # one line per stall, not one per turn
+    finally:
+        gate.set()
+    # libvirt answers again: the queued re-read is applied and the status says so.
+    assert owner.run_until(lambda: hv.vm("vm1").map_read_at > before.map_read_at)
+    assert wait_for(lambda: hv.status()["responsive"] is True, WAIT_S)
+    assert hv.process_events() == []
+    assert any("libvirt answers again" in r.message for r in caplog.records)
+    assert hv.set_pcpu("vm1", 0, frozenset({1})).vcpu_pcpus[0] == {1}

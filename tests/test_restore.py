@@ -211,6 +211,7 @@ def test_a_corrupt_journal_is_kept_aside_and_reported(tmp_path, content):
     state = tmp_path / "state"
     state.mkdir()
     (state / JOURNAL_NAME).write_text(content)
+    (state / JOURNAL_NAME).chmod(0o600)  # a trusted file, only its content is wrong
     journal = RestoreJournal(state)
     with pytest.raises(RestoreError, match=r"corrupt.*kept as.*check them by hand") as exc:
         journal.recover()
@@ -367,3 +368,39 @@ def test_sysfs_error_from_a_kernel_writer_is_isolated(sim_sysfs, tmp_path):
     assert (root / f"{POLICY}0/scaling_governor").read_text().strip() == "schedutil"
     with pytest.raises(SysfsError):
         KernelSysfs(root).write(f"{CPU}/cpu1/cpufreq/scaling_min_freq", "not-a-number")
+
+
+def test_msr_originals_round_trip_and_files_only_journals_stay_version_1(tmp_path):
+    """MSR entries need version 2; a journal without any is still written as version 1,
+    so an older vmpowerd reads it (and one with MSRs is kept aside by it, never misread)."""
+    state = tmp_path / "state"
+    journal = RestoreJournal(state)
+    journal.remember("/sys/a", "1")
+    assert json.loads((state / JOURNAL_NAME).read_text())["version"] == 1
+    msr = tmp_path / "msr"
+    msr.write_bytes(bytes(16))
+    journal.remember_msr(str(msr), 8, b"\x01\x02\x03\x04\x05\x06\x07\x08")
+    data = json.loads((state / JOURNAL_NAME).read_text())
+    assert data["version"] == 2
+    assert data["entries"][1] == {"path": str(msr), "offset": 8, "bytes": "0102030405060708"}
+    again = RestoreJournal(state, writer=lambda path, value: None)
+    assert again.pending() == {"/sys/a": "1", f"{msr}@0x8": "0102030405060708"}
+    report = again.restore()
+    assert report.ok and msr.read_bytes() == bytes(8) + bytes(range(1, 9))
+
+
+def test_paths_outside_the_roots_are_not_journaled_so_not_written(tmp_path):
+    paths = make_files(tmp_path, {"inside/f": "1", "outside/f": "2"})
+    journal = RestoreJournal(
+        tmp_path / "state", file_roots=[tmp_path / "files" / "inside"], msr_roots=[]
+    )
+    sysfs = Sysfs(tmp_path / "files", journal)
+    sysfs.write("inside/f", "3")
+    with pytest.raises(RestoreError, match="outside"):
+        sysfs.write("outside/f", "4")
+    with pytest.raises(RestoreError, match="outside"):
+        sysfs.write("inside/../outside/f", "4")
+    with pytest.raises(RestoreError, match="outside"):
+        journal.remember_msr(str(paths["inside/f"]), 0, bytes(8))  # not under an MSR root
+    assert paths["outside/f"].read_text() == "2\n"
+    assert list(journal.pending()) == [str(paths["inside/f"])]

@@ -3,7 +3,11 @@
 ``control`` carries JSON lines; this module gives them meaning. Each ``cmd_*`` handler
 takes the request's arguments (checked here, with a clear error for anything wrong)
 and the caller's credentials, and returns a JSON-able result. Handlers run on the
-monitor thread, so they read and change agent state directly.
+monitor thread, so they read and change agent state directly. The commands that need
+libvirt (add_vm, add_channels, set_pcpu) go through ``Hypervisor``, whose calls run on
+its worker thread: they wait at most about a second and are refused at once ("libvirt
+is not responding ...; try again") while libvirt hangs; ``status`` never calls libvirt
+and says whether it responds (``libvirt.responsive``, ``libvirt.stalled_s``).
 """
 
 from __future__ import annotations
@@ -221,8 +225,13 @@ class AdminCommands:
 
     def cmd_add_channels(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
         vm = self._vm_arg(req)
-        self.hypervisor.refresh(vm.name)
-        vm = self.hypervisor.vm(vm.name)
+        try:
+            # Re-reads the XML and the directory through libvirt's worker thread: refused
+            # at once while libvirt is not responding (issue #11, point 4).
+            self.hypervisor.refresh(vm.name)
+            vm = self.hypervisor.vm(vm.name)
+        except VmpowerError as exc:
+            raise ControlError(str(exc)) from None
         if vm.state is not VmState.RUNNING:
             raise ControlError(f"{vm.name} is not running ({vm.state.name.lower()})")
         wanted = self._channel_list(vm, req)

@@ -25,12 +25,15 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmpower import protocol
+from vmpower import protocol, trust
+from vmpower.logbook import DEFAULT_INTERVAL_S, KindLog
 
 if TYPE_CHECKING:
     from vmpower.monitor import Monitor
@@ -38,7 +41,42 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmpower.channels")
 
 RECV_CHUNK = 64 * 1024  # one turn's share of a busy channel: ~141 packets
+# One turn's share of a FIFO. What a read costs is its messages (each parsed and
+# handled: 10-20 us on a loaded 2-core machine), and a writer chooses the cheapest:
+# "{}" is a rejected message every 2 bytes. 128 bytes are at most 64 messages, about
+# 1 ms of the monitor thread (issue #11 point 5: no FIFO writer adds more than 1 ms to
+# a turn); other bytes are skipped at C speed (protocol.JsonStream). The rest waits in
+# the pipe and its writer blocks (back-pressure). Legitimate messages are 32-300 bytes;
+# the largest allowed (64 KiB) takes 512 turns to arrive.
+FIFO_READ_BYTES = 128
 FIFO_MODE = 0o660
+
+
+@dataclass(frozen=True)
+class ChannelLogs:
+    """What VM channels log by kind (the daemon drives them as monitor tickers)."""
+
+    # Sockets refused for their owner or type (vmpower.trust): the reconnect tick
+    # retries every second, so each (socket, reason) is logged once, then only counted.
+    refused_sockets: KindLog
+    # Replies dropped for guests that do not read them: one line per channel per
+    # interval (show_vm keeps the exact count).
+    dropped_replies: KindLog
+
+    @classmethod
+    def build(
+        cls, interval_s: float = DEFAULT_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> ChannelLogs:
+        return cls(
+            KindLog(log, "connections refused", interval_s=interval_s, clock=clock),
+            KindLog(log, "replies dropped", interval_s=interval_s, clock=clock),
+        )
+
+    def all(self) -> tuple[KindLog, ...]:
+        return (self.refused_sockets, self.dropped_replies)
+
+
+_KINDS = {stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket"}
 
 
 class ChannelState(enum.Enum):
@@ -126,11 +164,18 @@ class VmChannel(Endpoint):
     kind = "vm"
 
     def __init__(
-        self, vm: str, index: int, path: str, bucket: TokenBucket, send_queue_max: int
+        self,
+        vm: str,
+        index: int,
+        path: str,
+        bucket: TokenBucket,
+        send_queue_max: int,
+        logs: ChannelLogs | None = None,
     ) -> None:
         super().__init__(vm, path, bucket)
         self.vm = vm
         self.index = index
+        self.logs = logs if logs is not None else ChannelLogs.build()
         self.sock: socket.socket | None = None
         self.stream = protocol.PacketStream()
         self.send_queue_max = send_queue_max
@@ -145,8 +190,19 @@ class VmChannel(Endpoint):
     # -- connection --------------------------------------------------------------------
 
     def connect(self) -> ChannelState:
-        """Start a non-blocking connect; CONNECTED, CONNECTING, or DISCONNECTED (retry later)."""
+        """Start a non-blocking connect; CONNECTED, CONNECTING, or DISCONNECTED (retry later).
+
+        Only a socket owned by root, the daemon's user or the QEMU user is served
+        (vmpower.trust): anyone else's could impersonate this VM.
+        """
         self.close()
+        refused = trust.socket_problem(self.path)
+        if refused is not None:
+            kind, detail = refused
+            self.last_error = f"not served: {detail}"
+            self.logs.refused_sockets.note(self.path, kind, f"not served: {detail}")
+            return self.state
+        self.logs.refused_sockets.forget(self.path)  # a later refusal is news again
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         try:
@@ -223,14 +279,13 @@ class VmChannel(Endpoint):
         while self._tx_count > self.send_queue_max and len(self._tx) > 1:
             _, dropped = self._tx.popleft()
             self._tx_count -= dropped
-            before = self.dropped_replies
             self.dropped_replies += dropped
-            if before == 0 or before // 1000 != self.dropped_replies // 1000:
-                log.warning(
-                    "%s: guest is not reading its replies; %d dropped so far",
-                    self.path,
-                    self.dropped_replies,
-                )
+            self.logs.dropped_replies.note(
+                self.path,
+                "not reading",
+                f"guest is not reading its replies ({self.dropped_replies} dropped so far)",
+                dropped,
+            )
 
     def _clear_output(self) -> None:
         self._tx.clear()
@@ -292,22 +347,47 @@ class FifoChannel(Endpoint):
         return self.fd
 
     def open(self) -> None:
-        """Create the FIFO (mode 0660) if needed and open it for reading, non-blocking."""
+        """Create the FIFO anew (mode 0660) and open it for reading, non-blocking.
+
+        Whatever is at the path was not created by this daemon (its own FIFOs are
+        unlinked when closed): another user's FIFO, which it could keep open or have
+        given another mode, or a symbolic link. It is removed (unlink never follows a
+        link: its target is untouched) and a FIFO of ours made in its place; a directory
+        there is refused. The path is opened with O_NOFOLLOW, never through a link.
+        """
         try:
             st = os.lstat(self.path)
-            if not stat.S_ISFIFO(st.st_mode):
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a FIFO")
         except FileNotFoundError:
-            os.mkfifo(self.path, FIFO_MODE)
-        os.chmod(self.path, FIFO_MODE)  # mkfifo applies the umask; the mode is the contract
+            pass
+        else:
+            if stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EISDIR, f"{self.path} is a directory, not our FIFO")
+            os.unlink(self.path)
+            log.warning(
+                "%s: removed a %s owned by %s that vmpowerd had not created",
+                self.path,
+                _KINDS.get(stat.S_IFMT(st.st_mode), "file"),
+                trust.user_name(st.st_uid),
+            )
+        os.mkfifo(self.path, FIFO_MODE & ~0o077)  # no one else until it is ours with its mode
         # O_RDWR keeps a writer on our own FIFO, so the read end never sees EOF (and never
         # spins on POLLHUP) between host writers; Linux defines O_RDWR on a FIFO (fifo(7)).
-        self.fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+                raise OSError(errno.EEXIST, f"{self.path} was replaced while being created")
+            os.fchmod(fd, FIFO_MODE)  # mkfifo applies the umask; the mode is the contract
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
         self.state = ChannelState.CONNECTED
 
     def receive(self) -> list[object]:
+        """Read one turn's share of the FIFO (FIFO_READ_BYTES) and frame it."""
         try:
-            data = os.read(self.fd, RECV_CHUNK)
+            data = os.read(self.fd, FIFO_READ_BYTES)
         except (BlockingIOError, InterruptedError):
             return []
         return self.stream.feed(data)
@@ -342,8 +422,10 @@ class ChannelRegistry:
         burst: int,
         send_queue_max: int,
         clock: Callable[[], float],
+        logs: ChannelLogs | None = None,
     ) -> None:
         self.monitor = monitor
+        self.logs = logs if logs is not None else ChannelLogs.build(clock=clock)
         self.directory = directory
         self.on_packets = on_packets
         self.on_messages = on_messages
@@ -387,7 +469,7 @@ class ChannelRegistry:
             if channel is None or channel.path != path:
                 if channel is not None:
                     self._close(channel)
-                channel = VmChannel(vm, index, path, self._bucket(), self.send_queue_max)
+                channel = VmChannel(vm, index, path, self._bucket(), self.send_queue_max, self.logs)
                 channel.enabled = key not in self.disabled
                 self.vm_channels[key] = channel
                 opened.append(index)
@@ -512,3 +594,5 @@ class ChannelRegistry:
         self.vm_channels.clear()
         for cpu in list(self.fifos):
             self.close_fifo(cpu)
+        for kind_log in self.logs.all():
+            kind_log.flush()  # what is still only counted reaches the log before exit

@@ -38,7 +38,7 @@ class LibvirtConfig:
     reconnect_min_s: float = _opt(0.5, "first retry delay after libvirtd is lost", minimum=0.01)
     reconnect_max_s: float = _opt(30.0, "longest retry delay (backoff doubles)", minimum=0.01)
     map_refresh_s: float = _opt(
-        1.0, "vCPU→pCPU map older than this is re-read before acting", minimum=0.0
+        1.0, "vCPU→pCPU map older than this is re-read in the background", minimum=0.0
     )
     track_all: bool = _opt(True, "serve every domain libvirt knows (else only add_vm'd ones)")
 
@@ -46,6 +46,9 @@ class LibvirtConfig:
 @dataclass(frozen=True)
 class ChannelsConfig:
     dir: Path = _opt(Path("/tmp/powermonitor"), "directory of channel sockets and FIFOs")
+    qemu_user: str = _opt(
+        "libvirt-qemu", "user QEMU runs as: may own channels.dir and the sockets in it"
+    )
     fifo_cpus: CpuSet = _cpus("", "host CPUs that get a JSON FIFO fifo<N> for host processes")
     rate_per_s: float = _opt(
         100000.0, "requests per second one channel may send (token bucket)", minimum=0.001
@@ -100,6 +103,9 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    summary_interval_s: float = _opt(
+        10.0, "what repeats is logged as one summary line per interval", minimum=0.01
+    )
 
 
 @dataclass(frozen=True)

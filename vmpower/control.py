@@ -4,6 +4,24 @@ One request per line, ``{"cmd": "show_vm", "vm": "vm1"}``; one reply per line,
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one clear line"}``.
 The socket's mode (default 0660) and group decide who may talk to the daemon; the
 peer's credentials (SO_PEERCRED) are logged with every command that changes state.
+
+A client is not trusted to behave (issue #11, points 2 and 8):
+
+* every line gets exactly one reply, whatever it holds: bad JSON, JSON nested too
+  deeply for the parser, not an object, not UTF-8, an unknown command, a handler that
+  raises; the connection goes on;
+* a line longer than ``MAX_LINE`` gets one error reply when the limit is passed, and the
+  rest of it is discarded up to the next newline (the stream is still framed by
+  newlines, so the next request is found again; dropping the connection would punish a
+  client for one oversized argument, and discarding keeps nothing in memory);
+* a client's work per loop turn is bounded (``LINES_PER_TURN``, one ``recv`` of
+  ``RECV_BYTES``), as rule 9 bounds a guest channel's share (docs/protocol.md), so one
+  client cannot hold the loop; lines left over are handled in the following turns;
+* a client's unsent replies are bounded (``MAX_UNSENT_BYTES``): past it the client is
+  not read (its requests wait in the kernel's socket buffer, and its ``send`` blocks)
+  until it reads its replies and the queue drains below ``RESUME_BELOW_BYTES``;
+* errors are logged by kind with counts (``KindLog``, per peer uid), never one line
+  per bad request.
 """
 
 from __future__ import annotations
@@ -20,11 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from vmpower.errors import ControlError, VmpowerError
+from vmpower.logbook import DEFAULT_INTERVAL_S, KindLog
 from vmpower.monitor import Monitor
 
 log = logging.getLogger("vmpower.control")
 
 MAX_LINE = 1 << 20  # a request line longer than this is a broken or hostile client
+RECV_BYTES = 1 << 16  # one read per client per turn
+LINES_PER_TURN = 64  # requests handled per client per loop turn; the rest wait a turn
+MAX_UNSENT_BYTES = 1 << 20  # a client's unsent replies; past it, it is not read
+RESUME_BELOW_BYTES = MAX_UNSENT_BYTES // 2  # read it again once drained below this
+TEXT_MAX = 120  # client-supplied text quoted in an error reply or the log
+MAX_TRACED = 64  # (command, exception type) pairs whose traceback is logged once
 
 
 @dataclass(frozen=True)
@@ -47,13 +72,29 @@ class Command:
 
 
 class _Client:
-    __slots__ = ("buf", "cred", "out", "sock")
+    __slots__ = ("blocked", "buf", "cred", "out", "reading", "skipping", "sock")
 
     def __init__(self, sock: socket.socket, cred: PeerCred) -> None:
         self.sock = sock
         self.cred = cred
-        self.buf = bytearray()
-        self.out = bytearray()
+        self.buf = bytearray()  # received, not yet handled: at most MAX_LINE + RECV_BYTES
+        self.out = bytearray()  # replies not yet sent: about MAX_UNSENT_BYTES at most
+        self.reading = True  # read interest registered with the monitor
+        self.blocked = False  # too much unsent: not read until it drains
+        self.skipping = False  # discarding the rest of an over-long line
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= TEXT_MAX else text[:TEXT_MAX] + "…"
+
+
+class _Failure(Exception):
+    """One bad request: ``kind`` for the log's counts, ``message`` for the reply."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
 
 
 class ControlServer:
@@ -66,6 +107,7 @@ class ControlServer:
         commands: dict[str, Command],
         mode: int = 0o660,
         group: str = "",
+        log_interval_s: float = DEFAULT_INTERVAL_S,
     ) -> None:
         self.path = path
         self.monitor = monitor
@@ -74,6 +116,14 @@ class ControlServer:
         self.group = group
         self._sock: socket.socket | None = None
         self._clients: dict[int, _Client] = {}
+        # Clients with whole lines waiting (and room for replies): served next turn.
+        self._backlog: set[int] = set()
+        self._backlog_queued = False
+        self.errors = KindLog(
+            log, "control requests failed", interval_s=log_interval_s, clock=monitor.clock
+        )
+        self._error_sources: set[str] = set()
+        self._traced: set[tuple[str, str]] = set()
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,11 +151,16 @@ class ControlServer:
         sock.setblocking(False)
         self._sock = sock
         self.monitor.add_reader(sock.fileno(), self._accept)
+        self.monitor.add_ticker(self.errors)
+        self.monitor.add_end_of_turn(self._end_of_turn)
         log.info("control socket %s (mode %o)", self.path, self.mode)
 
     def close(self) -> None:
         for fd in list(self._clients):
             self._drop(fd)
+        for source in self._error_sources:
+            self.errors.forget(source)  # say what is still counted
+        self._error_sources.clear()
         if self._sock is not None:
             self.monitor.remove(self._sock.fileno())
             self._sock.close()
@@ -128,12 +183,14 @@ class ControlServer:
             self._clients[conn.fileno()] = _Client(conn, cred)
             self.monitor.add_reader(conn.fileno(), self._readable)
 
+    # -- input -------------------------------------------------------------------------
+
     def _readable(self, fd: int) -> None:
         client = self._clients.get(fd)
         if client is None:
             return
         try:
-            data = client.sock.recv(65536)
+            data = client.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -141,66 +198,184 @@ class ControlServer:
         if not data:
             self._drop(fd)
             return
-        client.buf += data
-        while True:
-            nl = client.buf.find(b"\n")
+        if client.skipping:  # the tail of an over-long line: discard up to its newline
+            nl = data.find(b"\n")
             if nl < 0:
-                if len(client.buf) > MAX_LINE:
-                    self._reply(client, {"ok": False, "error": "request line too long"})
-                    self._drop(fd)
+                return
+            client.skipping = False
+            data = data[nl + 1 :]
+        client.buf += data
+        self._serve(client)
+
+    def _serve(self, client: _Client) -> None:
+        """Handle up to LINES_PER_TURN whole lines while there is room for the replies."""
+        buf = client.buf
+        out = client.out
+        handled = 0
+        while handled < LINES_PER_TURN and len(out) < MAX_UNSENT_BYTES:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > MAX_LINE:  # no newline within the limit: skip to the next
+                    buf.clear()
+                    client.skipping = True
+                    out += self._error_line(client.cred, self._too_long())
                 break
-            line = bytes(client.buf[:nl])
-            del client.buf[: nl + 1]
+            handled += 1  # empty lines count too: they cost a turn's work like any other
+            if nl > MAX_LINE:
+                del buf[: nl + 1]
+                out += self._error_line(client.cred, self._too_long())
+                continue
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
             if line.strip():
-                self._reply(client, self.dispatch(line, client.cred))
+                out += self._encode(self.dispatch(line, client.cred), client.cred)
+        if self._flush(client):
+            self._update_interest(client)
+
+    def _end_of_turn(self) -> None:
+        # Queued at the end of a turn, the call runs in the next one (call_soon_threadsafe
+        # makes that turn's wait zero), so a backlogged client gets one share per turn.
+        if self._backlog and not self._backlog_queued:
+            self._backlog_queued = True
+            self.monitor.call_soon_threadsafe(self._serve_backlog)
+
+    def _serve_backlog(self) -> None:
+        self._backlog_queued = False
+        fds, self._backlog = self._backlog, set()
+        for fd in fds:
+            client = self._clients.get(fd)
+            if client is not None:
+                self._serve(client)
+
+    def _update_interest(self, client: _Client) -> None:
+        """Read the client only when its lines are all handled and its replies fit."""
+        fd = client.sock.fileno()
+        if len(client.out) >= MAX_UNSENT_BYTES:
+            client.blocked = True
+        elif client.blocked and len(client.out) < RESUME_BELOW_BYTES:
+            client.blocked = False
+        pending = client.buf.find(b"\n") >= 0 or len(client.buf) > MAX_LINE
+        if pending and not client.blocked:
+            self._backlog.add(fd)
+        else:
+            self._backlog.discard(fd)
+        want = not client.blocked and not pending
+        if want == client.reading:
+            return
+        client.reading = want
+        if want:
+            self.monitor.add_reader(fd, self._readable)  # keeps the writer, if any
+        else:
+            # The monitor has no "remove reader": forget the fd and re-add the writer
+            # alone, which keeps draining the replies.
+            self.monitor.remove(fd)
+            if client.out:
+                self.monitor.add_writer(fd, self._writable)
+
+    # -- requests ----------------------------------------------------------------------
 
     def dispatch(self, line: bytes, cred: PeerCred) -> dict[str, Any]:
-        """Run one request line; always returns a reply object."""
+        """Run one request line; always returns a reply object, never raises."""
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return {"ok": False, "error": f"not a JSON object: {exc}"}
+            return {"ok": True, "result": self._run(line, cred)}
+        except _Failure as failure:
+            self._note(cred, failure.kind, failure.message)
+            return {"ok": False, "error": failure.message}
+
+    def _run(self, line: bytes, cred: PeerCred) -> Any:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Failure("not UTF-8", f"request is not UTF-8 (byte {exc.start})") from None
+        try:
+            request = json.loads(text)
+        except RecursionError:  # the parser recurses once per level: [[[[...]]]]
+            raise _Failure("nested too deeply", "request JSON is nested too deeply") from None
+        except ValueError as exc:
+            raise _Failure("not JSON", _clip(f"request is not JSON: {exc}")) from None
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
+            raise _Failure("not a request", 'a request is a JSON object with a "cmd" string')
         name = request["cmd"]
         command = self.commands.get(name)
         if command is None:
-            return {"ok": False, "error": f"unknown command {name!r}"}
+            raise _Failure("unknown command", _clip(f"unknown command {name!r}"))
         try:
             result = command.handler(request, cred)
         except (ControlError, VmpowerError) as exc:
-            if command.changes:
-                log.warning("control %s by %s refused: %s", name, cred, exc)
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:
-            log.exception("control %s by %s failed", name, cred)
-            return {"ok": False, "error": f"internal error: {exc}"}
+            # A refused state change is counted in the log; a refused read is not (its
+            # reply says it all).
+            raise _Failure(f"{name} refused" if command.changes else "", str(exc)) from None
+        except Exception as exc:  # a handler bug: the client still gets its one reply
+            kind = f"{name} failed: {type(exc).__name__}"
+            self._trace_once(name, exc, cred)
+            raise _Failure(kind, _clip(f"internal error in {name}: {exc}")) from None
         if command.changes:
             args = {k: v for k, v in request.items() if k != "cmd"}
-            log.info("control %s %s by %s", name, json.dumps(args, sort_keys=True), cred)
-        return {"ok": True, "result": result}
+            log.info("control %s %s by %s", name, _clip(json.dumps(args, sort_keys=True)), cred)
+        return result
 
-    def _reply(self, client: _Client, reply: dict[str, Any]) -> None:
-        client.out += json.dumps(reply).encode() + b"\n"
-        self._send(client)
+    def _note(self, cred: PeerCred, kind: str, message: str) -> None:
+        if not kind:
+            return  # a plain refusal of a read-only command: the reply says it all
+        # Keyed by uid (bounded: the users allowed on the socket), the pid in the detail:
+        # a client opening a connection per bad request still gets summarized.
+        source = f"control uid={cred.uid}"
+        self._error_sources.add(source)
+        self.errors.note(source, kind, _clip(f"pid {cred.pid}: {message}"))
 
-    def _send(self, client: _Client) -> None:
-        fd = client.sock.fileno()
-        try:
-            sent = client.sock.send(client.out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._drop(fd)
+    def _trace_once(self, name: str, exc: Exception, cred: PeerCred) -> None:
+        key = (name, type(exc).__name__)
+        if key in self._traced or len(self._traced) >= MAX_TRACED:
             return
-        del client.out[:sent]
+        self._traced.add(key)
+        log.error("control %s by %s failed (traceback once)", name, cred, exc_info=exc)
+
+    def _too_long(self) -> dict[str, Any]:
+        return {
+            "ok": False,
+            "error": f"request line longer than {MAX_LINE} bytes: skipped to its newline",
+        }
+
+    def _error_line(self, cred: PeerCred, reply: dict[str, Any]) -> bytes:
+        self._note(cred, "line too long", reply["error"])
+        return self._encode(reply, cred)
+
+    def _encode(self, reply: dict[str, Any], cred: PeerCred) -> bytes:
+        try:
+            return json.dumps(reply).encode() + b"\n"
+        except (TypeError, ValueError, RecursionError) as exc:
+            message = _clip(f"internal error: reply is not JSON: {exc}")
+            self._note(cred, "reply not JSON", message)
+            return json.dumps({"ok": False, "error": message}).encode() + b"\n"
+
+    # -- output ------------------------------------------------------------------------
+
+    def _writable(self, fd: int) -> None:
+        client = self._clients.get(fd)
+        if client is not None and self._flush(client):
+            self._update_interest(client)
+
+    def _flush(self, client: _Client) -> bool:
+        """Send what the socket takes; False when the client was dropped."""
+        fd = client.sock.fileno()
         if client.out:
-            self.monitor.add_writer(fd, lambda _fd, c=client: self._send(c))
+            try:
+                sent = client.sock.send(client.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._drop(fd)
+                return False
+            del client.out[:sent]
+        if client.out:
+            self.monitor.add_writer(fd, self._writable)
         else:
             self.monitor.remove_writer(fd)
+        return True
 
     def _drop(self, fd: int) -> None:
         client = self._clients.pop(fd, None)
+        self._backlog.discard(fd)
         if client is not None:
             self.monitor.remove(fd)
             client.sock.close()

@@ -6,9 +6,13 @@ sessions, control socket with the admin commands) into ``Parts`` and hooks them 
 the monitor loop. Everything runs on the monitor thread; libvirt's event thread only
 enqueues and wakes it.
 
-Signals: SIGTERM/SIGINT stop reading, restore every setting and exit 0; SIGHUP
-reloads the configuration file (what can change live does; the rest is logged as
-needing a restart).
+Signals: SIGTERM/SIGINT stop reading, restore every setting and exit 0 (1 when a
+setting could not be restored: it is named, and kept in the journal for the next
+start); SIGHUP reloads the configuration file (what can change live does; the rest is
+logged as needing a restart). The handlers are installed before anything can change
+(the lock, the journal's recovery, FIFOs), so a signal during the start only ends it
+early and cleanly; one that comes before them (while Python imports the modules) kills
+with the default action, when nothing has changed yet.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from datetime import tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from vmpower import __version__
+from vmpower import __version__, trust
 from vmpower.admin import AdminCommands
-from vmpower.channels import ChannelRegistry
+from vmpower.channels import ChannelLogs, ChannelRegistry
 from vmpower.config import Config, config_to_toml, load_config
 from vmpower.control import ControlServer
 from vmpower.cpufreq import CpuFreq, open_cpufreq
@@ -39,9 +43,10 @@ from vmpower.errors import ConfigError, VmpowerError
 from vmpower.events import EventQueue
 from vmpower.hypervisor import Hypervisor
 from vmpower.lifecycle import VmLifecycle
+from vmpower.logsetup import setup_logging
 from vmpower.monitor import Monitor
 from vmpower.policies import PolicyEngine
-from vmpower.power import PowerManager
+from vmpower.power import PowerLogs, PowerManager
 from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
 from vmpower.telemetry.service import BatchService
@@ -51,6 +56,14 @@ log = logging.getLogger("vmpower.daemon")
 RECONNECT_PERIOD_S = 1.0
 HYPERVISOR_CHECK_S = 0.5  # liveness check of the libvirt connection when nothing happens
 LOCK_NAME = "vmpowerd.lock"
+# Exit status (vmpowerd --help lists them).
+EXIT_OK = 0  # a clean stop: every setting restored
+EXIT_FAILURE = 1  # cannot start, or settings left unrestored (kept in the journal)
+EXIT_CONFIG = 2  # bad configuration
+EXIT_STATUS_HELP = """exit status:
+  0  clean stop: every setting restored
+  1  cannot start, or settings left unrestored (kept in the journal for the next start)
+  2  bad configuration"""
 
 
 class InstanceLock:
@@ -61,8 +74,13 @@ class InstanceLock:
         self.fd = -1
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Take the lock (creating state.dir); an unusable state.dir is one clear error."""
+        state_dir = self.path.parent
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise VmpowerError(_state_dir_problem(state_dir, self.path, exc)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -73,8 +91,14 @@ class InstanceLock:
                     f"another vmpowerd (pid {holder}) is running: it holds {self.path}"
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            # Freed and written again: on a full file system this fails here, at the start,
+            # rather than at the journal's first save under a guest's request.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise VmpowerError(_state_dir_problem(state_dir, self.path, exc)) from None
         self.fd = fd
 
     def release(self) -> None:
@@ -117,6 +141,7 @@ class Agent:
         self._parts: Parts | None = None
         self._pending_signals: list[int] = []
         self._stopped = False
+        self._unrestored: list[str] = []  # journal entries shutdown could not restore
 
     @property
     def parts(self) -> Parts:
@@ -133,11 +158,21 @@ class Agent:
         except BaseException:
             self.lock.release()
             raise
-        self._wire(self._parts)
+        try:
+            self._wire(self._parts)
+        except BaseException:
+            self.shutdown()  # FIFOs, sockets, settings: what the wiring began is undone
+            raise
 
     def _build(self, cfg: Config) -> Parts:
         """Build every part, in dependency order (the journal recovers first)."""
-        journal = RestoreJournal(cfg.state.dir)
+        # Only files under the sysfs root and MSRs under the msr root are ever written
+        # back: a journal naming anything else is refused entry by entry (vmpower.restore).
+        journal = RestoreJournal(
+            cfg.state.dir,
+            file_roots=[cfg.cpufreq.sysfs_root],
+            msr_roots=[cfg.policies.msr_root],
+        )
         report = journal.recover()
         if report.restored or report.failed:
             log.warning(
@@ -155,7 +190,10 @@ class Agent:
             format_cpu_list(managed) or "none",
             format_cpu_list(cfg.cpufreq.reserved_cpus) or "none",
         )
-        cfg.channels.dir.mkdir(parents=True, exist_ok=True)
+        # The channel directory decides who may speak as a VM: trusted as sshd's
+        # StrictModes would, else no start (vmpower.trust); after the journal's recovery,
+        # so a refusal here never leaves a crashed run's settings in place.
+        trust.ensure_channel_dir(cfg.channels.dir, trust.configure(cfg.channels.qemu_user))
         hypervisor = Hypervisor(
             cfg.libvirt.uri,
             cfg.channels.dir,
@@ -165,9 +203,20 @@ class Agent:
             reconnect_max_s=cfg.libvirt.reconnect_max_s,
             map_refresh_s=cfg.libvirt.map_refresh_s,
             track_all=cfg.libvirt.track_all,
+            # libvirt calls run on the hypervisor's worker thread, never on this loop's
+            # (a hung libvirtd must not hold guests and operators: issue #11, point 4).
+            post=self.monitor.call_soon_threadsafe,
         )
         hypervisor.connect()
-        power = PowerManager(cpufreq, hypervisor, journal, cfg.cpufreq.reserved_cpus, self.clock)
+        # What repeats (refusals, frequency changes, dropped replies) is logged by kind:
+        # one summary line per source per interval, driven as monitor tickers.
+        power_logs = PowerLogs.build(cfg.log.summary_interval_s, self.clock)
+        channel_logs = ChannelLogs.build(cfg.log.summary_interval_s, self.clock)
+        for kind_log in (*power_logs.all(), *channel_logs.all()):
+            self.monitor.add_ticker(kind_log)
+        power = PowerManager(
+            cpufreq, hypervisor, journal, cfg.cpufreq.reserved_cpus, self.clock, logs=power_logs
+        )
         channels = ChannelRegistry(
             self.monitor,
             cfg.channels.dir,
@@ -177,6 +226,7 @@ class Agent:
             burst=cfg.channels.burst,
             send_queue_max=cfg.channels.send_queue_max,
             clock=self.clock,
+            logs=channel_logs,
         )
         power.send_replies = channels.send
         lifecycle = VmLifecycle(hypervisor, channels, power)
@@ -201,6 +251,7 @@ class Agent:
             {**admin.commands(), **batches.commands()},
             cfg.control.mode,
             cfg.control.group,
+            log_interval_s=cfg.log.summary_interval_s,
         )
         return Parts(
             journal, cpufreq, hypervisor, power, channels, lifecycle, policies, batches, control
@@ -239,23 +290,47 @@ class Agent:
         """Ask the loop to stop (safe from signal handlers and other threads)."""
         self.monitor.stop()
 
-    def shutdown(self) -> None:
-        """Stop reading, restore every setting, release everything. Idempotent."""
+    def shutdown(self) -> bool:
+        """Stop reading, restore every setting, release everything. Idempotent.
+
+        Returns True when every setting is back. Otherwise the journal keeps the others
+        for the next start, which restores them first; the journal logged each one with
+        its reason, and this names them all in one line.
+        """
         if self._stopped:
-            return
+            return not self._unrestored
         self._stopped = True
         parts = self._parts
         if parts is not None:
-            parts.channels.close_all()
-            parts.policies.stop()
-            parts.batches.close()  # each session's server restores its controls first
-            parts.power.restore_all()
-            parts.control.close()
-            parts.hypervisor.close()
-            parts.cpufreq.close()
+            steps: tuple[tuple[str, Callable[[], object]], ...] = (
+                ("closing the channels", parts.channels.close_all),
+                ("stopping the policies", parts.policies.stop),
+                # each session's server restores its controls first
+                ("closing the batch sessions", parts.batches.close),
+                ("restoring the settings", parts.power.restore_all),
+                ("closing the control socket", parts.control.close),
+                ("closing libvirt", parts.hypervisor.close),
+                ("closing cpufreq", parts.cpufreq.close),
+            )
+            for what, step in steps:
+                try:
+                    step()
+                except Exception:  # one part's failure must not keep the others open
+                    log.exception("shutdown: %s failed; going on", what)
+            self._unrestored = sorted(parts.journal.pending())
         self.monitor.close()
         self.lock.release()
+        if self._unrestored:
+            log.error(
+                "vmpowerd stopped; %d settings not restored, kept in the journal %s for the"
+                " next start: %s",
+                len(self._unrestored),
+                parts.journal.path if parts is not None else "",
+                ", ".join(self._unrestored),
+            )
+            return False
         log.info("vmpowerd stopped; every setting restored")
+        return True
 
     def _schedule_reconnects(self) -> None:
         def tick() -> None:
@@ -353,6 +428,18 @@ class _HypervisorPump:
                 self.lifecycle.on_event(event)
 
 
+def _state_dir_problem(state_dir: Path, lock: Path, exc: OSError) -> str:
+    """One line for an unusable state.dir: the path and the cause (issue #11 point 10)."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        # mkdir says "File exists" for a regular file: what is wrong is its type.
+        for path in (state_dir, *state_dir.parents):
+            if os.path.lexists(path) and not path.is_dir():
+                what = "" if path == state_dir else f"{path} is "
+                return f"state.dir {state_dir}: {what}not a directory"
+    cause = (exc.strerror or str(exc)).lower()
+    return f"state.dir {state_dir}: cannot create or write {lock.name}: {cause}"
+
+
 def _timezone(name: str) -> tzinfo | None:
     """The TIME policies' zone: empty means local time."""
     if not name:
@@ -378,18 +465,12 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify to %s failed: %s", address, exc)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vmpowerd",
         description="vmpower host agent: applies VM guests' power requests to host CPUs.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", type=Path, help="configuration file (TOML)")
     parser.add_argument(
@@ -409,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.check_config)
         except ConfigError as exc:
             print(f"vmpowerd: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         print(config_to_toml(config), end="")
-        return 0
+        return EXIT_OK
 
     config = Config()
     if args.config is not None:
@@ -419,22 +500,24 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config)
         except ConfigError as exc:
             print(f"vmpowerd: {exc}", file=sys.stderr)
-            return 2
-    setup_logging(args.log_level or config.log.level)
+            return EXIT_CONFIG
+    setup_logging(args.log_level or config.log.level, sys.stderr)
     agent = Agent(config, args.config)
+    # Before anything can change: a SIGTERM during the start is noted, and the loop's
+    # first turn stops; the default action would kill a half-done start.
+    agent.install_signal_handlers()
     try:
         agent.start()
-    except VmpowerError as exc:
+    except (VmpowerError, OSError) as exc:  # one line naming the cause, no traceback
         log.error("cannot start: %s", exc)
-        return 1
-    agent.install_signal_handlers()
+        return EXIT_FAILURE
     sd_notify("READY=1")
     try:
         agent.run()
     finally:
         sd_notify("STOPPING=1")
-        agent.shutdown()
-    return 0
+        restored = agent.shutdown()
+    return EXIT_OK if restored else EXIT_FAILURE
 
 
 if __name__ == "__main__":

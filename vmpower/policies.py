@@ -25,11 +25,13 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmpower.errors import VmpowerError
 from vmpower.protocol import FifoPolicy, Packet, PolicyType, Workload
 
 if TYPE_CHECKING:
     from vmpower.events import EventQueue
     from vmpower.power import PowerManager
+    from vmpower.restore import RestoreJournal
 
 log = logging.getLogger("vmpower.policies")
 
@@ -48,6 +50,8 @@ BRANCH_WINDOW = 32  # samples in DPDK's window
 IDLE_BRANCHES = 10_000  # fewer branches in a sample: the core is idle
 _U64 = struct.Struct("<Q")
 _COUNTER_MASK = (1 << 48) - 1  # general-purpose counters are 48 bits wide on current cores
+# What a WORKLOAD policy may ask for, as refusals name it: "HIGH (0), MEDIUM (1) or LOW (2)".
+_WORKLOAD_CHOICES = ", ".join(f"{w.name} ({w.value})" for w in Workload).replace(", LOW", " or LOW")
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,13 @@ class PolicySpec:
         kind = packet.policy_enum
         if kind is None:
             raise ValueError(f"unknown policy_to_use {packet.policy_to_use}")
+        workload = packet.workload_enum
+        if kind is PolicyType.WORKLOAD and workload is None:
+            # It could never decide anything: refused (NACK), not installed to do nothing.
+            raise ValueError(f"workload {packet.workload} is not {_WORKLOAD_CHOICES}")
         return cls(
             type=kind,
-            workload=packet.workload_enum,
+            workload=workload,
             busy_hours=given_hours(packet.busy_hours),
             quiet_hours=given_hours(packet.quiet_hours),
             traffic_hours=given_hours(packet.hours_to_use_traffic_profile),
@@ -81,6 +89,8 @@ class PolicySpec:
     def from_fifo(cls, message: FifoPolicy) -> PolicySpec:
         if message.policy_type is None:
             raise ValueError("policy without a policy type")
+        if message.policy_type is PolicyType.WORKLOAD and message.workload is None:
+            raise ValueError(f"a WORKLOAD policy needs a workload, {_WORKLOAD_CHOICES}")
         return cls(
             type=message.policy_type,
             workload=message.workload,
@@ -122,21 +132,30 @@ class MsrReader:
     8 bytes (arch/x86/kernel/msr.c), so consecutive MSRs sit at consecutive offsets.
     A regular file cannot hold overlapping 8-byte values; simulated trees therefore
     space them ``stride`` bytes apart (tests use 8; the real device needs 1).
+
+    The event selects' original bytes go to the restore ``journal`` (durably, before
+    the first write) when there is one, so that a crash does not leave the PMU
+    programmed: the next start's ``recover()`` writes them back. Without a journal
+    (unit tests) they are kept in memory only.
     """
 
-    def __init__(self, root: Path, stride: int = 1) -> None:
+    def __init__(self, root: Path, stride: int = 1, journal: RestoreJournal | None = None) -> None:
         self.root = root
         self.stride = stride
+        self.journal = journal
         self._fds: dict[int, int] = {}
         self._saved: dict[tuple[int, int], bytes] = {}
         self.unavailable: dict[int, str] = {}
+
+    def _path(self, cpu: int) -> str:
+        return str(self.root / str(cpu) / "msr")
 
     def _fd(self, cpu: int) -> int | None:
         if cpu in self.unavailable:
             return None
         fd = self._fds.get(cpu)
         if fd is None:
-            path = self.root / str(cpu) / "msr"
+            path = self._path(cpu)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
@@ -144,16 +163,26 @@ class MsrReader:
                 self.unavailable[cpu] = reason
                 log.warning("BRANCH_RATIO unavailable on host CPU %d: %s", cpu, reason)
                 return None
+            try:
+                self._program(cpu, fd)
+            except (OSError, VmpowerError) as exc:  # RestoreError: the original not durable
+                os.close(fd)
+                self.unavailable[cpu] = f"cannot program the event selects: {exc}"
+                log.warning("BRANCH_RATIO unavailable on host CPU %d: %s", cpu, exc)
+                return None
             self._fds[cpu] = fd
-            self._program(cpu, fd)
         return fd
 
     def _program(self, cpu: int, fd: int) -> None:
-        for msr, event in (
-            (IA32_PERFEVTSEL0, EVENT_BRANCHES),
-            (IA32_PERFEVTSEL1, EVENT_BRANCH_MISSES),
-        ):
-            self._saved[(cpu, msr)] = os.pread(fd, 8, msr * self.stride)
+        selects = ((IA32_PERFEVTSEL0, EVENT_BRANCHES), (IA32_PERFEVTSEL1, EVENT_BRANCH_MISSES))
+        # Every original is read and journaled before the first write: on the real device
+        # the two selects are distinct registers, but in a stride-1 file they overlap.
+        for msr, _ in selects:
+            original = os.pread(fd, 8, msr * self.stride)
+            if self.journal is not None:
+                self.journal.remember_msr(self._path(cpu), msr * self.stride, original)
+            self._saved[(cpu, msr)] = original
+        for msr, event in selects:
             os.pwrite(fd, _U64.pack(EVENT_FLAGS << 16 | event), msr * self.stride)
 
     def read(self, cpu: int) -> tuple[int, int] | None:
@@ -171,10 +200,21 @@ class MsrReader:
         return branches & _COUNTER_MASK, misses & _COUNTER_MASK
 
     def release(self, cpu: int | None = None) -> None:
-        """Put the event selects back as they were and close (one CPU, or all)."""
+        """Put the event selects back as they were and close (one CPU, or all).
+
+        Through the journal when there is one: it writes the originals and forgets them
+        only once written (a failure stays there for the next attempt or start).
+        """
         for one in [cpu] if cpu is not None else list(self._fds):
             fd = self._fds.pop(one, None)
             if fd is None:
+                continue
+            if self.journal is not None:
+                path = self._path(one)
+                self._saved.pop((one, IA32_PERFEVTSEL0), None)
+                self._saved.pop((one, IA32_PERFEVTSEL1), None)
+                self.journal.restore(lambda p, path=path: p == path)  # logs what failed
+                os.close(fd)
                 continue
             for msr in (IA32_PERFEVTSEL0, IA32_PERFEVTSEL1):
                 saved = self._saved.pop((one, msr), None)
@@ -208,7 +248,7 @@ class PolicyEngine:
         self.period_s = period_s
         self.branch_period_s = branch_period_s
         self.branch_threshold = branch_threshold
-        self.msr = MsrReader(msr_root, msr_stride)
+        self.msr = MsrReader(msr_root, msr_stride, journal=power.journal)
         self.traffic = traffic
         self.timezone = timezone
         self.wall_clock = wall_clock or (lambda: datetime.now(self.timezone))

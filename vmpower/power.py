@@ -12,8 +12,16 @@
   ``Sysfs`` consults before a file's first write), only then queues the replies and
   hands them to the channels to send, so an ACK always means "applied" and a failed
   write turns into a NACK;
+* a write that fails half-way is undone (``CpuFreq.undo_change``): a NACK means the
+  CPU is as it was, an ACK that it is as asked (rule 2);
+* every request gets its reply whatever fails while handling it (rule 2): a failure
+  is that one request's NACK, and the rest of the read goes on;
 * when a requester leaves (VM stopped, channel removed, pinning changed), its wishes
   go; a CPU nobody wishes for any more gets its original settings back.
+
+What repeats is logged by kind (``vmpower.logbook``), never one line per request: a
+guest sending 100 000 refused requests a second must not fill the disk. ``PowerLogs``
+holds those logs; the counters (``stats``, each channel's) stay exact.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 from vmpower import protocol
 from vmpower.cpufreq import CpuFreq
 from vmpower.errors import ProtocolError, UnknownVmError, VmpowerError
+from vmpower.logbook import DEFAULT_INTERVAL_S, KindLog
 from vmpower.policies import PolicyRecord, PolicySpec
 from vmpower.protocol import Command, CoreType, ReplyCode, Unit, Workload
 
@@ -61,6 +70,7 @@ _SCALE_MIN = int(Unit.SCALE_MIN)
 _ENABLE_TURBO = int(Unit.ENABLE_TURBO)
 _DISABLE_TURBO = int(Unit.DISABLE_TURBO)
 _LEVELS = frozenset(Workload)
+_COMMAND_NAMES = {int(c): c.name for c in Command}
 
 
 class VmDirectory(Protocol):
@@ -72,7 +82,42 @@ class VmDirectory(Protocol):
 
 
 class Refused(VmpowerError):
-    """A request refused by a host rule; the message goes to the log with the NACK."""
+    """A request refused by a host rule: NACK.
+
+    ``kind`` is what the log counts refusals by, one of a small fixed set ("not
+    pinned", "reserved", "rate limit", ...); the message says which CPU, VM or value.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class PowerLogs:
+    """The request path's logs by kind; the daemon drives them as monitor tickers."""
+
+    refusals: KindLog  # per channel: requests refused, by reason (WARNING)
+    changes: KindLog  # per host CPU: frequency changes and restores (INFO; each at DEBUG)
+    failures: KindLog  # per host CPU: changes that could not be applied (ERROR)
+    policies: KindLog  # per requester: policies installed and removed (INFO)
+
+    @classmethod
+    def build(
+        cls, interval_s: float = DEFAULT_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> PowerLogs:
+        def kind_log(what: str, one: str, level: int) -> KindLog:
+            return KindLog(log, what, one=one, level=level, interval_s=interval_s, clock=clock)
+
+        return cls(
+            refusals=kind_log("requests refused", "request refused", logging.WARNING),
+            changes=kind_log("frequency changes", "frequency change", logging.INFO),
+            failures=kind_log("changes failed", "change failed", logging.ERROR),
+            policies=kind_log("policy requests", "policy request", logging.INFO),
+        )
+
+    def all(self) -> tuple[KindLog, ...]:
+        return (self.refusals, self.changes, self.failures, self.policies)
 
 
 @dataclass
@@ -143,6 +188,7 @@ class PowerManager:
         reserved_cpus: frozenset[int] = frozenset(),
         clock: Callable[[], float] = time.monotonic,
         send_replies: Callable[[set[Endpoint]], None] | None = None,
+        logs: PowerLogs | None = None,
     ) -> None:
         self.cpufreq = cpufreq
         self.vms = vms
@@ -165,6 +211,9 @@ class PowerManager:
         # sysfs per request would cost more than the request; refresh_cpus() re-reads it.
         self._managed: dict[int, bool] = {}
         self._cpu_generation = 0
+        self.logs = logs if logs is not None else PowerLogs.build(clock=clock)
+        self._cpu_names: dict[int, str] = {}  # "host CPU 3": the changes logs' sources
+        self._tracebacks: set[type] = set()  # unexpected errors whose traceback was logged
 
     @property
     def reserved_cpus(self) -> frozenset[int]:
@@ -198,10 +247,11 @@ class PowerManager:
         # and gets no reply either way).
         allowed = channel.bucket.take_many(self.clock(), len(packets))
         vm: VmInfo | None
+        vm_error: VmpowerError | None = None
         try:
             vm = self.vms.ensure_fresh(owner)  # one map look-up per read
-        except UnknownVmError:
-            vm = None  # every request below is refused on the slow path
+        except VmpowerError as exc:  # unknown VM, or libvirt failing: asked once per read
+            vm, vm_error = None, exc  # every request below that needs it is refused
         generation = self._cpu_generation
         # The fast path needs a known VM and an enabled channel for the whole read.
         fast = vm is not None and channel.enabled
@@ -215,7 +265,8 @@ class PowerManager:
             allowed -= 1
             # Fast path: a CPU_POWER packet this VM sent before, under the same map and
             # CPU state, within its rate: every check of the slow path gave "allowed"
-            # for these exact bytes, so only the wish moves.
+            # for these exact bytes, so only the wish moves (its CPUs' tables are
+            # cached, so nothing here reads sysfs or can fail).
             if (
                 fast
                 and known.route_vm is vm
@@ -227,7 +278,7 @@ class PowerManager:
                     move(owner, cpu, known.unit)
                 pending.append((channel, packet, cpus, known.ack, True))
                 continue
-            self._slow_path(channel, packet, known, allowed, vm, generation)
+            self._slow_path(channel, packet, known, allowed, vm, vm_error, generation)
 
     def _learn(self, packet: bytes) -> _KnownPacket:
         """Remember a new distinct packet (the cache is bounded: full, it starts over)."""
@@ -244,35 +295,49 @@ class PowerManager:
         known: _KnownPacket,
         allowed: int,
         vm: VmInfo | None,
+        vm_error: VmpowerError | None,
         generation: int,
     ) -> None:
-        """Every rule, for a packet the fast path could not vouch for."""
+        """Every rule, for a packet the fast path could not vouch for.
+
+        Whatever fails while handling the packet is its NACK, and nothing else (rule 2):
+        the rest of the read is handled as if it had not come.
+        """
         command = known.command
         unit = known.unit
         if command == _CONNECT:
             return  # the guest library never reads a reply to its probe
         if allowed < 0:
             channel.rate_limited += 1
-            self._refuse(channel, packet, command, "rate limit", log_it=False)
+            self._refuse(
+                channel,
+                packet,
+                command,
+                "rate limit",
+                f"more than {channel.bucket.rate_per_s:g} requests/s (channels.rate_per_s)",
+            )
             return
         owner = channel.owner
         try:
             if not channel.enabled:
-                raise Refused("channel disabled")
+                raise Refused("channel disabled", "channel disabled by the operator")
             name = known.vm_name
             if name and name != owner.encode()[: protocol.MAX_VM_NAME_BYTES]:
-                raise Refused(f"vm_name {name.decode(errors='replace')!r} is not this channel's VM")
+                raise Refused(
+                    "spoofed name",
+                    f"vm_name {name.decode(errors='replace')!r} is not this channel's VM",
+                )
             if command == _CPU_POWER:
                 if unit not in _UNITS:
-                    raise Refused(f"unknown unit {unit}")
-                if vm is None:
-                    vm = self.vms.ensure_fresh(owner)  # raises UnknownVmError
+                    raise Refused("unknown unit", f"unknown unit {unit}")
+                vm = _known_vm(owner, vm, vm_error)
                 cpus = self._targets(vm, known.resource_id, known.core_type)
-                if unit == _ENABLE_TURBO:
-                    for cpu in cpus:
-                        if not self._table(cpu)[2]:  # nominal on top: no turbo range
-                            raise Refused(f"host CPU {cpu} has no turbo")
-                else:
+                # Every table first (each may be read from sysfs now, and fail): no wish
+                # moves for a request that is then refused.
+                for cpu in cpus:
+                    if not self._table(cpu)[2] and unit == _ENABLE_TURBO:
+                        raise Refused("no turbo", f"host CPU {cpu} has no turbo")
+                if unit != _ENABLE_TURBO:
                     # These bytes from this VM are allowed under this map: next time the
                     # fast path may skip the checks (the name check depends only on the
                     # owner, which the VmInfo identity pins down).
@@ -283,62 +348,72 @@ class PowerManager:
                     self._move(owner, cpu, unit)
                 self._pending.append((channel, packet, cpus, known.ack, True))
             elif command in _QUERIES:
-                self._query(channel, packet, known.resource_id, command)
+                self._query(channel, packet, known.resource_id, command, vm, vm_error)
             elif command == _PKT_POLICY:
-                self._install_policy(channel, packet)
+                self._install_policy(channel, packet, _known_vm(owner, vm, vm_error))
             elif command == _PKT_POLICY_REMOVE:
                 self._remove_policy(channel, packet)
             else:
-                raise Refused(f"unknown command {command}")
+                raise Refused("unknown command", f"unknown command {command}")
         except Refused as exc:
-            self._refuse(channel, packet, command, str(exc))
+            self._refuse(channel, packet, command, exc.kind, str(exc))
         except UnknownVmError as exc:
-            self._refuse(channel, packet, command, f"VM unknown: {exc}")
+            self._refuse(channel, packet, command, "vm unknown", f"VM unknown: {exc}")
+        except Exception as exc:  # rule 2: whatever failed, this packet gets its NACK
+            self._refuse(channel, packet, command, *self._failure(exc))
 
     def handle_fifo_messages(self, channel: FifoChannel, messages: Iterable[object]) -> None:
         """Handle decoded JSON messages (or ProtocolErrors) from a host CPU's FIFO."""
         now = self.clock()
+        refusals = self.logs.refusals
         for message in messages:
             if isinstance(message, ProtocolError):
                 channel.protocol_errors += 1
-                log.warning("%s: message rejected: %s", channel.path, message.reason)
+                refusals.note(channel.path, "malformed", f"message rejected: {message.reason}")
                 continue
             self.stats.requests += 1
             channel.requests += 1
-            if not channel.enabled or not channel.bucket.take(now):
-                channel.nacks += 1
-                log.warning(
-                    "%s: message refused (%s)",
-                    channel.path,
-                    "channel disabled" if not channel.enabled else "rate limit",
-                )
-                continue
             try:
+                if not channel.enabled:
+                    raise Refused("channel disabled", "channel disabled by the operator")
+                if not channel.bucket.take(now):
+                    channel.rate_limited += 1
+                    raise Refused(
+                        "rate limit",
+                        f"more than {channel.bucket.rate_per_s:g} messages/s (channels.rate_per_s)",
+                    )
                 self._check_cpu(channel.cpu)
                 if isinstance(message, protocol.FifoInstruction):
+                    self._table(channel.cpu)  # may read sysfs, and fail: before any wish moves
                     self._move(channel.owner, channel.cpu, message.unit)
                     self._pending.append((channel, b"", frozenset({channel.cpu}), None, True))
                 elif isinstance(message, protocol.FifoPolicy):
                     if message.command == "destroy":
                         if self.policies.pop(channel.owner, None) is None:
-                            raise Refused("no policy to destroy")
+                            raise Refused("no policy", "no policy to destroy")
                         self._drop_wishes(channel.owner)
-                        log.info("%s: policy destroyed", channel.owner)
+                        self.logs.policies.note(channel.owner, "removed", "policy destroyed")
                     else:
-                        if message.policy_type is None:
-                            raise Refused("policy without a policy type")
+                        try:
+                            spec = PolicySpec.from_fifo(message)
+                        except ValueError as exc:
+                            raise Refused("bad policy", str(exc)) from None
                         record = PolicyRecord(
-                            channel.owner,
-                            PolicySpec.from_fifo(message),
-                            cpus=frozenset({channel.cpu}),
-                            installed_at=now,
+                            channel.owner, spec, cpus=frozenset({channel.cpu}), installed_at=now
                         )
                         self.policies[channel.owner] = record
-                        log.info("%s: %s policy installed", channel.owner, record.spec.type.name)
+                        self.logs.policies.note(
+                            channel.owner, "installed", f"{spec.type.name} policy installed"
+                        )
             except Refused as exc:
-                channel.nacks += 1
-                self.stats.nacks += 1
-                log.warning("%s: refused: %s", channel.owner, exc)
+                kind, detail = exc.kind, str(exc)
+            except Exception as exc:  # one message's failure stops only that message
+                kind, detail = self._failure(exc)
+            else:
+                continue
+            channel.nacks += 1
+            self.stats.nacks += 1
+            refusals.note(channel.path, kind, f"message refused: {detail}")
 
     # -- CPU_POWER ---------------------------------------------------------------------
 
@@ -350,16 +425,19 @@ class PowerManager:
         """
         if core_type == _PHYSICAL:
             if resource_id not in vm.pcpus():
-                raise Refused(f"host CPU {resource_id} is not pinned to {vm.name}")
+                raise Refused("not pinned", f"host CPU {resource_id} is not pinned to {vm.name}")
             cpus = frozenset({resource_id})
         elif core_type == 0:
             if resource_id >= vm.vcpu_count or resource_id >= len(vm.vcpu_pcpus):
-                raise Refused(f"vCPU {resource_id} out of range ({vm.name} has {vm.vcpu_count})")
+                raise Refused(
+                    "no such vCPU",
+                    f"vCPU {resource_id} out of range ({vm.name} has {vm.vcpu_count})",
+                )
             cpus = vm.pinned_pcpus(resource_id, self.vms.host_cpu_count())
             if not cpus:
-                raise Refused(f"vCPU {resource_id} of {vm.name} is not pinned")
+                raise Refused("not pinned", f"vCPU {resource_id} of {vm.name} is not pinned")
         else:
-            raise Refused(f"unknown core_type {core_type}")
+            raise Refused("unknown core type", f"unknown core_type {core_type}")
         for cpu in cpus:
             self._check_cpu(cpu)
         return cpus
@@ -370,8 +448,8 @@ class PowerManager:
             managed = self._managed[cpu] = self._read_managed(cpu)
         if not managed:
             if cpu in self._reserved_cpus:
-                raise Refused(f"host CPU {cpu} is reserved")
-            raise Refused(f"host CPU {cpu} is offline or has no cpufreq")
+                raise Refused("reserved", f"host CPU {cpu} is reserved")
+            raise Refused("offline", f"host CPU {cpu} is offline or has no cpufreq")
 
     def _touch(self, cpu: int) -> dict[str, Wish]:
         """``cpu``'s wishes, about to change: remember them as they were this turn."""
@@ -408,7 +486,7 @@ class PowerManager:
         """
         table, index_of, nominal = self._table_cache.get(cpu) or self._table(cpu)
         if unit == _ENABLE_TURBO and not nominal:
-            raise Refused(f"host CPU {cpu} has no turbo")
+            raise Refused("no turbo", f"host CPU {cpu} has no turbo")
         per_cpu = self.wishes.get(cpu)
         if per_cpu is None or cpu not in self._dirty:
             per_cpu = self._touch(cpu)
@@ -452,18 +530,29 @@ class PowerManager:
 
     # -- queries -----------------------------------------------------------------------
 
-    def _query(self, channel: VmChannel, packet: bytes, resource_id: int, command: int) -> None:
+    def _query(
+        self,
+        channel: VmChannel,
+        packet: bytes,
+        resource_id: int,
+        command: int,
+        vm: VmInfo | None,
+        vm_error: VmpowerError | None,
+    ) -> None:
         vm_name = channel.owner
         if vm_name not in self.query_allowed:
-            raise Refused(f"queries not enabled for {vm_name} (set_query {vm_name} enable)")
-        vm = self.vms.ensure_fresh(vm_name)
+            raise Refused(
+                "queries disabled",
+                f"queries not enabled for {vm_name} (set_query {vm_name} enable)",
+            )
+        vm = _known_vm(vm_name, vm, vm_error)
         count = min(vm.vcpu_count, len(vm.vcpu_pcpus), protocol.MAX_VCPU_PER_VM)
         listing = command in (Command.QUERY_FREQ_LIST, Command.QUERY_CAPS_LIST)
         if listing:
             vcpus = range(count)
         else:
             if resource_id >= count:
-                raise Refused(f"vCPU {resource_id} out of range for a query")
+                raise Refused("no such vCPU", f"vCPU {resource_id} out of range for a query")
             vcpus = range(resource_id, resource_id + 1)
         values: list[int] = [0] * protocol.MAX_VCPU_PER_VM
         priority: list[int] = [0] * protocol.MAX_VCPU_PER_VM
@@ -494,15 +583,16 @@ class PowerManager:
 
     # -- policies (stored here, evaluated by vmpower.policies) ---------------------------
 
-    def _install_policy(self, channel: VmChannel, packet: bytes) -> None:
+    def _install_policy(self, channel: VmChannel, packet: bytes, vm: VmInfo) -> None:
         decoded = protocol.decode_packet(packet)
-        if decoded.policy_enum is None:
-            raise Refused(f"unknown policy_to_use {decoded.policy_to_use}")
-        vm = self.vms.ensure_fresh(channel.owner)
+        try:
+            spec = PolicySpec.from_packet(decoded)  # refuses what could never decide
+        except ValueError as exc:
+            raise Refused("bad policy", str(exc)) from None
         if decoded.core_type == _PHYSICAL:
             cpus = frozenset(decoded.control_list)
             if not cpus <= vm.pcpus():
-                raise Refused(f"policy names host CPUs not pinned to {channel.owner}")
+                raise Refused("not pinned", f"policy names host CPUs not pinned to {channel.owner}")
         else:
             cpus_set: set[int] = set()
             for vcpu in decoded.control_list:
@@ -512,25 +602,20 @@ class PowerManager:
             self._check_cpu(cpu)
         vcpus = None if decoded.core_type == _PHYSICAL else decoded.control_list
         self.policies[channel.owner] = PolicyRecord(
-            channel.owner,
-            PolicySpec.from_packet(decoded),
-            cpus=cpus,
-            vcpus=vcpus,
-            installed_at=self.clock(),
+            channel.owner, spec, cpus=cpus, vcpus=vcpus, installed_at=self.clock()
         )
-        log.info(
-            "%s: %s policy installed on host CPUs %s",
+        self.logs.policies.note(
             channel.owner,
-            decoded.policy_enum.name,
-            sorted(cpus),
+            "installed",
+            f"{spec.type.name} policy installed on host CPUs {sorted(cpus)}",
         )
         self._ack(channel, packet)
 
     def _remove_policy(self, channel: VmChannel, packet: bytes) -> None:
         if self.policies.pop(channel.owner, None) is None:
-            raise Refused("no policy to remove")
+            raise Refused("no policy", "no policy to remove")
         self._drop_wishes(channel.owner)
-        log.info("%s: policy removed", channel.owner)
+        self.logs.policies.note(channel.owner, "removed", "policy removed")
         self._ack(channel, packet)
 
     # -- replies and the end-of-turn flush -----------------------------------------------
@@ -539,14 +624,29 @@ class PowerManager:
         self._pending.append((channel, packet, _NO_CPUS, protocol.echo_reply(packet, 0, ACK), True))
 
     def _refuse(
-        self, channel: Endpoint, packet: bytes, command: int, reason: str, log_it: bool = True
+        self, channel: Endpoint, packet: bytes, command: int, kind: str, message: str
     ) -> None:
         self.stats.nacks += 1
         channel.nacks += 1
-        if log_it:
-            log.warning("%s: %s refused: %s", channel.path, _command_name(command), reason)
+        # Counted by kind: the first of each kind on this channel is logged at once,
+        # the rest in one summary line per interval.
+        self.logs.refusals.note(channel.path, kind, f"{_command_name(command)}: {message}")
         # Replies leave in request order, after this turn's writes (see flush()).
         self._pending.append((channel, packet, _NO_CPUS, protocol.nack_reply(packet), False))
+
+    def _failure(self, exc: Exception) -> tuple[str, str]:
+        """(kind, message) of an error met while handling one request (rule 2: its NACK).
+
+        A VmpowerError or OSError is a fact of the host (a cpufreq file unreadable,
+        libvirt failing); anything else is a bug, whose traceback is logged once per
+        exception type.
+        """
+        if isinstance(exc, VmpowerError | OSError):
+            return f"failed: {type(exc).__name__}", str(exc)
+        if type(exc) not in self._tracebacks and len(self._tracebacks) < 64:
+            self._tracebacks.add(type(exc))
+            log.error("internal error while handling a request", exc_info=exc)
+        return "internal error", f"{type(exc).__name__}: {exc}"
 
     def finish_turn(self) -> None:
         """The end of a monitor turn: apply the changed wishes, then send the replies."""
@@ -560,7 +660,13 @@ class PowerManager:
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             for cpu in sorted(dirty):
-                if not self._apply(cpu):
+                try:
+                    applied = self._apply(cpu)
+                except Exception as exc:  # a bug: this CPU's requests get NACK, not silence
+                    self._failure(exc)
+                    self.cpufreq.undo_change(cpu)
+                    applied = False
+                if not applied:
                     failed.add(cpu)
         if failed:
             self._revert(failed)
@@ -578,6 +684,7 @@ class PowerManager:
                     stats.nacks += 1
                     channel.nacks += 1
                     reply = nack(packet) if packet else None
+                    self._note_unapplied(channel, cpus & failed)
                 else:
                     stats.acks += 1
             if reply is None:
@@ -601,32 +708,63 @@ class PowerManager:
             return True
         target = max(w.freq_khz for w in per_cpu.values())
         want_turbo = any(w.turbo for w in per_cpu.values())
+        cpufreq = self.cpufreq
+        # One change, all or nothing: when a write fails, the ones before it in this
+        # change are written back (rule 2: a NACK means the CPU is as it was).
+        cpufreq.begin_change()
         try:
             # Turbo is switched on before asking for the turbo frequency (intel_pstate
             # clamps to the base frequency while no_turbo=1). It is never switched off
             # here: on acpi-cpufreq and intel_pstate the switch is global, and a CPU
             # leaves turbo by running below the turbo entry; the journal restores it.
-            if want_turbo and not self.cpufreq.turbo_enabled(cpu):
-                self.cpufreq.set_turbo(cpu, True)
-            if self.cpufreq.set_khz(cpu, target):
-                self.stats.writes += 1
-                if log.isEnabledFor(logging.INFO):  # the message's join is not free
-                    wishes = ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items()))
-                    log.info("host CPU %d → %d kHz (wished by %s)", cpu, target, wishes)
-            else:
-                self.stats.writes_skipped += 1
-            return True
-        except VmpowerError as exc:
+            if want_turbo and not cpufreq.turbo_enabled(cpu):
+                cpufreq.set_turbo(cpu, True)
+            changed = cpufreq.set_khz(cpu, target)
+        except (VmpowerError, OSError) as exc:
             self.stats.write_failures += 1
-            log.error("host CPU %d: cannot apply %d kHz: %s", cpu, target, exc)
+            unrestored = cpufreq.undo_change(cpu)
+            source = self._cpu_name(cpu)
+            self.logs.failures.note(source, "write failed", f"cannot apply {target} kHz: {exc}")
+            for what in unrestored:
+                self.logs.failures.note(source, "not put back", f"cannot put back {what}")
             return False
+        cpufreq.end_change()
+        if not changed:
+            self.stats.writes_skipped += 1
+            return True
+        self.stats.writes += 1
+        if log.isEnabledFor(logging.INFO):  # the message's join is not free
+            wishes = ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items()))
+            detail = f"now {target} kHz (wished by {wishes})"
+            log.debug("host CPU %d: %s", cpu, detail)
+            self.logs.changes.note(self._cpu_name(cpu), "set", detail)
+        return True
+
+    def _cpu_name(self, cpu: int) -> str:
+        name = self._cpu_names.get(cpu)
+        if name is None:
+            name = self._cpu_names[cpu] = f"host CPU {cpu}"
+        return name
+
+    def _note_unapplied(self, channel: Endpoint, cpus: frozenset[int]) -> None:
+        listed = ", ".join(str(c) for c in sorted(cpus))
+        self.logs.refusals.note(
+            channel.path, "write failed", f"host CPU {listed} could not be set: nothing changed"
+        )
 
     def _revert(self, failed: set[int]) -> None:
-        """Put back the wishes of CPUs whose write failed (their requests get NACK)."""
+        """Put back the wishes of CPUs whose write failed (their requests get NACK).
+
+        Their files were put back by ``_apply``; a CPU nobody wished for before this
+        turn also gets its journal entries restored (and dropped), as if never touched.
+        """
         for cpu in failed:
             before = self._snapshot.get(cpu)
-            if before is not None:
-                self.wishes[cpu] = before
+            if before is None:
+                continue
+            self.wishes[cpu] = before
+            if not before:
+                self._restore_cpu(cpu)
 
     # -- requesters leaving ------------------------------------------------------------
 
@@ -667,8 +805,10 @@ class PowerManager:
         report = self.journal.restore(lambda path: path.startswith(prefix))
         self.cpufreq.forget(cpu)
         if report.restored:
-            log.info(
-                "host CPU %d: original settings restored (%d files)", cpu, len(report.restored)
+            self.logs.changes.note(
+                self._cpu_name(cpu),
+                "restored",
+                f"original settings restored ({len(report.restored)} files)",
             )
 
     def restore_all(self) -> None:
@@ -682,6 +822,8 @@ class PowerManager:
             for cpu in self.cpufreq.cpus():
                 self.cpufreq.forget(cpu)
             log.info("restored %d files; %d failed", len(report.restored), len(report.failed))
+        for kind_log in self.logs.all():  # what was still counted, before the daemon exits
+            kind_log.flush()
 
     def set_level(self, owner: str, cpus: Iterable[int], level: Workload) -> None:
         """A policy's decision: ``owner`` wishes HIGH (max), MEDIUM or LOW (min) on ``cpus``.
@@ -696,9 +838,14 @@ class PowerManager:
         for cpu in cpus:
             try:
                 self._check_cpu(cpu)
+                table, _, nominal = self._table(cpu)
             except Refused:
                 continue
-            table, _, nominal = self._table(cpu)
+            except (VmpowerError, OSError) as exc:  # evaluated every period: logged by kind
+                self.logs.failures.note(
+                    self._cpu_name(cpu), "policy", f"{owner}'s policy cannot move it: {exc}"
+                )
+                continue
             wish = self.wishes.get(cpu, {}).get(owner)
             top = 0 if (wish is not None and wish.turbo) else nominal
             last = len(table) - 1
@@ -722,13 +869,27 @@ class PowerManager:
         self._check_cpu(cpu)
         self._move(owner, cpu, unit)
         ok = self._apply(cpu)
-        if not ok:
-            self._revert({cpu})
         self._dirty.discard(cpu)
+        if not ok:
+            # The CPU's wishes go back to before this turn, guests' moves of this turn
+            # included: their replies, waiting for the end of the turn, become NACK.
+            self._revert({cpu})
+            self._unapplied(cpu)
         self._snapshot.pop(cpu, None)
         if not ok:
             raise VmpowerError(f"host CPU {cpu}: write failed (see the daemon's log)")
         return self.wishes[cpu][owner].freq_khz
+
+    def _unapplied(self, cpu: int) -> None:
+        """This turn's conditional replies involving ``cpu`` become NACK now."""
+        pending = self._pending
+        nack = protocol.nack_reply
+        for i, (channel, packet, cpus, _reply, conditional) in enumerate(pending):
+            if conditional and cpu in cpus:
+                pending[i] = (channel, packet, cpus, nack(packet) if packet else None, False)
+                self.stats.nacks += 1
+                channel.nacks += 1
+                self._note_unapplied(channel, frozenset({cpu}))
 
     def cpu_report(self, cpu: int) -> dict[str, object]:
         state = self.cpufreq.state(cpu)
@@ -766,7 +927,13 @@ def _nearest_index(table: tuple[int, ...], freq_khz: int) -> int:
 
 
 def _command_name(command: int) -> str:
-    try:
-        return Command(command).name
-    except ValueError:
-        return f"command {command}"
+    return _COMMAND_NAMES.get(command) or f"command {command}"
+
+
+def _known_vm(owner: str, vm: VmInfo | None, error: VmpowerError | None) -> VmInfo:
+    """The read's VM, or the refusal its look-up gave (asked once per read)."""
+    if vm is not None:
+        return vm
+    if error is None or isinstance(error, UnknownVmError):
+        raise Refused("vm unknown", f"VM unknown: {error or owner}")
+    raise Refused("vm unknown", f"{owner}: {error}")

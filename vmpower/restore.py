@@ -17,33 +17,61 @@ restores what a crashed run left.
 
 A journal left corrupt (not JSON, wrong shape) is moved aside, never dropped, and
 reported with ``RestoreError``.
+
+Besides sysfs files, the journal holds model-specific registers the BRANCH_RATIO policy
+programs (``remember_msr``: the msr device path, the offset, the original bytes), so a
+crash does not leave the PMU programmed.
+
+Trust (GEOPM's ``is_secure_file`` is the model; docs/architecture.md, "Trust
+boundaries"): the state directory must be trusted as sshd's StrictModes would
+(``vmpower.trust``), the journal file must be a regular file owned by the daemon's
+user with mode 0600, read without following a symbolic link, and, when the caller
+gives the roots, every path in it must lie under them (sysfs files under
+``cpufreq.sysfs_root``, MSRs under ``policies.msr_root``) before anything is written
+to it. Temp files a crash left between write and rename are removed at start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmpower import trust
 from vmpower.errors import RestoreError
+from vmpower.sysfs import open_attribute
 
 log = logging.getLogger("vmpower.restore")
 
 JOURNAL_NAME = "restore-journal.json"
 FORMAT = "vmpower-restore-journal"
-VERSION = 1
+# Version 2 adds MSR entries ({path, offset, bytes}). A journal without any is still
+# written as version 1, which every vmpowerd reads; an older vmpowerd finding a version 2
+# journal treats it as corrupt and keeps it aside, and never writes an MSR's bytes as
+# text into a device.
+VERSION = 2
+FILES_ONLY_VERSION = 1
+READ_VERSIONS = (1, 2)
+MSR_BYTES_MAX = 8  # one MSR (arch/x86/kernel/msr.c reads and writes 8 bytes)
+# _save's temp file; one whose writer is dead is a crash between write and rename.
+_TEMP_NAME = re.compile(re.escape(f".{JOURNAL_NAME}.") + r"(\d+)\.tmp")
 # cpufreq.rst: scaling_setspeed reads "<unsupported>" unless the governor is userspace.
 # It is a placeholder, not a value: the kernel refuses it back, and restoring the
 # governor (which comes after, in reverse order) is what brings the placeholder back.
 PLACEHOLDERS = frozenset({"<unsupported>"})
 
 Writer = Callable[[str, str], None]
+MsrWriter = Callable[[str, int, bytes], None]
+MsrKey = tuple[str, int]  # (msr device path, file offset)
+Key = str | MsrKey
 
 
 @dataclass
@@ -53,6 +81,8 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    # Entries of a loaded journal outside the allowed roots: never written, kept aside.
+    refused: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -65,29 +95,86 @@ def write_file(path: str, value: str) -> None:
     ``Sysfs.read`` strips the newline every sysfs attribute ends with, so the journal
     holds the bare value; sysfs store handlers (sscanf, kstrto*) ignore a trailing
     newline, and a simulated tree's plain files get back exactly what they held.
-    O_TRUNC matters only for those plain files.
+    O_TRUNC matters only for those plain files. Opened as an attribute (non-blocking,
+    no symlink, regular files only): a FIFO planted where a journal path points must
+    not hang the restore.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    fd = open_attribute(path, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, (value + "\n").encode())
     finally:
         os.close(fd)
 
 
-class RestoreJournal:
-    """Originals of the files vmpower wrote, kept durably in ``state_dir``."""
+def write_msr(path: str, offset: int, data: bytes) -> None:
+    """Write an MSR's saved bytes back: ``pwrite`` at the MSR's offset of the msr device."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        written = os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+    if written != len(data):
+        raise OSError(errno.EIO, f"short write ({written} of {len(data)} bytes)")
 
-    def __init__(self, state_dir: str | os.PathLike[str], writer: Writer = write_file) -> None:
+
+def msr_label(path: str, offset: int) -> str:
+    """How an MSR entry is named in reports and ``pending()``: ``/dev/cpu/3/msr@0x186``."""
+    return f"{path}@{offset:#x}"
+
+
+def _label(key: Key) -> str:
+    return key if isinstance(key, str) else msr_label(*key)
+
+
+def _resolved_roots(roots: Iterable[str | os.PathLike[str]] | None) -> tuple[str, ...] | None:
+    if roots is None:
+        return None
+    return tuple(os.path.realpath(root) for root in roots)
+
+
+def _under(path: str, roots: tuple[str, ...] | None) -> bool:
+    """True when ``path``, symbolic links resolved, lies under one of ``roots``."""
+    if roots is None:
+        return True
+    real = os.path.realpath(path)
+    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+class RestoreJournal:
+    """Originals of the files (and MSRs) vmpower wrote, kept durably in ``state_dir``.
+
+    ``file_roots`` and ``msr_roots``, when given, are where journaled files and MSR
+    devices may be: an entry elsewhere is refused by ``remember``/``remember_msr`` and,
+    loaded from the file, is never written (kept aside and reported). None: anywhere.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        writer: Writer = write_file,
+        *,
+        file_roots: Iterable[str | os.PathLike[str]] | None = None,
+        msr_roots: Iterable[str | os.PathLike[str]] | None = None,
+        msr_writer: MsrWriter = write_msr,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_NAME
         self._write = writer
+        self._write_msr = msr_writer
+        self._file_roots = _resolved_roots(file_roots)
+        self._msr_roots = _resolved_roots(msr_roots)
         self._lock = threading.Lock()
-        self._originals: dict[str, str] = {}  # path → original, in order of first recording
+        # key → original, in order of first recording: a file's path → its text, or an
+        # MSR's (device path, offset) → its bytes
+        self._originals: dict[Key, str | bytes] = {}
         self._corrupt: RestoreError | None = None
+        self._refused: list[str] = []
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise RestoreError(f"cannot create state directory {self.state_dir}: {exc}") from exc
+        self._check_state_dir()
+        self._remove_stale_temps()
         self._load()
 
     # -- WriteJournal --------------------------------------------------------------------
@@ -99,29 +186,53 @@ class RestoreJournal:
         """Record ``original`` for ``path`` unless already recorded; durable on return."""
         if not os.path.isabs(path):
             raise RestoreError(f"journal paths must be absolute, got {path!r}")
+        self._record(path, original, self._file_roots)
+
+    def remember_msr(self, path: str, offset: int, original: bytes) -> None:
+        """Record the ``original`` bytes of the MSR at ``offset`` of device ``path``."""
+        if not os.path.isabs(path):
+            raise RestoreError(f"journal paths must be absolute, got {path!r}")
+        if offset < 0 or len(original) > MSR_BYTES_MAX:
+            raise RestoreError(f"{msr_label(path, offset)}: not an MSR ({len(original)} bytes)")
+        self._record((path, offset), bytes(original), self._msr_roots)
+
+    def _record(self, key: Key, original: str | bytes, roots: tuple[str, ...] | None) -> None:
+        if key in self._originals:  # the first original wins (unlocked fast path)
+            return
+        path = key if isinstance(key, str) else key[0]
+        if not _under(path, roots):
+            raise RestoreError(
+                f"{_label(key)} lies outside {', '.join(roots or ())}: not journaled,"
+                " so not written"
+            )
         with self._lock:
-            if path in self._originals:
+            if key in self._originals:
                 return
-            self._originals[path] = original
+            self._originals[key] = original
             try:
                 self._save()
             except RestoreError:
                 # not durable, so not recorded: the caller must not write the file
-                del self._originals[path]
+                del self._originals[key]
                 raise
 
     # -- restoring -----------------------------------------------------------------------
 
     def pending(self) -> dict[str, str]:
-        """Path → original of every file not restored yet, in order of first recording."""
+        """Every entry not restored yet, in order of first recording: a file's path → its
+        original; an MSR as ``device@0xoffset`` → its original bytes in hex."""
         with self._lock:
-            return dict(self._originals)
+            return {
+                _label(key): value if isinstance(value, str) else value.hex()
+                for key, value in self._originals.items()
+            }
 
     def recover(self) -> RestoreReport:
         """Start-up: restore what a previous (crashed) run left in the journal.
 
         Raises RestoreError when that journal was corrupt; it has then been moved
-        aside (the message names where) and this journal starts empty.
+        aside (the message names where) and this journal starts empty. Entries outside
+        the allowed roots were kept aside when loading: they are in ``refused``.
         """
         if self._corrupt is not None:
             error, self._corrupt = self._corrupt, None
@@ -132,41 +243,47 @@ class RestoreJournal:
                 self.path,
                 len(self._originals),
             )
-        return self.restore()
+        report = self.restore()
+        report.refused, self._refused = self._refused, []
+        return report
 
     def restore(self, select: Callable[[str], bool] | None = None) -> RestoreReport:
-        """Put back every recorded file (or those ``select`` accepts), newest first."""
+        """Put back every recorded entry (or those whose path ``select`` accepts), newest
+        first."""
         report = RestoreReport()
         with self._lock:
             chosen = [
-                (path, original)
-                for path, original in reversed(self._originals.items())
-                if select is None or select(path)
+                (key, original)
+                for key, original in reversed(self._originals.items())
+                if select is None or select(key if isinstance(key, str) else key[0])
             ]
             if not chosen:
                 return report
-            retry: list[tuple[str, str]] = []
-            for path, original in chosen:
-                reason = self._put_back(path, original)
+            done: list[Key] = []
+            retry: list[tuple[Key, str | bytes]] = []
+            for key, original in chosen:
+                reason = self._put_back(key, original)
                 if reason is None:
-                    report.restored.append(path)
+                    done.append(key)
                 else:
-                    retry.append((path, original))
-            for path, original in retry:  # second pass: refusals due to ordering
-                reason = self._put_back(path, original)
+                    retry.append((key, original))
+            for key, original in retry:  # second pass: refusals due to ordering
+                reason = self._put_back(key, original)
                 if reason is None:
-                    report.restored.append(path)
+                    done.append(key)
                 else:
-                    report.failed.append(path)
-                    report.reasons[path] = reason
+                    label = _label(key)
+                    report.failed.append(label)
+                    report.reasons[label] = reason
                     log.error(
                         "cannot restore %s to %r (kept for a later attempt): %s",
-                        path,
+                        label,
                         original,
                         reason,
                     )
-            for path in report.restored:
-                del self._originals[path]
+            for key in done:
+                del self._originals[key]
+                report.restored.append(_label(key))
             try:
                 self._save()
             except RestoreError as exc:
@@ -175,10 +292,15 @@ class RestoreJournal:
                 log.error("%s", exc)
         return report
 
-    def _put_back(self, path: str, original: str) -> str | None:
-        """None when ``path`` holds ``original`` again, else the reason it does not."""
+    def _put_back(self, key: Key, original: str | bytes) -> str | None:
+        """None when the entry holds ``original`` again, else the reason it does not."""
         try:
-            self._write(path, original)
+            if isinstance(key, str):
+                assert isinstance(original, str)
+                self._write(key, original)
+            else:
+                assert isinstance(original, bytes)
+                self._write_msr(key[0], key[1], original)
         except Exception as exc:  # one file's failure, whatever it is, must not stop the rest
             if original in PLACEHOLDERS:
                 return None
@@ -187,13 +309,75 @@ class RestoreJournal:
 
     # -- the file ------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _check_state_dir(self) -> None:
+        """The state directory: trusted like sshd's StrictModes, for root and us only."""
         try:
-            text = self.path.read_text()
+            trust.check_directory(self.state_dir, trust.daemon_owners(), "state directory")
+        except trust.UntrustedPathError as exc:
+            raise RestoreError(f"{exc}: the restore journal cannot be kept there") from None
+        except OSError as exc:
+            raise RestoreError(f"cannot check state directory {self.state_dir}: {exc}") from exc
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of dead writers: a crash between write and rename (``_save``)."""
+        try:
+            names = os.listdir(self.state_dir)
+        except OSError as exc:
+            raise RestoreError(f"cannot list state directory {self.state_dir}: {exc}") from exc
+        for name in names:
+            match = _TEMP_NAME.fullmatch(name)
+            if match is None:
+                continue
+            pid = int(match.group(1))
+            if pid == os.getpid() or _alive(pid):
+                continue  # a live writer's (this directory has one writer: never ours)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state_dir / name)  # unlink never follows a symbolic link
+                log.info("removed %s, left by a run that crashed while saving", name)
+
+    def _read_trusted(self) -> str | None:
+        """The journal's text, None when there is none; refuses a file it cannot trust.
+
+        An untrusted journal stops the start (RestoreError) and is left as it is. Not
+        ignored: the journal is rewritten whole at the first write, so ignoring it would
+        silently lose a crashed run's originals that may well be genuine (a journal put
+        back from a backup with the wrong mode); and with the state directory writable
+        only by trusted users, only root can have put it there, so refusing is no lever
+        for another user. The operator checks it and fixes or removes it.
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags)
         except FileNotFoundError:
-            return
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._untrusted(f"{self.path} is a symbolic link") from None
+            raise RestoreError(f"cannot read restore journal {self.path}: {exc}") from exc
+        try:
+            problem = trust.private_file_problem(os.fstat(fd), str(self.path))
+            if problem is not None:
+                raise self._untrusted(problem)
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
         except OSError as exc:
             raise RestoreError(f"cannot read restore journal {self.path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode(errors="replace")
+
+    def _untrusted(self, problem: str) -> RestoreError:
+        return RestoreError(
+            f"restore journal not trusted: {problem}; nothing restored from it and it is left"
+            f" as it is: check its entries, then make it {trust.user_name(os.geteuid())}'s"
+            " with mode 0600, or move it away"
+        )
+
+    def _load(self) -> None:
+        text = self._read_trusted()
+        if text is None:
+            return
         try:
             entries = _parse(text)
         except ValueError as exc:
@@ -204,7 +388,44 @@ class RestoreJournal:
             )
             log.error("%s", self._corrupt)
             return
-        self._originals = dict(entries)
+        refused: list[tuple[Key, str | bytes]] = []
+        for key, original in entries:
+            if isinstance(key, str):
+                inside = _under(key, self._file_roots)
+            else:
+                inside = _under(key[0], self._msr_roots)
+            if inside:
+                self._originals[key] = original
+            else:
+                refused.append((key, original))
+        if refused:
+            self._set_aside(refused)
+
+    def _set_aside(self, refused: list[tuple[Key, str | bytes]]) -> None:
+        """Entries outside the roots: never written; kept in a file beside, reported."""
+        labels = [_label(key) for key, _ in refused]
+        kept = self.path.with_name(
+            f"{JOURNAL_NAME}.refused-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        )
+        try:
+            _write_durably(kept, _render(refused), os.O_EXCL)
+            self._save()  # the live journal no longer names them
+        except (OSError, RestoreError) as exc:
+            raise RestoreError(
+                f"restore journal {self.path} names {len(refused)} paths outside the allowed"
+                f" roots and they cannot be set aside: {exc}"
+            ) from exc
+        roots = ", ".join((*(self._file_roots or ()), *(self._msr_roots or ())))
+        shown = ", ".join(labels[:3]) + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
+        log.error(
+            "restore journal %s: %d entries lie outside %s and were not restored (%s); kept as %s",
+            self.path,
+            len(labels),
+            roots,
+            shown,
+            kept,
+        )
+        self._refused = labels
 
     def _keep_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -226,47 +447,96 @@ class RestoreJournal:
                     os.unlink(self.path)
                     _fsync_dir(self.state_dir)
                 return
-            data = {
-                "format": FORMAT,
-                "version": VERSION,
-                "entries": [{"path": p, "original": o} for p, o in self._originals.items()],
-            }
             tmp = self.path.with_name(f".{JOURNAL_NAME}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, (json.dumps(data, indent=1) + "\n").encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_durably(tmp, _render(self._originals.items()), os.O_TRUNC)
             os.replace(tmp, self.path)
             _fsync_dir(self.state_dir)
         except OSError as exc:
             raise RestoreError(f"cannot write restore journal {self.path}: {exc}") from exc
 
 
-def _parse(text: str) -> list[tuple[str, str]]:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process; not a pid at all
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _render(entries: Iterable[tuple[Key, str | bytes]]) -> str:
+    rows: list[dict[str, object]] = []
+    for key, original in entries:
+        if isinstance(key, str):
+            rows.append({"path": key, "original": original})
+        else:
+            assert isinstance(original, bytes)
+            rows.append({"path": key[0], "offset": key[1], "bytes": original.hex()})
+    has_msrs = any("offset" in row for row in rows)
+    data = {
+        "format": FORMAT,
+        "version": VERSION if has_msrs else FILES_ONLY_VERSION,
+        "entries": rows,
+    }
+    return json.dumps(data, indent=1) + "\n"
+
+
+def _write_durably(path: Path, text: str, extra_flags: int) -> None:
+    """Write a 0600 file and fsync it; never through a symbolic link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | extra_flags
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parse(text: str) -> list[tuple[Key, str | bytes]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
-    if data.get("version") != VERSION:
+    if data.get("version") not in READ_VERSIONS:
         raise ValueError(f"unknown version {data.get('version')!r} (expected {VERSION})")
     entries = data.get("entries")
     if not isinstance(entries, list):
         raise ValueError('"entries" is not a list')
-    result: list[tuple[str, str]] = []
+    result: list[tuple[Key, str | bytes]] = []
     for i, entry in enumerate(entries):
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("path"), str)
-            or not isinstance(entry.get("original"), str)
-            or not os.path.isabs(entry["path"])
-        ):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"entry {i} has no path")
+        path = entry["path"]
+        if not os.path.isabs(path):
+            raise ValueError(f"entry {i}: the path is not absolute")
+        if "offset" in entry:
+            result.append(((path, _msr_offset(entry, i)), _msr_bytes(entry, i)))
+        elif isinstance(entry.get("original"), str):
+            result.append((path, entry["original"]))
+        else:
             raise ValueError(f"entry {i} is not {{path: absolute path, original: string}}")
-        result.append((entry["path"], entry["original"]))
     return result
+
+
+def _msr_offset(entry: dict[str, object], i: int) -> int:
+    offset = entry["offset"]
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"entry {i}: an MSR offset must be a non-negative integer")
+    return offset
+
+
+def _msr_bytes(entry: dict[str, object], i: int) -> bytes:
+    text = entry.get("bytes")
+    try:
+        data = bytes.fromhex(text) if isinstance(text, str) else None
+    except ValueError:
+        data = None
+    if data is None or len(data) > MSR_BYTES_MAX:
+        raise ValueError(f"entry {i}: an MSR's bytes must be hex, at most {MSR_BYTES_MAX} bytes")
+    return data
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -4,16 +4,55 @@ Everything is addressed relative to a root (``/sys`` in production, a simulated 
 under ``tmp_path`` in tests). Writes can be journaled: when a journal is attached,
 the original content of a file is handed to it *before* the first write to that
 file, so every change can be undone (see ``vmpower.restore``).
+
+Every attribute is opened non-blocking, without following a symbolic link in its last
+component, and must be a regular file (sysfs attributes are): a FIFO or a device where
+an attribute should be is that attribute's error, never a hang of the monitor thread
+(issue #11 point 10: a FIFO in a test tree once held the daemon 60 s).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import Protocol
 
 from vmpower.errors import SysfsError
+
+# O_NONBLOCK: opening a FIFO neither waits for its other end nor, once open, does a read
+# wait for data; regular files (and sysfs attributes) ignore it. O_NOFOLLOW: an
+# attribute is never a symbolic link (its directories may be: cpuN/cpufreq).
+_OPEN_FLAGS = os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+# Attributes are at most one page (sysfs show() fills a PAGE_SIZE buffer); simulated
+# trees and other files read through Sysfs stay far below this bound.
+READ_MAX_BYTES = 64 * 1024
+
+
+def open_attribute(path: str, access: int) -> int:
+    """Open ``path`` (``os.O_RDONLY`` or ``os.O_WRONLY``) as an attribute, never blocking.
+
+    Raises OSError, whose strerror names what is wrong when the file is no regular file.
+    """
+    fd = os.open(path, access | _OPEN_FLAGS)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise OSError(errno.EINVAL, f"{kind}, not an attribute")
+    return fd
 
 
 class WriteJournal(Protocol):
@@ -53,10 +92,16 @@ class Sysfs:
         """Content of an attribute, stripped of surrounding whitespace."""
         path = self.path(rel)
         try:
-            with open(path) as f:
-                return f.read().strip()
+            fd = open_attribute(path, os.O_RDONLY)
+            try:
+                data = os.read(fd, READ_MAX_BYTES)
+            finally:
+                os.close(fd)
+            return data.decode().strip()
         except OSError as exc:
             raise SysfsError(path, _reason(exc)) from exc
+        except UnicodeDecodeError as exc:
+            raise SysfsError(path, f"unreadable content: {exc}") from None
 
     def read_int(self, rel: str) -> int:
         text = self.read(rel)
@@ -76,7 +121,7 @@ class Sysfs:
         """Keep attribute ``rel`` open for repeated reads (telemetry's hot path)."""
         path = self.path(rel)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_attribute(path, os.O_RDONLY)
         except OSError as exc:
             raise SysfsError(path, _reason(exc)) from exc
         return Reader(path, fd)
@@ -92,7 +137,7 @@ class Sysfs:
         try:
             fd = self._write_fds.get(path)
             if fd is None:
-                fd = self._write_fds[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = self._write_fds[path] = open_attribute(path, os.O_WRONLY)
             # sysfs takes the whole value in one write(2) at offset 0 (kernfs hands the
             # store() callback each write from position 0). Simulated trees are regular
             # files: the truncate drops what a longer old value left; on sysfs a size
@@ -160,6 +205,12 @@ class Reader:
 
 
 def _reason(exc: OSError) -> str:
+    if exc.strerror and exc.strerror.endswith("not an attribute"):
+        return exc.strerror  # open_attribute's own: what the file is instead
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link, not an attribute"
+    if exc.errno == errno.ENXIO:
+        return "a FIFO or device without its other end, not an attribute"
     if exc.errno == errno.ENOENT:
         return "no such file"
     if exc.errno in (errno.EACCES, errno.EPERM):

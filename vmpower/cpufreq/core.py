@@ -19,12 +19,19 @@ kernel would clamp it to nominal). The switch is only ever switched *on*
 (``set_turbo``), when a CPU needs turbo while it is off; the journal puts it back. It
 is never switched off, since on most drivers it is system-wide: a CPU leaves its turbo
 range by asking a lower frequency.
+
+Changes: one CPU's change can take several writes (the turbo switch, the governor, then
+``scaling_setspeed``; or both limits). Between ``begin_change`` and ``end_change`` each
+file's value before its first write is kept, so when a later write fails,
+``undo_change`` writes the earlier ones back: a request that gets NACK leaves the CPU as
+it was (docs/protocol.md, host rule 2: an ACK means applied).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from typing import cast
 
 from vmpower.cpufreq.backend import CPU_DIR, Backend, policy_dir
 from vmpower.cpufreq.detect import (
@@ -38,7 +45,8 @@ from vmpower.cpufreq.detect import (
 from vmpower.cpufreq.model import Capabilities, CpuInfo, CpuState
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import CpufreqError, SysfsError, UnsupportedError
-from vmpower.sysfs import Sysfs
+from vmpower.restore import PLACEHOLDERS
+from vmpower.sysfs import Reader, Sysfs
 
 log = logging.getLogger("vmpower.cpufreq")
 
@@ -56,6 +64,70 @@ class _Cpu:
         self.last_khz: int | None = None  # the value vmpower last set (None: not in control)
 
 
+# Attributes kept open to read their value before a change writes them: one pread
+# instead of open, read, close. Bounded: Sysfs already keeps one fd per written file,
+# and the daemon's descriptors are limited (often to 1024); past the bound, a file is
+# opened for each read.
+KEPT_READERS_MAX = 128
+
+
+class _ChangeLog:
+    """The Sysfs the backends write through: it keeps what an open change overwrote.
+
+    Everything but ``write`` is the wrapped Sysfs's own. While a change is open, the
+    value a file held before its first write in the change is read first (through an
+    attribute kept open: one ``pread``), whatever the journal already knows: a file
+    written in an earlier turn may have been changed since by someone else.
+    """
+
+    def __init__(self, sysfs: Sysfs) -> None:
+        self._sysfs = sysfs
+        self.path = sysfs.path
+        self.read = sysfs.read
+        self.read_int = sysfs.read_int
+        self.exists = sysfs.exists
+        self.listdir = sysfs.listdir
+        self.open_reader = sysfs.open_reader
+        # rel → its value before the change's first write to it, in the order written
+        self.change: dict[str, str | None] | None = None
+        self._readers: dict[str, Reader] = {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sysfs, name)
+
+    def write(self, rel: str, value: str | int) -> None:
+        change = self.change
+        if change is not None and rel not in change:
+            change[rel] = self._before(rel)
+        self._sysfs.write(rel, value)
+
+    def _before(self, rel: str) -> str | None:
+        """``rel``'s value now, or None when it cannot be read (then nothing to put back)."""
+        reader = self._readers.get(rel)
+        try:
+            if reader is None:
+                if len(self._readers) >= KEPT_READERS_MAX:
+                    return self._sysfs.read(rel)
+                reader = self._readers[rel] = self._sysfs.open_reader(rel)
+            return reader.read()
+        except SysfsError:
+            # Gone (CPU offline) or replaced: read it afresh next time.
+            stale = self._readers.pop(rel, None)
+            if stale is not None:
+                stale.close()
+            return None
+
+    def drop(self, prefix: str) -> None:
+        """Close the readers of files under ``prefix`` (a CPU lost, restored, forgotten)."""
+        for rel in [r for r in self._readers if r.startswith(prefix)]:
+            self._readers.pop(rel).close()
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
 def open_cpufreq(sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> CpuFreq:
     """Find the CPUs and the scaling driver under ``sysfs`` and return the facade."""
     return CpuFreq(sysfs, reserved_cpus)
@@ -66,13 +138,16 @@ class CpuFreq:
 
     def __init__(self, sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> None:
         self.sysfs = sysfs
+        # Every write of the backends and of this facade goes through it (see undo_change).
+        self._changes = _ChangeLog(sysfs)
+        writer = cast(Sysfs, self._changes)
         self._reserved = frozenset(reserved_cpus)
         self._reasons: dict[str, str] = {}
         self._present = present_cpus(sysfs)
         self._present_set = frozenset(self._present)
         self._driver = system_driver(sysfs, self._present)
         self._backend: Backend | None = make_backend(
-            sysfs, self._driver, self._present, self._report
+            writer, self._driver, self._present, self._report
         )
         if self._driver and self._backend is None:
             self._report(
@@ -132,8 +207,44 @@ class CpuFreq:
         return self.sysfs.path(f"{policy_dir(cpu)}/")
 
     def close(self) -> None:
-        """Close the attributes kept open for writing (at shutdown; reopened on demand)."""
+        """Close the attributes kept open (at shutdown; reopened on demand)."""
+        self._changes.close()
         self.sysfs.close()
+
+    # -- changes: all or nothing ---------------------------------------------------------
+
+    def begin_change(self) -> None:
+        """The writes from now to ``end_change``/``undo_change`` are one change."""
+        self._changes.change = {}
+
+    def end_change(self) -> None:
+        """The change went through: forget what it overwrote."""
+        self._changes.change = None
+
+    def undo_change(self, cpu: int) -> list[str]:
+        """The change on ``cpu`` failed: write back what it overwrote, newest first.
+
+        Returns "path: reason" for each file that could not be put back (the caller
+        logs them). Afterwards nothing cached about ``cpu`` is trusted: the next change
+        reads its files again (and takes the governor again).
+        """
+        change, self._changes.change = self._changes.change or {}, None
+        failed: list[str] = []
+        for rel, before in reversed(change.items()):
+            # A placeholder ("<unsupported>" in scaling_setspeed) is no value: putting
+            # the governor back (it comes later in this loop) brings it back.
+            if before is None or before in PLACEHOLDERS:
+                continue
+            try:
+                if self.sysfs.read(rel) != before:
+                    self.sysfs.write(rel, before)
+            except SysfsError as exc:
+                failed.append(f"{exc.path}: {exc.reason}")
+        self.forget(cpu)
+        for c in self._cpus.values():  # a shared turbo switch may be back off
+            if c.switch in change:
+                c.switch_on = self._read_switch(c.switch)
+        return failed
 
     # -- tables --------------------------------------------------------------------------
 
@@ -211,6 +322,7 @@ class CpuFreq:
             c.last_khz = None
             c.switch_on = self._read_switch(c.switch)
         self._epp_choices.pop(cpu, None)
+        self._changes.drop(f"{policy_dir(cpu)}/")
         if self._backend is not None:
             self._backend.forget(cpu)
 
@@ -257,7 +369,7 @@ class CpuFreq:
         assert backend is not None
         value = "0" if backend.switch_inverted else "1"
         try:
-            self.sysfs.write(rel, value)
+            self._changes.write(rel, value)
             # Read back: intel_pstate refuses (or ignores) no_turbo=0 when the
             # firmware disabled turbo.
             if not self._read_switch(rel):
@@ -362,7 +474,7 @@ class CpuFreq:
                     f"cpu {cpu}: the EPP cannot be changed under the performance governor"
                     " (the kernel refuses with EBUSY)"
                 )
-            self.sysfs.write(rel, preference)
+            self._changes.write(rel, preference)
             now = self.sysfs.read(rel)
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc

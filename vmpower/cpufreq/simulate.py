@@ -538,8 +538,13 @@ class KernelSysfs(Sysfs):
         raise SysfsError(self.path(rel), f"write {text!r}: refused by the kernel: {why}")
 
     def _raw(self, rel: str, text: str) -> None:
-        with open(self.path(rel), "w") as f:
-            f.write(text + "\n")
+        """A side effect the kernel makes; a tree that cannot take it fails as sysfs does."""
+        path = self.path(rel)
+        try:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            raise SysfsError(path, f"write {text!r}: {exc.strerror or exc}") from exc
 
 
 # -- command line ---------------------------------------------------------------------

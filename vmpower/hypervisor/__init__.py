@@ -9,8 +9,13 @@ Which module owns what:
   the channels directory; no libvirt call;
 * ``libvirt_events`` — libvirt's process-wide event loop thread and the raw callbacks,
   which only queue a record and wake the owner;
-* ``registry`` — ``Hypervisor``: the one connection with reconnection (backoff), event
-  processing on the owner thread, the VM registry and the per-VM libvirt calls.
+* ``session`` — ``LibvirtSession``: the one connection and every libvirt call made on it
+  (open, read VMs and maps, pin, NIC counters); returns plain data, touches no registry;
+* ``worker`` — ``LibvirtWorker``: the thread the session's calls run on, so that a hung
+  libvirtd never holds the monitor thread; each outcome is handed back to the owner;
+* ``registry`` — ``Hypervisor``: the VM registry, kept on the owner thread from the
+  session's answers; reconnection (backoff), event processing, whether libvirt responds,
+  and the per-VM operations.
 
 Import from here (``from vmpower.hypervisor import Hypervisor, VmInfo``); the submodules
 are the package's own layout.

@@ -1,36 +1,40 @@
-"""class Hypervisor: the agent's one libvirt connection and the VM registry read through it.
+"""class Hypervisor: the VM registry, kept by the owner thread from what libvirt says.
 
 This module owns:
 
-* the connection, with reconnection (exponential backoff on the owner's clock) when
-  libvirtd goes away, and the diff of the registry across a reconnect;
 * the VM registry: every tracked domain's state, vCPU count, live vCPU→host-CPU affinity
-  (the "map", docs/protocol.md, host rule 6) and power channels; ``refresh()``, ``ensure_fresh()``,
-  ``add_vm()``/``remove_vm()``;
-* the few per-VM libvirt calls other modules need (pinning, NIC counters).
+  (the "map", docs/protocol.md, host rule 6) and power channels; ``ensure_fresh()``,
+  ``refresh()``, ``add_vm()``/``remove_vm()``;
+* the connection's life as the owner sees it: connected or not, reconnection with
+  exponential backoff on the owner's clock, the diff of the registry across a reconnect,
+  and whether libvirt answers at all (``status()["responsive"]``);
+* the few per-VM operations other modules need (pinning, NIC counters).
 
-The owner thread (the daemon's monitor loop) calls ``process_events()`` to apply what
-libvirt's thread queued (libvirt_events.py); it is the only writer of the registry. A lock
-still guards the registry so that readers on other threads (telemetry, policies) see whole
-snapshots.
+Threads (issue #11, point 4): no libvirt call runs on the owner thread (the daemon's
+monitor loop). The calls themselves are ``LibvirtSession``'s (session.py) and run on the
+``LibvirtWorker`` thread (worker.py), which hands each outcome back; the ``_after_*``
+methods here apply it, on the owner thread, the only writer of the registry. The request
+path never waits for libvirt: ``ensure_fresh()`` returns the last known map at once and
+asks the worker for a fresh one. An operator command that needs libvirt waits at most
+``CALL_WAIT_S`` and is refused at once while libvirt is not responding. A lock still
+guards the registry so that readers on other threads (telemetry) see whole snapshots.
+Without ``post`` every call runs inline on the caller's thread (tests, benchmarks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from vmpower.cpuset import format_cpu_list
 from vmpower.errors import HypervisorError, UnknownVmError
-from vmpower.hypervisor.domain_xml import parse_devices, scan_channels_dir
 from vmpower.hypervisor.libvirt_events import (
     EventInbox,
     EventLoop,
@@ -38,45 +42,35 @@ from vmpower.hypervisor.libvirt_events import (
     close_reason,
     lifecycle_kind,
 )
-from vmpower.hypervisor.model import ChannelInfo, VmEvent, VmInfo, VmState
+from vmpower.hypervisor.model import VmEvent, VmInfo, VmState
+from vmpower.hypervisor.session import ConnectionLost, LibvirtSession, Opened, VmRead
+from vmpower.hypervisor.worker import Job, LibvirtWorker, Post
 
 log = logging.getLogger(__name__)
 
-_STATES: dict[int, VmState] = {
-    libvirt.VIR_DOMAIN_RUNNING: VmState.RUNNING,
-    # BLOCKED: a running domain whose vCPUs wait on a resource; still running and pinned.
-    libvirt.VIR_DOMAIN_BLOCKED: VmState.RUNNING,
-    libvirt.VIR_DOMAIN_PAUSED: VmState.PAUSED,
-    # PMSUSPENDED: the guest suspended itself to RAM; the vCPU threads exist but do not run.
-    libvirt.VIR_DOMAIN_PMSUSPENDED: VmState.PAUSED,
-    libvirt.VIR_DOMAIN_SHUTOFF: VmState.SHUTOFF,
-    libvirt.VIR_DOMAIN_CRASHED: VmState.CRASHED,
-}
+# A libvirt call waiting longer than this means libvirt is not responding (status, and
+# operator commands are refused at once). Local libvirtd calls take milliseconds.
+STALL_S = 1.0
+# The longest an operator command waits for libvirt on the owner thread. Only at the
+# onset of a hang (before STALL_S has passed) does a command wait at all.
+CALL_WAIT_S = 1.0
+# At exit: how long to wait for libvirt to close the connection before leaving it.
+CLOSE_WAIT_S = 2.0
 
 
-class _ConnectionLost(Exception):
-    """Internal: a libvirt call failed and the connection turned out to be dead."""
-
-
-def _code(exc: libvirt.libvirtError) -> int | None:
-    return exc.get_error_code()
-
-
-def _message(exc: libvirt.libvirtError) -> str:
-    return exc.get_error_message() or str(exc)
-
-
-def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
-    return frozenset(i for i, on in enumerate(cpumap) if on)
+def _ignore(_job: Job) -> None:
+    return None
 
 
 class Hypervisor:
-    """The agent's view of libvirt: one connection, its events, and the VM registry.
+    """The agent's view of libvirt: the VM registry, kept from one connection's answers.
 
-    ``wake`` is called (from libvirt's thread too) whenever ``process_events()`` has
-    something to do. ``clock`` is the owner's monotonic clock in seconds; every time this
-    class reports (``map_read_at``, ``next_deadline()``) is on that clock.
-    ``track_all`` False serves only the VMs named with ``add_vm()``.
+    ``wake`` is called (from libvirt's threads too) whenever ``process_events()`` has
+    something to do. ``post`` hands a callable to the owner thread (the monitor's
+    ``call_soon_threadsafe``): with it, libvirt calls run on a worker thread; without
+    it, inline. ``clock`` is the owner's monotonic clock in seconds; every time this class
+    reports (``map_read_at``, ``next_deadline()``) is on that clock. ``track_all`` False
+    serves only the VMs named with ``add_vm()``.
     """
 
     def __init__(
@@ -90,6 +84,7 @@ class Hypervisor:
         reconnect_max_s: float = 30.0,
         map_refresh_s: float = 1.0,
         track_all: bool = True,
+        post: Post | None = None,
     ) -> None:
         if not reconnect_min_s > 0:
             raise HypervisorError(f"reconnect_min_s must be > 0, got {reconnect_min_s!r}")
@@ -101,7 +96,6 @@ class Hypervisor:
         if not map_refresh_s >= 0:
             raise HypervisorError(f"map_refresh_s must be ≥ 0, got {map_refresh_s!r}")
         self._uri = uri
-        self._channels_dir = Path(channels_dir)
         self._wake = wake
         self._clock = clock
         self._reconnect_min_s = reconnect_min_s
@@ -111,15 +105,22 @@ class Hypervisor:
 
         self._lock = threading.RLock()
         self._events = EventInbox(wake)
-        self._conn: libvirt.virConnect | None = None
-        self._generation = 0
-        self._callback_ids: list[int] = []
+        self._session = LibvirtSession(uri, Path(channels_dir), self._events, clock)
+        self._worker = LibvirtWorker(post, clock)
+        # The live connection's generation (its events carry it); None while disconnected.
+        self._generation: int | None = None
         self._vms: dict[str, VmInfo] = {}
-        self._doms: dict[str, libvirt.virDomain] = {}
         self._ifaces: dict[str, tuple[str, ...]] = {}
+        self._stats: dict[str, tuple[int, int] | HypervisorError] = {}
         self._ignored: set[str] = set()
         self._added: set[str] = set()
         self._pending: list[VmEvent] = []
+        # Lifecycle news waiting for its VMs to be re-read; one batch in flight at a time.
+        self._lifecycle: list[VmEvent] = []
+        self._touched: dict[str, None] = {}  # ordered set
+        self._reading = False
+        self._opening = False
+        self._stalled_since: float | None = None  # when libvirt stopped answering
         self._host_cpus: int | None = None
         self._closed = False
         self._last_error: str | None = None
@@ -132,195 +133,209 @@ class Hypervisor:
 
     @property
     def conn(self) -> libvirt.virConnect | None:
-        """The live libvirt connection (None while disconnected)."""
-        return self._conn
+        """The live libvirt connection (None while disconnected); for tests and tools."""
+        return self._session.conn if self._generation is not None else None
 
     def connect(self) -> None:
-        """Open the connection, register event callbacks and read every VM.
+        """Open the connection, register event callbacks and read every VM; waits for it.
 
-        On failure raises HypervisorError with libvirt's message and leaves a retry
-        scheduled: an owner that keeps calling ``process_events()`` connects when libvirtd comes up.
+        For start-up, before the loop runs. On failure raises HypervisorError with
+        libvirt's message and leaves a retry scheduled: an owner that keeps calling
+        ``process_events()`` connects when libvirtd comes up.
         """
         with self._lock:
             if self._closed:
                 raise HypervisorError("this Hypervisor was closed")
-            if self._conn is not None:
+            if self._generation is not None:
                 return
-            EventLoop.ensure_running()
+            wants = self._wants_snapshot()
+        EventLoop.ensure_running()
+        job = self._worker.submit(functools.partial(self._session.open, wants), self._after_connect)
+        if job is None:
+            raise HypervisorError(f"cannot connect to {self._uri}: a connection is being opened")
+        job.wait(None)
+        job.apply()
+        if self._generation is None:
+            raise HypervisorError(self._last_error or f"cannot connect to {self._uri}")
+
+    def _after_connect(self, job: Job) -> None:
+        with self._lock:
             try:
-                self._open()
+                opened = job.outcome()
             except HypervisorError as exc:
                 self._last_error = str(exc)
                 self._retry_delay_s = self._reconnect_min_s
                 self._next_retry_at = self._clock() + self._retry_delay_s
-                raise
+                return
+            self._install(opened)
 
     def close(self) -> None:
         """Drop the connection and stop reconnecting; the registry stays readable."""
         with self._lock:
             self._closed = True
             self._next_retry_at = None
-            self._teardown()
+            self._generation = None
+            self._worker.submit(self._session.close, _ignore)
+        if not self._worker.close(CLOSE_WAIT_S):
+            log.warning(
+                "libvirt did not answer within %.3g s: its connection is left as it is",
+                CLOSE_WAIT_S,
+            )
 
-    def _open(self) -> dict[str, VmInfo]:
-        """Connect, register callbacks, read every VM; returns the registry it replaced."""
-        try:
-            conn = libvirt.open(self._uri)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot connect to {self._uri}: {_message(exc)}") from None
-        self._generation += 1
-        generation = self._generation
-        ids: list[int] = []
-        try:
-            self._events.register(conn, generation, ids)
-            # Set before reading: every VmInfo records the host CPU count it was read with.
-            self._host_cpus = conn.getCPUMap()[0]
-            vms, doms, ifaces = self._read_all(conn)
-        except libvirt.libvirtError as exc:
-            self._teardown_conn(conn, ids)
-            raise HypervisorError(f"{self._uri}: {_message(exc)}") from None
+    def _install(self, opened: Opened) -> dict[str, VmInfo]:
+        """A new connection's registry replaces the old one; returns the old one."""
         old = self._vms
-        self._conn = conn
-        self._callback_ids = ids
-        self._vms, self._doms, self._ifaces = vms, doms, ifaces
+        self._generation = opened.generation
+        self._host_cpus = opened.host_cpus
+        self._vms = {name: read.info for name, read in opened.vms.items()}
+        self._ifaces = {name: read.nics for name, read in opened.vms.items()}
+        self._stats = {}
         self._next_retry_at = None
-        log.info("connected to %s: %d VM(s) tracked", self._uri, len(vms))
+        log.info("connected to %s: %d VM(s) tracked", self._uri, len(self._vms))
         return old
 
-    def _teardown(self) -> None:
-        conn, ids = self._conn, self._callback_ids
-        self._conn = None
-        self._callback_ids = []
-        self._doms = {}
-        if conn is not None:
-            self._teardown_conn(conn, ids)
-
-    @staticmethod
-    def _teardown_conn(conn: libvirt.virConnect, ids: list[int]) -> None:
-        EventInbox.unregister(conn, ids)
-        # Fails only on a connection already dead or closed under us: nothing to undo then.
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
-
-    def _alive(self) -> bool:
-        conn = self._conn
-        if conn is None:
-            return False
-        try:
-            return conn.isAlive() == 1
-        except libvirt.libvirtError:
-            return False
-
-    def _check_lost(self, exc: libvirt.libvirtError) -> None:
-        """After a failed call: raise _ConnectionLost if the connection died under it."""
-        if not self._alive():
-            raise _ConnectionLost(_message(exc))
-
-    def _lose(self, reason: str) -> list[VmEvent]:
+    def _lose(self, reason: str) -> None:
         """Mark the connection lost; the registry stays as last known; schedule a retry."""
+        if self._generation is None:
+            return
         log.warning("lost libvirt connection %s: %s", self._uri, reason)
-        self._teardown()
+        self._generation = None
+        # News of that connection waiting for a re-read: the reconnect's diff covers them.
+        self._touched, self._lifecycle = {}, []
+        self._worker.submit(self._session.close, _ignore)
         self._last_error = reason
         self._reconnect_attempts = 0
         self._retry_delay_s = self._reconnect_min_s
         self._next_retry_at = self._clock() + self._retry_delay_s
-        return [VmEvent("connection_lost", None, reason)]
+        self._emit([VmEvent("connection_lost", None, reason)])
 
-    def _note_lost(self, reason: str) -> None:
-        """Connection loss found outside process_events(): report it on the next call."""
-        if self._conn is not None:
-            self._pending.extend(self._lose(reason))
+    def _emit(self, events: list[VmEvent]) -> None:
+        """Events for the next ``process_events()``."""
+        if events:
+            self._pending.extend(events)
             self._wake()
 
-    def _require_connection(self) -> libvirt.virConnect:
-        """The connection, checked alive first (a local check, no round trip)."""
-        if self._conn is not None and not self._alive():
-            self._note_lost("connection is no longer alive")
-        if self._conn is None:
+    def _require_connected(self) -> int:
+        if self._generation is None:
             raise HypervisorError(
                 f"not connected to {self._uri}"
                 + (f" (last error: {self._last_error})" if self._last_error else "")
             )
-        return self._conn
+        return self._generation
 
-    def _try_reconnect(self) -> list[VmEvent]:
-        attempt = self._reconnect_attempts + 1
-        try:
-            old = self._open()
-        except HypervisorError as exc:
-            self._reconnect_attempts = attempt
-            self._last_error = str(exc)
-            self._retry_delay_s = min(self._retry_delay_s * 2, self._reconnect_max_s)
-            self._next_retry_at = self._clock() + self._retry_delay_s
-            log.info(
-                "reconnect attempt %d failed (%s); next in %.3g s",
-                attempt,
-                exc,
-                self._retry_delay_s,
+    def _call_now(self, call: Callable[[], Any], done: Callable[[Job], None]) -> Job:
+        """Run an operator's libvirt call and apply it before returning, or refuse.
+
+        The owner thread waits for it at most CALL_WAIT_S; while libvirt is known not to
+        answer, it does not wait at all. A call that outlives the wait still runs, and its
+        outcome is applied when it comes (the registry follows libvirt either way).
+        """
+        stalled_s = self._worker.stalled_s()
+        if stalled_s >= STALL_S:
+            raise HypervisorError(
+                f"libvirt is not responding (no answer for {stalled_s:.1f} s); try again"
             )
-            return []
-        self._reconnects += 1
-        self._reconnect_attempts = 0
-        self._retry_delay_s = self._reconnect_min_s
-        events = [VmEvent("connection_restored", None, f"after {attempt} attempt(s)")]
-        # Lifecycle events that happened while disconnected are lost; tell what changed.
-        return events + _diff(old, self._vms, "while disconnected")
+        job = self._worker.submit(call, done)
+        if job is None:
+            raise HypervisorError(
+                f"libvirt is not responding ({self._worker.queued()} calls waiting); try again"
+            )
+        if not job.wait(CALL_WAIT_S):
+            raise HypervisorError(
+                f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
+            )
+        job.apply()
+        return job
+
+    def _outcome(self, job: Job) -> Any:
+        """The job's value for an operator; a lost connection is said as such."""
+        try:
+            return job.outcome()
+        except ConnectionLost as exc:
+            raise HypervisorError(f"lost connection to {self._uri}: {exc}") from None
 
     def next_deadline(self) -> float | None:
         """When (on the owner's clock) ``process_events()`` should next be called.
 
-        None: on wake only.
+        None: on wake only. Now, when news are waiting to be reported.
         """
         with self._lock:
-            return None if self._closed else self._next_retry_at
+            if self._closed:
+                return None
+            if self._pending:
+                return self._clock()
+            return None if self._opening else self._next_retry_at
 
     # ------------------------------------------------------------------ event processing
 
     def process_events(self) -> list[VmEvent]:
-        """Apply what libvirt reported since the last call; reconnect when due.
+        """Report what happened since the last call; start re-reads and reconnects.
 
         Called by the owner thread, on wake and at ``next_deadline()``. Never raises: a
-        failure is logged and kept in ``status()["last_error"]``.
+        failure is logged and kept in ``status()["last_error"]``. Re-reads run on the
+        worker: what they find is reported by a later call (inline: by this one).
         """
-        out: list[VmEvent] = []
         try:
             with self._lock:
-                self._process(out)
+                self._process()
         except Exception as exc:  # the monitor loop must survive anything libvirt does
             log.exception("processing libvirt events")
             self._last_error = f"processing events: {exc}"
+        with self._lock:
+            out, self._pending = self._pending, []
         return out
 
-    def _process(self, out: list[VmEvent]) -> None:
-        """Append to ``out`` as it goes, so that a failure keeps what was already done."""
-        out += self._pending
-        self._pending = []
+    def _process(self) -> None:
         raws = self._events.drain()
         if self._closed:
             return
-        if self._conn is not None:
-            current = [r for r in raws if r.generation == self._generation]
+        self._note_stall()
+        generation = self._generation
+        if generation is not None:
+            current = [r for r in raws if r.generation == generation]
             closed = [r for r in current if r.kind == "close"]
             if closed:
-                words = close_reason(closed[0].code)
-                out += self._lose(f"connection closed by libvirt ({words})")
-            elif not self._alive():
-                out += self._lose("connection is no longer alive")
+                self._lose(f"connection closed by libvirt ({close_reason(closed[0].code)})")
             else:
-                try:
-                    out += self._apply(current)
-                except _ConnectionLost as exc:
-                    out += self._lose(str(exc))
+                self._note(current)
+                if not self._read_touched() and self._worker.idle():
+                    # Nothing to read: one round trip tells a dead or hung connection.
+                    self._worker.submit(
+                        self._session.ping,
+                        functools.partial(self._after_ping, generation),
+                        key="ping",
+                    )
         if (
-            self._conn is None
+            self._generation is None
+            and not self._opening
             and self._next_retry_at is not None
             and self._clock() >= self._next_retry_at
         ):
-            out += self._try_reconnect()
+            self._opening = True
+            job = self._worker.submit(
+                functools.partial(self._session.open, self._wants_snapshot()),
+                self._after_reconnect,
+                key="open",
+            )
+            if job is None:
+                self._opening = False
 
-    def _apply(self, raws: list[RawEvent]) -> list[VmEvent]:
-        events: list[VmEvent] = []
-        touched: dict[str, None] = {}  # ordered set
+    def _note_stall(self) -> None:
+        """One line when libvirt stops answering, one when it answers again."""
+        stalled_s = self._worker.stalled_s()
+        if stalled_s >= STALL_S and self._stalled_since is None:
+            self._stalled_since = self._clock() - stalled_s
+            log.warning(
+                "libvirt has not answered for %.1f s: guests are served on the last known "
+                "vCPU maps; commands that need libvirt are refused until it answers",
+                stalled_s,
+            )
+        elif stalled_s < STALL_S and self._stalled_since is not None:
+            log.warning("libvirt answers again after %.1f s", self._clock() - self._stalled_since)
+            self._stalled_since = None
+
+    def _note(self, raws: list[RawEvent]) -> None:
+        """libvirt's records → lifecycle events, and the VMs to re-read before reporting."""
         for raw in raws:
             name = raw.vm
             if name is None or not self._wants(name):
@@ -328,86 +343,138 @@ class Hypervisor:
             if raw.kind == "lifecycle":
                 kind, detail = lifecycle_kind(raw.code, raw.detail)
                 if kind is not None:
-                    events.append(VmEvent(kind, name, detail))
+                    self._lifecycle.append(VmEvent(kind, name, detail))
             elif raw.kind == "tunable" and raw.pinning:
-                events.append(VmEvent("pinning", name, "libvirt"))
-            touched[name] = None
-        for name in touched:
-            before = self._vms.get(name)
-            mine = [e.kind for e in events if e.vm == name]
-            if not self._reread(name, announce=False):
-                # A transient domain vanishes when it stops, with no UNDEFINED event.
-                if not mine or mine[-1] != "undefined":
-                    events.append(VmEvent("undefined", name, "gone"))
-                continue
-            after = self._vms[name]
-            if (
-                before is not None
-                and before.active
-                and after.active
-                and before.vcpu_pcpus != after.vcpu_pcpus
-                and "pinning" not in mine
-            ):
-                events.append(VmEvent("pinning", name, "refresh"))
-        return events
+                self._lifecycle.append(VmEvent("pinning", name, "libvirt"))
+            self._touched[name] = None
 
-    # ------------------------------------------------------------------ reading libvirt
+    def _read_touched(self) -> bool:
+        """Start re-reading the touched VMs (one batch at a time); True if one is running."""
+        if self._reading:
+            return True
+        if not self._touched or self._generation is None:
+            return False
+        names, lifecycle = list(self._touched), self._lifecycle
+        self._touched, self._lifecycle = {}, []
+        self._reading = True
+        job = self._worker.submit(
+            functools.partial(self._session.read_vms, names),
+            functools.partial(self._after_reads, self._generation, names, lifecycle),
+        )
+        if job is None:  # queue full behind a hung call: keep them for the next turn
+            self._reading = False
+            self._touched = dict.fromkeys(names) | self._touched
+            self._lifecycle = lifecycle + self._lifecycle
+            return True
+        return True
+
+    def _after_reads(
+        self, generation: int, names: list[str], lifecycle: list[VmEvent], job: Job
+    ) -> None:
+        with self._lock:
+            self._reading = False
+            if generation != self._generation:
+                return  # that connection is gone; the reconnect's diff reports what changed
+            try:
+                reads: dict[str, VmRead | str | None] = job.outcome()
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                return
+            except HypervisorError as exc:
+                self._last_error = str(exc)
+                return
+            events = [e for e in lifecycle if e.vm is not None and self._wants(e.vm)]
+            for name in names:
+                if not self._wants(name):
+                    continue  # removed meanwhile
+                before = self._vms.get(name)
+                mine = [e.kind for e in events if e.vm == name]
+                read = reads.get(name)
+                if isinstance(read, str):
+                    self._last_error = read
+                if read is None or (isinstance(read, str) and before is None):
+                    # A transient domain vanishes when it stops, with no UNDEFINED event.
+                    self._drop(name)
+                    if not mine or mine[-1] != "undefined":
+                        events.append(VmEvent("undefined", name, "gone"))
+                    continue
+                if isinstance(read, str):
+                    continue  # keep the last known state
+                self._store(read, announce=False)
+                after = read.info
+                if (
+                    before is not None
+                    and before.active
+                    and after.active
+                    and before.vcpu_pcpus != after.vcpu_pcpus
+                    and "pinning" not in mine
+                ):
+                    events.append(VmEvent("pinning", name, "refresh"))
+            self._emit(events)
+            self._read_touched()  # what libvirt said meanwhile
+
+    def _after_ping(self, generation: int, job: Job) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            try:
+                job.outcome()
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+            except HypervisorError as exc:
+                self._last_error = str(exc)
+
+    def _after_reconnect(self, job: Job) -> None:
+        with self._lock:
+            self._opening = False
+            if self._closed:
+                return
+            attempt = self._reconnect_attempts + 1
+            try:
+                opened = job.outcome()
+            except HypervisorError as exc:
+                self._reconnect_attempts = attempt
+                self._last_error = str(exc)
+                self._retry_delay_s = min(self._retry_delay_s * 2, self._reconnect_max_s)
+                self._next_retry_at = self._clock() + self._retry_delay_s
+                log.info(
+                    "reconnect attempt %d failed (%s); next in %.3g s",
+                    attempt,
+                    exc,
+                    self._retry_delay_s,
+                )
+                return
+            old = self._install(opened)
+            self._reconnects += 1
+            self._reconnect_attempts = 0
+            self._retry_delay_s = self._reconnect_min_s
+            events = [VmEvent("connection_restored", None, f"after {attempt} attempt(s)")]
+            # Lifecycle events that happened while disconnected are lost; tell what changed.
+            self._emit(events + _diff(old, self._vms, "while disconnected"))
+
+    # ------------------------------------------------------------------ registry
 
     def _wants(self, name: str) -> bool:
         if name in self._ignored:
             return False
         return self._track_all or name in self._added
 
-    def _read_all(
-        self, conn: libvirt.virConnect
-    ) -> tuple[dict[str, VmInfo], dict[str, libvirt.virDomain], dict[str, tuple[str, ...]]]:
-        vms: dict[str, VmInfo] = {}
-        doms: dict[str, libvirt.virDomain] = {}
-        ifaces: dict[str, tuple[str, ...]] = {}
-        sockets = scan_channels_dir(self._channels_dir)
-        for dom in conn.listAllDomains(0):
-            name = dom.name()
-            if not self._wants(name):
-                continue
-            try:
-                info, nics = self._read_domain(dom, name, sockets.get(name, {}))
-            except libvirt.libvirtError as exc:
-                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
-                    continue  # undefined while we were listing
-                raise
-            vms[name], doms[name], ifaces[name] = info, dom, nics
-        return vms, doms, ifaces
+    def _wants_snapshot(self) -> Callable[[str], bool]:
+        """``_wants`` frozen now, for a read on the worker (which never reads our state)."""
+        track_all, added = self._track_all, frozenset(self._added)
+        ignored = frozenset(self._ignored)
+        return lambda name: name not in ignored and (track_all or name in added)
 
-    def _reread(self, name: str, *, announce: bool = True) -> bool:
-        """Re-read one VM into the registry; False (and dropped) when libvirt lost it.
+    def _store(self, read: VmRead, *, announce: bool) -> None:
+        """Put a VM as read into the registry.
 
         ``announce``: queue a "pinning" event for the next process_events() when the map
-        changed (process_events() itself reports such changes inline instead).
+        changed (process_events() reports the changes it finds itself).
         """
-        conn = self._conn
-        assert conn is not None
-        try:
-            dom = conn.lookupByName(name)
-            sockets = scan_channels_dir(self._channels_dir).get(name, {})
-            info, nics = self._read_domain(dom, name, sockets)
-        except libvirt.libvirtError as exc:
-            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
-                self._drop(name)
-                return False
-            self._check_lost(exc)
-            log.warning("re-reading VM %s: %s", name, _message(exc))
-            self._last_error = f"{name}: {_message(exc)}"
-            return name in self._vms
-        self._store(info, dom, nics, announce=announce)
-        return True
-
-    def _store(
-        self, info: VmInfo, dom: libvirt.virDomain, nics: tuple[str, ...], *, announce: bool
-    ) -> None:
+        info = read.info
         old = self._vms.get(info.name)
         self._vms[info.name] = info
-        self._doms[info.name] = dom
-        self._ifaces[info.name] = nics
+        self._ifaces[info.name] = read.nics
         if (
             announce
             and old is not None
@@ -418,52 +485,12 @@ class Hypervisor:
             self._queue_pinning(info.name, "refresh")
 
     def _queue_pinning(self, name: str, detail: str) -> None:
-        self._pending.append(VmEvent("pinning", name, detail))
-        self._wake()
+        self._emit([VmEvent("pinning", name, detail)])
 
     def _drop(self, name: str) -> None:
         self._vms.pop(name, None)
-        self._doms.pop(name, None)
         self._ifaces.pop(name, None)
-
-    def _read_domain(
-        self, dom: libvirt.virDomain, name: str, dir_sockets: dict[int, str]
-    ) -> tuple[VmInfo, tuple[str, ...]]:
-        state_code, _max_mem, _mem, vcpu_count, _cpu_time = dom.info()
-        state = _STATES.get(state_code, VmState.OTHER)
-        pcpus: tuple[frozenset[int], ...] = ()
-        channels: tuple[ChannelInfo, ...] = ()
-        nics: tuple[str, ...] = ()
-        if state is not VmState.SHUTOFF:
-            try:
-                pcpus = self._read_map(dom, vcpu_count)
-            except libvirt.libvirtError as exc:
-                # Not active (e.g. crashed and not preserved): no live map to read.
-                if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:
-                    raise
-        if pcpus:
-            channels, nics = parse_devices(name, dom.XMLDesc(0), dir_sockets)
-        info = VmInfo(
-            name=name,
-            uuid=dom.UUIDString(),
-            state=state,
-            vcpu_count=vcpu_count,
-            vcpu_pcpus=pcpus,
-            channels=channels,
-            map_read_at=self._clock(),
-            host_cpus=self._host_cpus or 0,
-        )
-        return info, nics
-
-    @staticmethod
-    def _read_map(dom: libvirt.virDomain, vcpu_count: int) -> tuple[frozenset[int], ...]:
-        # The live pinning as libvirt keeps it; an unpinned vCPU shows every host CPU.
-        # QEMU answers for every possible vCPU (maxvcpus); the guest's online vCPUs are the
-        # first vcpu_count of them when hot-plugged in order.
-        maps = dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        return tuple(_cpumap_to_set(m) for m in maps[:vcpu_count])
-
-    # ------------------------------------------------------------------ registry API
+        self._stats.pop(name, None)
 
     def vms(self) -> dict[str, VmInfo]:
         """Every tracked VM (the last known state while disconnected)."""
@@ -484,106 +511,144 @@ class Hypervisor:
         with self._lock:
             return name in self._vms
 
-    def refresh(self, name: str | None = None) -> None:
-        """Re-read the map and channels of one VM (or of every VM) now."""
-        with self._lock:
-            conn = self._require_connection()
-            try:
-                if name is None:
-                    vms, doms, ifaces = self._read_all(conn)
-                    for gone in set(self._vms) - set(vms):
-                        self._drop(gone)
-                    for vm_name, info in vms.items():
-                        self._store(info, doms[vm_name], ifaces[vm_name], announce=True)
-                    return
-                self._get(name)
-                if not self._reread(name):
-                    raise UnknownVmError(f"VM {name!r} no longer exists")
-            except libvirt.libvirtError as exc:
-                raise self._failure(exc, "refresh") from None
-            except _ConnectionLost as exc:
-                self._note_lost(str(exc))
-                raise HypervisorError(f"lost connection to {self._uri}: {exc}") from None
+    # ------------------------------------------------------------------ the live map
 
     def ensure_fresh(self, name: str) -> VmInfo:
-        """The VM's info, its map re-read first if older than ``map_refresh_s``.
+        """The VM's info; when its map is older than ``map_refresh_s``, a re-read is asked.
 
-        The request path calls this: when fresh it is a dictionary look-up. While
-        disconnected it returns the last known info.
+        The request path calls this: it never waits for libvirt. The last known info is
+        returned (inline, the re-read is done first); the fresh map serves once it came.
+        Raises UnknownVmError for a VM not tracked (or, inline, gone).
         """
         with self._lock:
             info = self._get(name)
-            now = self._clock()
-            if self._conn is None or now - info.map_read_at < self._map_refresh_s:
+            generation = self._generation
+            if generation is None or self._clock() - info.map_read_at < self._map_refresh_s:
                 return info
-            # Domain handles keep their connection's C object referenced, so calls on them
-            # can still answer after the connection itself was closed: check it first.
-            if not self._alive():
-                self._note_lost("connection is no longer alive")
-                return info
-            try:
-                return self._refresh_map(info)
-            except _ConnectionLost as exc:
-                self._note_lost(str(exc))
-                return self._vms.get(name, info)
+            self._worker.submit(
+                functools.partial(self._session.read_map, info),
+                functools.partial(self._after_map, generation, name),
+                key=f"map\0{name}",
+            )
+            info_now = self._vms.get(name)
+            if info_now is None:
+                raise UnknownVmError(f"VM {name!r} no longer exists")
+            return info_now
 
-    def _refresh_map(self, info: VmInfo) -> VmInfo:
-        name = info.name
-        dom = self._doms.get(name)
-        if info.active and dom is not None:
+    def _after_map(self, generation: int, name: str, job: Job) -> None:
+        with self._lock:
+            info = self._vms.get(name)
+            if generation != self._generation or info is None:
+                return
             try:
-                pcpus = self._read_map(dom, info.vcpu_count)
-            except libvirt.libvirtError as exc:
-                if _code(exc) not in (
-                    libvirt.VIR_ERR_OPERATION_INVALID,  # stopped; its event is on the way
-                    libvirt.VIR_ERR_NO_DOMAIN,
-                ):
-                    self._check_lost(exc)
-                    self._last_error = f"{name}: {_message(exc)}"
-                    log.warning("re-reading the vCPU map of %s: %s", name, _message(exc))
-                    return info
+                result = job.outcome()
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                return
+            except HypervisorError as exc:
+                self._last_error = str(exc)
+                return
+            if isinstance(result, str):
+                self._last_error = result
+            elif result is None:
+                self._drop(name)  # libvirt no longer has it; its event says so too
+            elif isinstance(result, VmRead):
+                self._store(result, announce=True)
             else:
-                if pcpus:
-                    new = dataclasses.replace(info, vcpu_pcpus=pcpus, map_read_at=self._clock())
-                    self._vms[name] = new
-                    if pcpus != info.vcpu_pcpus:
-                        self._queue_pinning(name, "refresh")
-                    return new
-        # Not active (or no longer): read the whole VM, its state has changed or may have.
-        if not self._reread(name):
-            raise UnknownVmError(f"VM {name!r} no longer exists")
-        return self._vms[name]
+                self._vms[name] = dataclasses.replace(
+                    info, vcpu_pcpus=result, map_read_at=self._clock()
+                )
+                if result != info.vcpu_pcpus:
+                    self._queue_pinning(name, "refresh")
 
-    def _failure(self, exc: libvirt.libvirtError, what: str) -> HypervisorError:
-        """The error to raise for a failed call; notes a connection loss if that was it."""
-        if not self._alive():
-            self._note_lost(_message(exc))
-            return HypervisorError(f"lost connection to {self._uri}: {_message(exc)}")
-        return HypervisorError(f"{what}: {_message(exc)}")
+    def refresh(self, name: str | None = None) -> None:
+        """Re-read the map and channels of one VM (or of every VM) now (operator)."""
+        with self._lock:
+            generation = self._require_connected()
+            if name is None:
+                call = functools.partial(self._session.refresh_all, self._wants_snapshot())
+                done = functools.partial(self._after_refresh_all, generation)
+            else:
+                self._get(name)
+                call = functools.partial(self._session.read_vms, [name])
+                done = functools.partial(self._after_refresh_one, generation, name)
+        self._outcome(self._call_now(call, done))
+        if name is not None and not self.tracked(name):
+            raise UnknownVmError(f"VM {name!r} no longer exists")
+
+    def _after_refresh_all(self, generation: int, job: Job) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
+            try:
+                vms: dict[str, VmRead] = job.outcome()
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                return
+            except HypervisorError as exc:
+                self._last_error = str(exc)
+                return
+            for gone in set(self._vms) - set(vms):
+                self._drop(gone)
+            for read in vms.values():
+                self._store(read, announce=True)
+
+    def _after_refresh_one(self, generation: int, name: str, job: Job) -> None:
+        with self._lock:
+            if generation != self._generation or not self._wants(name):
+                return
+            try:
+                read = job.outcome()[name]
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                return
+            except HypervisorError as exc:
+                self._last_error = str(exc)
+                return
+            if read is None:
+                self._drop(name)
+            elif isinstance(read, str):
+                self._last_error = read
+            else:
+                self._store(read, announce=True)
+
+    # ------------------------------------------------------------------ manual tracking
 
     def add_vm(self, name: str) -> VmInfo:
         """Track ``name`` again (after ``remove_vm``, or with track_all off)."""
         with self._lock:
-            conn = self._require_connection()
+            generation = self._require_connected()
             if name in self._vms:
                 return self._vms[name]
+        job = self._call_now(
+            functools.partial(self._session.read_vms, [name]),
+            functools.partial(self._after_add, generation, name),
+        )
+        read = self._outcome(job)[name]
+        with self._lock:
+            if name in self._vms:
+                return self._vms[name]
+        if isinstance(read, str):
+            raise HypervisorError(f"add_vm {read}")
+        raise UnknownVmError(f"libvirt knows no VM named {name!r}")
+
+    def _after_add(self, generation: int, name: str, job: Job) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return
             try:
-                conn.lookupByName(name)
-            except libvirt.libvirtError as exc:
-                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
-                    raise UnknownVmError(f"libvirt knows no VM named {name!r}") from None
-                raise self._failure(exc, f"add_vm {name}") from None
+                read = job.outcome()[name]
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                return
+            except HypervisorError:
+                return
+            if not isinstance(read, VmRead):
+                return
             self._ignored.discard(name)
             self._added.add(name)
-            try:
-                if not self._reread(name):
-                    raise UnknownVmError(f"libvirt knows no VM named {name!r}")
-            except _ConnectionLost as exc:
-                self._note_lost(str(exc))
-                raise HypervisorError(f"lost connection to {self._uri}: {exc}") from None
-            self._pending.append(VmEvent("defined", name, "add_vm"))
-            self._wake()
-            return self._vms[name]
+            self._store(read, announce=False)
+            self._emit([VmEvent("defined", name, "add_vm")])
 
     def remove_vm(self, name: str) -> None:
         """Ignore ``name`` (no map, no channels, no events) until ``add_vm(name)``."""
@@ -592,8 +657,7 @@ class Hypervisor:
             self._ignored.add(name)
             self._added.discard(name)
             self._drop(name)
-            self._pending.append(VmEvent("undefined", name, "remove_vm"))
-            self._wake()
+            self._emit([VmEvent("undefined", name, "remove_vm")])
 
     # ------------------------------------------------------------------ per-VM operations
 
@@ -608,7 +672,7 @@ class Hypervisor:
         """Pin ``vcpu`` of ``vm`` to ``cpus`` (live) through libvirt; returns the new info."""
         with self._lock:
             info = self._get(vm)
-            self._require_connection()
+            generation = self._require_connected()
             host_cpus = self._host_cpus or 0
             if not info.active:
                 raise HypervisorError(f"{vm} is not running ({info.state.value})")
@@ -627,57 +691,78 @@ class Hypervisor:
                 raise HypervisorError(
                     f"cannot pin {vm} vCPU {vcpu}: no host CPU {bad} (host CPUs: 0-{host_cpus - 1})"
                 )
-            dom = self._doms[vm]
-            cpumap = tuple(cpu in wanted for cpu in range(host_cpus))
-            try:
-                dom.pinVcpu(vcpu, cpumap)
-                try:
-                    pcpus = self._read_map(dom, info.vcpu_count)
-                except libvirt.libvirtError:
-                    pcpus = ()
-            except libvirt.libvirtError as exc:
-                raise self._failure(
-                    exc, f"pinning {vm} vCPU {vcpu} to {format_cpu_list(wanted)}"
-                ) from None
-            if not pcpus:  # could not read it back: trust what libvirt accepted
-                pcpus = tuple(wanted if i == vcpu else s for i, s in enumerate(info.vcpu_pcpus))
-            new = dataclasses.replace(info, vcpu_pcpus=pcpus, map_read_at=self._clock())
-            self._vms[vm] = new
-            self._queue_pinning(vm, "set_pcpu")
-            return new
+        job = self._call_now(
+            functools.partial(self._session.pin, info, vcpu, wanted),
+            functools.partial(self._after_pin, generation, vm),
+        )
+        self._outcome(job)
+        return self.vm(vm)
 
-    def _live_domain(self, vm: str) -> libvirt.virDomain:
+    def _after_pin(self, generation: int, vm: str, job: Job) -> None:
         with self._lock:
-            info = self._get(vm)
-            self._require_connection()
-            if not info.active:
-                raise HypervisorError(f"{vm} is not running ({info.state.value})")
-            return self._doms[vm]
+            info = self._vms.get(vm)
+            if generation != self._generation or info is None:
+                return
+            try:
+                pcpus = job.outcome()
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                return
+            except HypervisorError:
+                return
+            self._vms[vm] = dataclasses.replace(info, vcpu_pcpus=pcpus, map_read_at=self._clock())
+            self._queue_pinning(vm, "set_pcpu")
 
     def interface_stats(self, vm: str) -> tuple[int, int]:
-        """(rx_packets, tx_packets) summed over every NIC of the VM (0, 0 without NICs)."""
-        dom = self._live_domain(vm)
+        """(rx_packets, tx_packets) summed over every NIC of the VM (0, 0 without NICs).
+
+        The counters last read: each call asks for a fresh reading (inline: made first).
+        """
         with self._lock:
+            info = self._get(vm)
+            generation = self._require_connected()
+            if not info.active:
+                raise HypervisorError(f"{vm} is not running ({info.state.value})")
             nics = self._ifaces.get(vm, ())
-        rx_packets = tx_packets = 0
-        for nic in nics:
+            if not nics:
+                return 0, 0
+            self._worker.submit(
+                functools.partial(self._session.interface_stats, vm, nics),
+                functools.partial(self._after_stats, generation, vm),
+                key=f"stats\0{vm}",
+            )
+            stats = self._stats.get(vm)
+            if stats is None:
+                raise HypervisorError(f"{vm}: NIC statistics not read yet")
+            if isinstance(stats, HypervisorError):
+                raise stats
+            return stats
+
+    def _after_stats(self, generation: int, vm: str, job: Job) -> None:
+        with self._lock:
+            if generation != self._generation or vm not in self._vms:
+                return
             try:
-                stats = dom.interfaceStats(nic)
-            except libvirt.libvirtError as exc:
-                with self._lock:
-                    raise self._failure(exc, f"{vm} NIC {nic} statistics") from None
-            # virDomainInterfaceStats: a counter the hypervisor does not keep reads -1.
-            rx_packets += max(stats[1], 0)
-            tx_packets += max(stats[5], 0)
-        return rx_packets, tx_packets
+                self._stats[vm] = job.outcome()
+            except ConnectionLost as exc:
+                self._lose(str(exc))
+                self._stats[vm] = HypervisorError(f"lost connection to {self._uri}: {exc}")
+            except HypervisorError as exc:
+                self._stats[vm] = exc
 
     def status(self) -> dict[str, Any]:
         """What the operator sees of the libvirt side."""
+        stalled_s = self._worker.stalled_s()
         with self._lock:
             last_read = max((i.map_read_at for i in self._vms.values()), default=None)
             return {
                 "uri": self._uri,
-                "connected": self._conn is not None,
+                "connected": self._generation is not None,
+                # False while a libvirt call has been waiting STALL_S or more: the last
+                # known map serves meanwhile, operator commands needing libvirt are refused.
+                "responsive": stalled_s < STALL_S,
+                "stalled_s": round(stalled_s, 1),
+                "calls_waiting": self._worker.queued(),
                 "closed": self._closed,
                 "last_error": self._last_error,
                 "reconnect_attempts": self._reconnect_attempts,

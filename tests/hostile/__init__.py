@@ -1,0 +1,1 @@
+"""The attack suite: hostile guests, local users, careless clients (issue #11)."""

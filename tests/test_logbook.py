@@ -1,0 +1,160 @@
+"""KindLog: what a peer repeats reaches the log bounded, and every kind still reaches it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from vmpower import logbook
+from vmpower.logbook import KindLog
+
+LOGGER = "vmpower.test_logbook"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def refusals(clock: FakeClock) -> KindLog:
+    return KindLog(
+        logging.getLogger(LOGGER),
+        "requests refused",
+        one="request refused",
+        interval_s=10.0,
+        clock=clock,
+    )
+
+
+def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    got = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    caplog.clear()
+    return got
+
+
+def test_the_first_of_each_kind_is_logged_at_once_with_its_detail(
+    refusals: KindLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    refusals.note("vm1.0", "not pinned", "host CPU 4 is not pinned to vm1")
+    refusals.note("vm1.0", "not pinned", "host CPU 5 is not pinned to vm1")
+    refusals.note("vm1.0", "rate limit", "more than 10 requests/s")
+    refusals.note("vm2.0", "not pinned", "host CPU 2 is not pinned to vm2")
+    assert {r.levelno for r in caplog.records} == {logging.WARNING}  # the default level
+    assert lines(caplog) == [
+        "vm1.0: request refused: host CPU 4 is not pinned to vm1",
+        "vm1.0: request refused: more than 10 requests/s",
+        "vm2.0: request refused: host CPU 2 is not pinned to vm2",
+    ]
+
+
+def test_repeats_come_out_as_one_summary_per_source_per_interval(
+    refusals: KindLog, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    refusals.note("vm1.0", "not pinned", "host CPU 4 is not pinned to vm1")
+    lines(caplog)
+    for _ in range(52_000):
+        refusals.note("vm1.0", "not pinned", "host CPU 4 is not pinned to vm1")
+    assert lines(caplog) == []
+    assert refusals.next_due() == 110.0
+    clock.now = 109.9
+    assert refusals.run_due() == 0
+    clock.now = 110.0
+    assert refusals.run_due() == 1
+    assert lines(caplog) == [
+        "vm1.0: 52000 requests refused in the last 10 s: host CPU 4 is not pinned to vm1"
+    ]
+    assert refusals.next_due() is None  # nothing counted: nothing to wake for
+    # several kinds in a window: each with its count, most frequent first
+    refusals.note("vm1.0", "not pinned", "host CPU 5 is not pinned to vm1", count=3)
+    refusals.note("vm1.0", "rate limit", "more than 10 requests/s")  # new: logged at once
+    refusals.note("vm1.0", "rate limit", "more than 10 requests/s", count=4)
+    assert lines(caplog) == ["vm1.0: request refused: more than 10 requests/s"]
+    clock.now = 125.0
+    assert refusals.run_due() == 1
+    assert lines(caplog) == [
+        "vm1.0: 7 requests refused in the last 15 s: more than 10 requests/s (4);"
+        " host CPU 5 is not pinned to vm1 (3)"
+    ]
+
+
+def test_a_first_event_counted_many_times_is_logged_once_and_the_rest_summarized(
+    refusals: KindLog, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    refusals.note("vm1.0", "not reading", "guest is not reading its replies", count=64)
+    assert lines(caplog) == ["vm1.0: request refused: guest is not reading its replies"]
+    clock.now += 10
+    refusals.run_due()
+    assert lines(caplog) == [
+        "vm1.0: 63 requests refused in the last 10 s: guest is not reading its replies"
+    ]
+
+
+def test_flush_and_forget_say_what_is_still_counted(
+    refusals: KindLog, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    for source in ("vm1.0", "vm2.0"):
+        refusals.note(source, "reserved", "host CPU 0 is reserved", count=3)
+    lines(caplog)
+    clock.now += 2
+    refusals.forget("vm1.0")
+    assert lines(caplog) == ["vm1.0: 2 requests refused in the last 10 s: host CPU 0 is reserved"]
+    assert refusals.flush() == 1
+    assert lines(caplog) == ["vm2.0: 2 requests refused in the last 2 s: host CPU 0 is reserved"]
+    assert refusals.flush() == 0 and refusals.next_due() is None
+    # a forgotten source is new again: its next event is logged at once
+    refusals.note("vm1.0", "reserved", "host CPU 0 is reserved")
+    assert lines(caplog) == ["vm1.0: request refused: host CPU 0 is reserved"]
+
+
+def test_a_flood_from_many_sources_stays_bounded(
+    refusals: KindLog, clock: FakeClock, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(logbook, "MAX_SOURCES", 8)
+    caplog.set_level(logging.INFO, LOGGER)
+    for i in range(100):  # made-up source names, one event each
+        refusals.note(f"client{i}", "malformed", "not JSON")
+    assert len(refusals._sources) <= 8
+    assert len(lines(caplog)) == 100  # each new source's first event, at once
+    # one busy source: 100 000 events over 30 s give three summaries
+    for _second in range(30):
+        clock.now += 1
+        for _ in range(3_333):
+            refusals.note("vm1.0", "not pinned", "host CPU 4 is not pinned to vm1")
+        refusals.run_due()
+    refusals.flush()
+    got = lines(caplog)
+    assert len(got) <= 5, got
+    total = sum(int(line.split(": ")[1].split()[0]) for line in got[1:])
+    assert total + 1 == 30 * 3_333  # every event counted, the first on its own line
+
+
+def test_the_level_is_the_logs(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    changes = KindLog(
+        logging.getLogger(LOGGER), "frequency changes", level=logging.INFO, clock=clock
+    )
+    caplog.set_level(logging.WARNING, LOGGER)
+    changes.note("host CPU 3", "set", "now 2300000 kHz")
+    assert lines(caplog) == []  # below the configured level: nothing written
+    caplog.set_level(logging.INFO, LOGGER)
+    changes.note("host CPU 3", "set", "now 2200000 kHz")
+    clock.now += 10
+    changes.run_due()
+    records = [r for r in caplog.records if r.name == LOGGER]
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert records[0].getMessage() == (
+        "host CPU 3: 1 frequency changes in the last 10 s: now 2200000 kHz"
+    )

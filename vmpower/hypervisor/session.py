@@ -1,0 +1,336 @@
+"""class LibvirtSession: the libvirt connection and every call made on it.
+
+Threads: the session's methods run on the libvirt worker thread only (worker.py), one at
+a time, never on the monitor thread: a libvirt call can hang for as long as libvirtd
+does (SIGSTOPped, deadlocked, swapping), and the monitor thread must keep serving guests
+meanwhile (issue #11, point 4). They return plain data (``VmRead``, CPU sets, counters)
+that the owner applies to the registry (registry.py); nothing here touches the registry.
+The connection and the domain handles are this object's own state.
+
+Errors: a failed call raises ``HypervisorError`` with libvirt's message, or
+``ConnectionLost`` when the connection turned out to be dead (the owner then reconnects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from vmpower.cpuset import format_cpu_list
+from vmpower.errors import HypervisorError, UnknownVmError
+from vmpower.hypervisor.domain_xml import parse_devices, scan_channels_dir
+from vmpower.hypervisor.libvirt_events import EventInbox
+from vmpower.hypervisor.model import ChannelInfo, VmInfo, VmState
+
+log = logging.getLogger(__name__)
+
+_STATES: dict[int, VmState] = {
+    libvirt.VIR_DOMAIN_RUNNING: VmState.RUNNING,
+    # BLOCKED: a running domain whose vCPUs wait on a resource; still running and pinned.
+    libvirt.VIR_DOMAIN_BLOCKED: VmState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: VmState.PAUSED,
+    # PMSUSPENDED: the guest suspended itself to RAM; the vCPU threads exist but do not run.
+    libvirt.VIR_DOMAIN_PMSUSPENDED: VmState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: VmState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: VmState.CRASHED,
+}
+
+
+class ConnectionLost(HypervisorError):
+    """A libvirt call failed and the connection turned out to be dead."""
+
+
+@dataclass(frozen=True)
+class VmRead:
+    """One domain as read from libvirt: its info and its NICs' target devices."""
+
+    info: VmInfo
+    nics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What a successful ``open()`` read: the connection's generation, host size, VMs."""
+
+    generation: int
+    host_cpus: int
+    vms: dict[str, VmRead]
+
+
+def _code(exc: libvirt.libvirtError) -> int | None:
+    return exc.get_error_code()
+
+
+def _message(exc: libvirt.libvirtError) -> str:
+    return exc.get_error_message() or str(exc)
+
+
+def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
+    return frozenset(i for i, on in enumerate(cpumap) if on)
+
+
+class LibvirtSession:
+    """The one libvirt connection; every method runs on the worker thread."""
+
+    def __init__(
+        self,
+        uri: str,
+        channels_dir: Path,
+        events: EventInbox,
+        clock: Callable[[], float],
+    ) -> None:
+        self.uri = uri
+        self._channels_dir = channels_dir
+        self._events = events
+        self._clock = clock
+        self._conn: libvirt.virConnect | None = None
+        self._callback_ids: list[int] = []
+        self._doms: dict[str, libvirt.virDomain] = {}
+        self._generation = 0
+        self._host_cpus = 0
+
+    @property
+    def conn(self) -> libvirt.virConnect | None:
+        """The live connection (tests drive lifecycles through it; libvirt is thread-safe)."""
+        return self._conn
+
+    # -- connection ----------------------------------------------------------------------
+
+    def open(self, wants: Callable[[str], bool]) -> Opened:
+        """Connect, register the event callbacks, read every VM ``wants``."""
+        self.close()
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot connect to {self.uri}: {_message(exc)}") from None
+        self._generation += 1
+        ids: list[int] = []
+        try:
+            self._events.register(conn, self._generation, ids)
+            # Set before reading: every VmInfo records the host CPU count it was read with.
+            self._host_cpus = conn.getCPUMap()[0]
+            self._conn, self._callback_ids, self._doms = conn, ids, {}
+            vms = self.read_all(wants)
+        except libvirt.libvirtError as exc:
+            self._conn = None
+            self._teardown(conn, ids)
+            raise HypervisorError(f"{self.uri}: {_message(exc)}") from None
+        return Opened(self._generation, self._host_cpus, vms)
+
+    def close(self) -> None:
+        """Drop the connection (unregister callbacks, close); never raises."""
+        conn, ids = self._conn, self._callback_ids
+        self._conn, self._callback_ids, self._doms = None, [], {}
+        if conn is not None:
+            self._teardown(conn, ids)
+
+    @staticmethod
+    def _teardown(conn: libvirt.virConnect, ids: list[int]) -> None:
+        EventInbox.unregister(conn, ids)
+        # Fails only on a connection already dead or closed under us: nothing to undo then.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    def alive(self) -> bool:
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            return conn.isAlive() == 1
+        except libvirt.libvirtError:
+            return False
+
+    def ping(self) -> None:
+        """One round trip to libvirtd: raises ConnectionLost when the connection is dead.
+
+        isAlive() is a local check; getLibVersion() is answered by the daemon on a remote
+        connection, so a hung libvirtd shows as a ping that does not return.
+        """
+        conn = self._require()
+        try:
+            conn.getLibVersion()
+        except libvirt.libvirtError as exc:
+            self._raise_if_lost(exc)
+        if not self.alive():
+            raise ConnectionLost("connection is no longer alive")
+
+    def _require(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        # Domain handles keep their connection's C object referenced, so calls on them
+        # can still answer after the connection itself was closed: check it first.
+        if not self.alive():
+            raise ConnectionLost("connection is no longer alive")
+        return conn
+
+    def _raise_if_lost(self, exc: libvirt.libvirtError) -> None:
+        if not self.alive():
+            raise ConnectionLost(_message(exc)) from None
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read_all(self, wants: Callable[[str], bool]) -> dict[str, VmRead]:
+        """Every domain ``wants``; raises libvirtError (the caller decides what it means)."""
+        conn = self._conn
+        assert conn is not None
+        vms: dict[str, VmRead] = {}
+        sockets = scan_channels_dir(self._channels_dir)
+        for dom in conn.listAllDomains(0):
+            name = dom.name()
+            if not wants(name):
+                continue
+            try:
+                vms[name] = self._read_domain(dom, name, sockets.get(name, {}))
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined while we were listing
+                raise
+            self._doms[name] = dom
+        return vms
+
+    def refresh_all(self, wants: Callable[[str], bool]) -> dict[str, VmRead]:
+        """``read_all`` for the owner: HypervisorError or ConnectionLost on failure."""
+        self._require()
+        try:
+            return self.read_all(wants)
+        except libvirt.libvirtError as exc:
+            self._raise_if_lost(exc)
+            raise HypervisorError(f"refresh: {_message(exc)}") from None
+
+    def read_vms(self, names: Iterable[str]) -> dict[str, VmRead | str | None]:
+        """Each VM read afresh: a VmRead, None when libvirt no longer has it, or the error."""
+        conn = self._require()
+        sockets = scan_channels_dir(self._channels_dir)
+        out: dict[str, VmRead | str | None] = {}
+        for name in names:
+            try:
+                dom = conn.lookupByName(name)
+                out[name] = self._read_domain(dom, name, sockets.get(name, {}))
+                self._doms[name] = dom
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                    self._doms.pop(name, None)
+                    out[name] = None
+                    continue
+                self._raise_if_lost(exc)
+                log.warning("re-reading VM %s: %s", name, _message(exc))
+                out[name] = f"{name}: {_message(exc)}"
+        return out
+
+    def read_map(self, info: VmInfo) -> tuple[frozenset[int], ...] | VmRead | str | None:
+        """The live map of a running VM; the whole VM (or None, gone) when it stopped.
+
+        A str is an error that leaves the last known map in place.
+        """
+        self._require()
+        dom = self._doms.get(info.name)
+        if info.active and dom is not None:
+            try:
+                pcpus = self._vcpu_map(dom, info.vcpu_count)
+            except libvirt.libvirtError as exc:
+                if _code(exc) not in (
+                    libvirt.VIR_ERR_OPERATION_INVALID,  # stopped; its event is on the way
+                    libvirt.VIR_ERR_NO_DOMAIN,
+                ):
+                    self._raise_if_lost(exc)
+                    log.warning("re-reading the vCPU map of %s: %s", info.name, _message(exc))
+                    return f"{info.name}: {_message(exc)}"
+            else:
+                if pcpus:
+                    return pcpus
+        # Not active (or no longer): read the whole VM, its state has changed or may have.
+        return self.read_vms([info.name])[info.name]
+
+    def _read_domain(
+        self, dom: libvirt.virDomain, name: str, dir_sockets: dict[int, str]
+    ) -> VmRead:
+        state_code, _max_mem, _mem, vcpu_count, _cpu_time = dom.info()
+        state = _STATES.get(state_code, VmState.OTHER)
+        pcpus: tuple[frozenset[int], ...] = ()
+        channels: tuple[ChannelInfo, ...] = ()
+        nics: tuple[str, ...] = ()
+        if state is not VmState.SHUTOFF:
+            try:
+                pcpus = self._vcpu_map(dom, vcpu_count)
+            except libvirt.libvirtError as exc:
+                # Not active (e.g. crashed and not preserved): no live map to read.
+                if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise
+        if pcpus:
+            channels, nics = parse_devices(name, dom.XMLDesc(0), dir_sockets)
+        info = VmInfo(
+            name=name,
+            uuid=dom.UUIDString(),
+            state=state,
+            vcpu_count=vcpu_count,
+            vcpu_pcpus=pcpus,
+            channels=channels,
+            map_read_at=self._clock(),
+            host_cpus=self._host_cpus,
+        )
+        return VmRead(info, nics)
+
+    @staticmethod
+    def _vcpu_map(dom: libvirt.virDomain, vcpu_count: int) -> tuple[frozenset[int], ...]:
+        # The live pinning as libvirt keeps it; an unpinned vCPU shows every host CPU.
+        # QEMU answers for every possible vCPU (maxvcpus); the guest's online vCPUs are the
+        # first vcpu_count of them when hot-plugged in order.
+        maps = dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        return tuple(_cpumap_to_set(m) for m in maps[:vcpu_count])
+
+    # -- per-VM calls --------------------------------------------------------------------
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        dom = self._doms.get(name)
+        if dom is None:
+            try:
+                dom = self._require().lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise UnknownVmError(f"libvirt knows no VM named {name!r}") from None
+                self._raise_if_lost(exc)
+                raise HypervisorError(f"{name}: {_message(exc)}") from None
+            self._doms[name] = dom
+        return dom
+
+    def pin(self, info: VmInfo, vcpu: int, wanted: frozenset[int]) -> tuple[frozenset[int], ...]:
+        """Pin ``vcpu`` (live) to ``wanted``; the map read back (or the one libvirt took)."""
+        self._require()
+        dom = self._domain(info.name)
+        cpumap = tuple(cpu in wanted for cpu in range(self._host_cpus))
+        try:
+            dom.pinVcpu(vcpu, cpumap)
+        except libvirt.libvirtError as exc:
+            self._raise_if_lost(exc)
+            raise HypervisorError(
+                f"pinning {info.name} vCPU {vcpu} to {format_cpu_list(wanted)}: {_message(exc)}"
+            ) from None
+        try:
+            pcpus = self._vcpu_map(dom, info.vcpu_count)
+        except libvirt.libvirtError:
+            pcpus = ()
+        if not pcpus:  # could not read it back: trust what libvirt accepted
+            pcpus = tuple(wanted if i == vcpu else s for i, s in enumerate(info.vcpu_pcpus))
+        return pcpus
+
+    def interface_stats(self, name: str, nics: tuple[str, ...]) -> tuple[int, int]:
+        """(rx_packets, tx_packets) summed over ``nics`` of the VM."""
+        self._require()
+        dom = self._domain(name)
+        rx_packets = tx_packets = 0
+        for nic in nics:
+            try:
+                stats = dom.interfaceStats(nic)
+            except libvirt.libvirtError as exc:
+                self._raise_if_lost(exc)
+                raise HypervisorError(f"{name} NIC {nic} statistics: {_message(exc)}") from None
+            # virDomainInterfaceStats: a counter the hypervisor does not keep reads -1.
+            rx_packets += max(stats[1], 0)
+            tx_packets += max(stats[5], 0)
+        return rx_packets, tx_packets

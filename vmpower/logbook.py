@@ -1,0 +1,158 @@
+"""Logging by kind: what a hostile or broken peer repeats reaches the log bounded.
+
+A guest can send a hundred thousand refused requests a second; one line each would
+fill the disk (and cost more than the refusal). ``KindLog`` logs the first event of
+each (source, reason) at once, with its detail, then counts: at most one summary line
+per source per interval, with the count of each reason seen since ("vm1.0: 52311
+requests refused in the last 10 s: host CPU 4 is not pinned to vm1 (52000); rate
+limit (311)", or with one reason only, "vm1.0: 52311 requests refused in the last
+10 s: host CPU 4 is not pinned to vm1"). A reason is a *kind* from a small fixed set
+("not pinned", "rate limit"); its detail, the latest of the interval, says which.
+Counters shown to the operator (``show_vm``) are kept elsewhere and stay exact; this
+is only what goes to the log.
+
+Owned by the monitor thread; the daemon drives ``run_due`` from the loop (it is a
+``Ticker``). ``note`` is on the request path, so it is a dict update and no more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+DEFAULT_INTERVAL_S = 10.0
+# Sources remembered at once (channels, CPUs, clients). Past it, sources with nothing
+# counted are forgotten (their next event is logged at once again): a peer that makes
+# up new source names cannot grow this without bound.
+MAX_SOURCES = 4096
+
+
+class _Source:
+    __slots__ = ("counts", "details", "seen", "window_end")
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()  # reasons already logged once
+        self.counts: dict[str, int] = {}  # since the last summary
+        self.details: dict[str, str] = {}  # the latest detail of each counted reason
+        self.window_end = 0.0
+
+
+class KindLog:
+    """First event of each (source, reason) at once; then one summary per source per interval."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        level: int = logging.WARNING,
+        clock: Callable[[], float] = time.monotonic,
+        one: str | None = None,
+    ) -> None:
+        self.logger = logger
+        self.what = what  # "requests refused", "replies dropped", ...
+        self.one = one or what  # the first event's line: "request refused"
+        self.interval_s = interval_s
+        self.level = level
+        self.clock = clock
+        self._sources: dict[str, _Source] = {}
+        self._due: float | None = None  # earliest window end with counts waiting
+
+    def note(self, source: str, reason: str, detail: str = "", count: int = 1) -> None:
+        """``count`` events of kind ``reason`` from ``source``; ``detail`` says which."""
+        entry = self._sources.get(source)
+        if entry is None:
+            if len(self._sources) >= MAX_SOURCES:
+                self._prune()
+            entry = self._sources[source] = _Source()
+        if reason not in entry.seen:
+            # The first of its kind from this source, at once and with its detail; the
+            # rest of ``count`` goes to the summary.
+            entry.seen.add(reason)
+            now = self.clock()
+            if entry.window_end <= now:
+                entry.window_end = now + self.interval_s
+            self.logger.log(self.level, "%s: %s: %s", source, self.one, detail or reason)
+            count -= 1
+            if count <= 0:
+                return
+        counts = entry.counts
+        if not counts:  # the first counted event of a window: the only clock read
+            now = self.clock()
+            if entry.window_end <= now:
+                entry.window_end = now + self.interval_s
+            if self._due is None or entry.window_end < self._due:
+                self._due = entry.window_end
+        counts[reason] = counts.get(reason, 0) + count
+        if detail:
+            entry.details[reason] = detail
+
+    def flush(self) -> int:
+        """Write every summary still counted now (at exit); returns how many lines."""
+        now = self.clock()
+        lines = 0
+        for source, entry in self._sources.items():
+            if entry.counts:
+                self._summary(source, entry, now - (entry.window_end - self.interval_s))
+                entry.counts = {}
+                entry.details = {}
+                lines += 1
+        self._due = None
+        return lines
+
+    def _prune(self) -> None:
+        for source in [s for s, e in self._sources.items() if not e.counts]:
+            del self._sources[source]
+
+    def forget(self, source: str) -> None:
+        """``source`` is gone (channel closed): say what is still counted, then drop it."""
+        entry = self._sources.pop(source, None)
+        if entry is not None and entry.counts:
+            self._summary(source, entry, self.interval_s)
+
+    # -- Ticker ------------------------------------------------------------------------
+
+    def next_due(self) -> float | None:
+        return self._due
+
+    def run_due(self) -> int:
+        """Write the summaries whose interval has passed; returns how many lines."""
+        now = self.clock()
+        lines = 0
+        due: float | None = None
+        for source, entry in self._sources.items():
+            if not entry.counts:
+                continue
+            if entry.window_end <= now:
+                self._summary(source, entry, now - (entry.window_end - self.interval_s))
+                entry.counts = {}
+                entry.details = {}
+                entry.window_end = now + self.interval_s
+                lines += 1
+            elif due is None or entry.window_end < due:
+                due = entry.window_end
+        self._due = due
+        return lines
+
+    def _summary(self, source: str, entry: _Source, span_s: float) -> None:
+        counts = entry.counts
+        total = sum(counts.values())
+        if len(counts) == 1:
+            reason = next(iter(counts))
+            parts = entry.details.get(reason) or reason
+        else:
+            parts = "; ".join(
+                f"{entry.details.get(reason) or reason} ({n})"
+                for reason, n in sorted(counts.items(), key=lambda item: -item[1])
+            )
+        self.logger.log(
+            self.level,
+            "%s: %d %s in the last %.0f s: %s",
+            source,
+            total,
+            self.what,
+            max(span_s, 0.0),
+            parts,
+        )
