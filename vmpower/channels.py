@@ -41,14 +41,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmpower.channels")
 
 RECV_CHUNK = 64 * 1024  # one turn's share of a busy channel: ~141 packets
-# One turn's share of a FIFO. What a read costs is its messages (each parsed and
-# handled: 10-20 us on a loaded 2-core machine), and a writer chooses the cheapest:
-# "{}" is a rejected message every 2 bytes. 128 bytes are at most 64 messages, about
-# 1 ms of the monitor thread (issue #11 point 5: no FIFO writer adds more than 1 ms to
-# a turn); other bytes are skipped at C speed (protocol.JsonStream). The rest waits in
-# the pipe and its writer blocks (back-pressure). Legitimate messages are 32-300 bytes;
-# the largest allowed (64 KiB) takes 512 turns to arrive.
-FIFO_READ_BYTES = 128
+# One turn's share of a FIFO. What a read costs is its messages (each framed, parsed
+# and handled: ~10 us even for a rejected "{}" on a loaded 2-core machine), and a
+# writer chooses the cheapest: "{}" is a message every 2 bytes. 32 bytes are at most
+# 16 messages, about 0.2 ms of the monitor thread (issue #11 point 5: no FIFO writer
+# adds more than 1 ms to a turn; at 128 bytes a "{}" flood measured +1.08 ms on the
+# guests' p50, at 64 bytes +0.82 ms); other bytes are skipped at C speed
+# (protocol.JsonStream). The rest waits in the pipe and its writer blocks
+# (back-pressure). Legitimate messages are 32-300 bytes: a few turns each.
+FIFO_READ_BYTES = 32
 FIFO_MODE = 0o660
 
 
