@@ -7,6 +7,10 @@ only the first write of each file is recorded (an fsync'd JSON update); every la
 pays a dictionary lookup. Figures: µs per step (p50, mean) and steps per second, and
 the floor: one bare ``Sysfs.write`` (acpi-cpufreq writes one file per step, the
 min/max drivers two).
+
+``hosts``: the same on trees of recorded real hosts (tests/data/cpufreq/), stepping
+between the turbo ceiling and the non-turbo maximum with turbo on: on an AMD
+acpi-cpufreq host (milan0) each such step also switches the policy's ``boost``.
 """
 
 from __future__ import annotations
@@ -18,25 +22,39 @@ import time
 from pathlib import Path
 
 from vmpower.cpufreq import open_cpufreq
-from vmpower.cpufreq.simulate import DRIVERS, build_tree
+from vmpower.cpufreq.simulate import DRIVERS, build_from_fixture, build_tree
 from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
 
 STEPS = 4000
 WARMUP = 200
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "data" / "cpufreq"
+HOSTS = ("spr1", "bdwep0", "icxd0", "milan0", "turin0")
 
 
 def _scratch() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _measure(root: Path, state: Path | None) -> dict[str, float]:
+def _measure(root: Path, state: Path | None, turbo_step: bool = False) -> dict[str, float]:
     journal = RestoreJournal(state) if state is not None else None
     cf = open_cpufreq(Sysfs(root, journal))
     table = cf.table_khz(1)
     # two entries under the nominal frequency: valid whatever the turbo state
     low, high = table[-1], table[-2]
+    if turbo_step:  # the turbo ceiling and the non-turbo maximum, turbo on
+        cf.set_turbo(1, True)
+        low, high = cf.nominal_khz(1), table[0]
     set_khz = cf.set_khz
+    if turbo_step:
+        # as the daemon does (PowerManager._apply): the turbo switch is switched on
+        # before a turbo step when a lower step switched it off (a policy's boost)
+        def step(cpu: int, khz: int) -> None:
+            if khz > cf.nominal_khz(cpu) and not cf.turbo_enabled(cpu):
+                cf.set_turbo(cpu, True)
+            cf.set_khz(cpu, khz)
+
+        set_khz = step  # type: ignore[assignment]
     clock = time.perf_counter_ns
     for i in range(WARMUP):
         set_khz(1, high if i % 2 else low)
@@ -85,6 +103,12 @@ def run() -> dict:
                 "no_journal": _measure(root, None),
                 "journal": _measure(root, Path(tmp) / f"state-{driver}"),
             }
+        hosts: dict[str, object] = {}
+        for host in HOSTS:
+            root = Path(tmp) / f"host-{host}"
+            build_from_fixture(root, FIXTURES / f"{host}.json", max_cpus=4)
+            hosts[host] = _measure(root, Path(tmp) / f"state-{host}", turbo_step=True)
+        figures["hosts"] = hosts
     return figures
 
 

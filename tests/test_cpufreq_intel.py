@@ -194,15 +194,30 @@ def test_priority_cores_from_base_frequency(sim_sysfs):
     assert cf.nominal_khz(3) == 3_300_000
 
 
-def test_without_base_frequency_the_range_is_non_turbo_reported_once(sim_sysfs, caplog):
+def test_without_base_frequency_nominal_comes_from_turbo_pct(sim_sysfs, caplog):
+    """No HWP: intel_pstate/turbo_pct and num_pstates still give the non-turbo maximum."""
     root = sim_sysfs("intel_pstate", cpus=2)
     for cpu in (0, 1):
         (root / f"{POLICY}{cpu}/base_frequency").unlink()
     with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
         cf = open_cpufreq(Sysfs(root))
+        assert cf.nominal_khz(0) == cf.nominal_khz(1) == 3_000_000
+    assert cf.capabilities(0).turbo
+    assert cf.note(0) == ""
+    assert cf.unsupported() == []
+
+
+def test_without_any_base_the_range_is_non_turbo_reported_once(sim_sysfs, caplog):
+    root = sim_sysfs("intel_pstate", cpus=2)
+    for cpu in (0, 1):
+        (root / f"{POLICY}{cpu}/base_frequency").unlink()
+    (root / f"{CPU}/intel_pstate/turbo_pct").unlink()
+    with caplog.at_level(logging.WARNING, logger="vmpower.cpufreq"):
+        cf = open_cpufreq(Sysfs(root))
         assert cf.nominal_khz(0) == cf.nominal_khz(1) == 4_700_000
     assert not cf.capabilities(0).turbo
-    assert caplog.text.count("no usable base_frequency") == 1
+    assert "no usable base" in cf.note(1)
+    assert caplog.text.count("no usable base frequency") == 1
     assert len(cf.unsupported()) == 1
 
 

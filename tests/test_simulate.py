@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from vmpower.cpufreq.simulate import (
     DRIVERS,
     KernelSysfs,
+    build_from_fixture,
     build_tree,
+    load_fixture,
     main,
     set_cpu_online,
     snapshot,
@@ -317,3 +320,210 @@ def test_snapshot_lists_each_file_once(sim_sysfs):
     assert f"{CPU}/cpufreq/policy1/scaling_governor" in files
     assert not any(p.startswith(f"{CPU}/cpu1/cpufreq/") for p in files)
     assert files[f"{CPU}/present"] == "0-1\n"
+
+
+# -- the simulation against real hosts (tests/data/cpufreq/*.json) -----------------------
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "cpufreq"
+# Each recorded host and the build_tree arguments that simulate its driver.
+SHAPES = {
+    "spr1": ("intel_pstate", {}),
+    "mtl-m-2": ("intel_pstate", {}),
+    "bdwep0": ("intel_cpufreq", {}),
+    "icxd0": ("acpi-cpufreq", {}),
+    "milan0": ("acpi-cpufreq", {"vendor": "amd"}),
+    "turin0": ("amd-pstate-epp", {"governor": "performance"}),
+}
+# Policy files the kernel shows on some hosts only: cpuinfo_avg_freq (kernels >= 6.13,
+# where APERF/MPERF serve; spr1 lacks it).
+OPTIONAL_FILES = {"cpuinfo_avg_freq"}
+# Global files the simulation has and a recording may lack: pepc records only what it
+# reads (amd_pstate/), and hybrid parts have no num_pstates/turbo_pct (intel_pstate.c
+# hides them when hybrid).
+UNRECORDED_GLOBALS = {"amd_pstate/status", "amd_pstate/prefcore"}
+HYBRID_GLOBALS = {"intel_pstate/num_pstates", "intel_pstate/turbo_pct"}
+
+
+def trees(tmp_path: Path, host: str) -> tuple[Path, Path]:
+    """(the recorded host's tree, the simulation's tree of the same driver)."""
+    driver, kwargs = SHAPES[host]
+    real, sim = tmp_path / "real", tmp_path / "sim"
+    build_from_fixture(real, FIXTURES / f"{host}.json", max_cpus=4)
+    build_tree(sim, driver, 4, turbo=True, **kwargs)
+    return real, sim
+
+
+def policy_files(root: Path, num: int = 1) -> dict[str, str]:
+    pol = root / CPU / "cpufreq" / f"policy{num}"
+    return {p.name: p.read_text() for p in pol.iterdir()}
+
+
+def global_files(root: Path) -> set[str]:
+    found = set()
+    for sub in ("intel_pstate", "amd_pstate"):
+        if (root / CPU / sub).is_dir():
+            found |= {f"{sub}/{p.name}" for p in (root / CPU / sub).iterdir()}
+    if (root / CPU / "cpufreq" / "boost").exists():
+        found.add("cpufreq/boost")
+    return found
+
+
+def shape(text: str) -> str:
+    """A value's format: what a parser of the file has to cope with."""
+    body = text.rstrip("\n")
+    words = body.split()
+    if not words:
+        return "empty"
+    kind = "ints" if all(w.isdigit() for w in words) else "words"
+    if len(words) == 1:
+        kind = "int" if words[0].isdigit() else "word"
+    return kind + (" +trailing space" if body.endswith(" ") else "")
+
+
+def test_every_fixture_names_its_source_and_builds(tmp_path):
+    for path in sorted(FIXTURES.glob("*.json")):
+        fixture = load_fixture(path)
+        assert "recorded" in fixture["provenance"] or "posted" in fixture["provenance"]
+        build_from_fixture(tmp_path / path.stem, path, max_cpus=4)
+        assert (tmp_path / path.stem / CPU / "cpu0" / "cpufreq" / "scaling_driver").exists()
+
+
+@pytest.mark.parametrize("host", SHAPES)
+def test_simulation_has_the_recorded_files(tmp_path, host):
+    real, sim = trees(tmp_path, host)
+    assert set(policy_files(real)) - OPTIONAL_FILES == set(policy_files(sim)) - OPTIONAL_FILES
+    allowed = UNRECORDED_GLOBALS | (HYBRID_GLOBALS if host == "mtl-m-2" else set())
+    assert global_files(real) <= global_files(sim)
+    assert global_files(sim) - global_files(real) <= allowed
+
+
+@pytest.mark.parametrize("host", SHAPES)
+def test_simulation_writes_the_recorded_formats(tmp_path, host):
+    real_root, sim_root = trees(tmp_path, host)
+    real, sim = policy_files(real_root), policy_files(sim_root)
+    for name in sorted(set(real) & set(sim)):
+        assert shape(sim[name]) == shape(real[name]), name
+
+
+def probe_rules(root: Path) -> list[tuple[str, str]]:
+    """The same writes on any tree, and what the kernel (KernelSysfs) made of each."""
+    ks = KernelSysfs(root)
+    pol = f"{CPU}/cpufreq/policy1"
+    out: list[tuple[str, str]] = []
+
+    def attempt(step: str, rel: str, value: str) -> None:
+        try:
+            ks.write(rel, value)
+            out.append((step, "ok"))
+        except SysfsError as exc:
+            errno = re.search(r"\b(E[A-Z]+)\b", exc.reason)
+            out.append((step, errno.group(1) if errno else exc.reason))
+
+    def observe(step: str, fact: bool) -> None:
+        out.append((step, str(fact)))
+
+    attempt("cpuinfo_max_freq is read-only", f"{pol}/cpuinfo_max_freq", "1")
+    attempt(
+        "setspeed outside userspace",
+        f"{pol}/scaling_setspeed",
+        read(root, f"{pol}/cpuinfo_min_freq"),
+    )
+    attempt("unknown governor", f"{pol}/scaling_governor", "bogus")
+    above = int(read(root, f"{pol}/scaling_max_freq")) + 1
+    attempt("min above max", f"{pol}/scaling_min_freq", str(above))
+    if (root / pol / "energy_performance_preference").exists():
+        attempt("EPP default", f"{pol}/energy_performance_preference", "default")
+        observe(
+            "EPP never reads default",
+            read(root, f"{pol}/energy_performance_preference") != "default",
+        )
+        attempt("EPP raw number", f"{pol}/energy_performance_preference", "128")
+    top = int(read(root, f"{pol}/cpuinfo_max_freq"))
+    if (root / CPU / "intel_pstate" / "no_turbo").exists():
+        attempt("no_turbo=1", f"{CPU}/intel_pstate/no_turbo", "1")
+        observe("cpuinfo_max_freq drops", int(read(root, f"{pol}/cpuinfo_max_freq")) < top)
+        attempt("no_turbo=0", f"{CPU}/intel_pstate/no_turbo", "0")
+        observe("and comes back", int(read(root, f"{pol}/cpuinfo_max_freq")) == top)
+    if (root / CPU / "cpufreq" / "boost").exists():
+        attempt("global boost off", f"{CPU}/cpufreq/boost", "0")
+        observe("the policy follows", read(root, f"{pol}/boost") == "0")
+        observe("cpuinfo_max_freq drops", int(read(root, f"{pol}/cpuinfo_max_freq")) < top)
+        attempt("policy boost while global off", f"{pol}/boost", "1")
+        attempt("global boost on", f"{CPU}/cpufreq/boost", "1")
+        observe("the policy follows", read(root, f"{pol}/boost") == "1")
+    return out
+
+
+@pytest.mark.parametrize("host", SHAPES)
+def test_simulation_obeys_the_same_write_rules_on_the_recorded_shape(tmp_path, host):
+    real, sim = trees(tmp_path, host)
+    assert probe_rules(sim) == probe_rules(real)
+
+
+def test_cli_builds_a_recorded_host(tmp_path, capsys):
+    target = tmp_path / "sys"
+    assert main([str(target), "--fixture", str(FIXTURES / "milan0.json"), "--cpus", "8"]) == 0
+    assert "milan0" in capsys.readouterr().out
+    assert read(target, f"{CPU}/present") == "0-7"
+    assert (
+        read(target, f"{CPU}/cpu3/cpufreq/scaling_available_frequencies")
+        == "2800000 2100000 1500000"
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                str(tmp_path / "x"),
+                "--fixture",
+                str(FIXTURES / "milan0.json"),
+                "--driver",
+                "intel_pstate",
+            ]
+        )
+
+
+def test_a_policy_spanning_several_cpus_is_linked_from_each(tmp_path):
+    root = tmp_path / "sys"
+    build_from_fixture(root, FIXTURES / "imx8qxp-mek.json")
+    for cpu in range(4):
+        assert os.readlink(root / CPU / f"cpu{cpu}" / "cpufreq") == "../cpufreq/policy0"
+    assert read(root, f"{CPU}/cpu3/cpufreq/related_cpus") == "0 1 2 3"
+    assert not (root / CPU / "cpufreq" / "policy3").exists()
+
+
+def test_firmware_disabled_turbo_refuses_only_switching_it_on(tmp_path):
+    root = tmp_path / "sys"
+    build_tree(root, "intel_pstate", 2, turbo=False)
+    ks = KernelSysfs(root)
+    ks.write(f"{CPU}/intel_pstate/no_turbo", "1")
+    with pytest.raises(SysfsError, match="EPERM"):
+        ks.write(f"{CPU}/intel_pstate/no_turbo", "0")
+
+
+def test_booted_no_turbo_shows_the_base_and_accepts_turbo_back(tmp_path):
+    root = tmp_path / "sys"
+    build_tree(root, "intel_pstate", 2, turbo=True, no_turbo=True)
+    assert read(root, f"{CPU}/cpufreq/policy1/cpuinfo_max_freq") == "3000000"
+    KernelSysfs(root).write(f"{CPU}/intel_pstate/no_turbo", "0")
+    assert read(root, f"{CPU}/cpufreq/policy1/cpuinfo_max_freq") == "4700000"
+    assert read(root, f"{CPU}/cpufreq/policy1/scaling_max_freq") == "4700000"
+
+
+@pytest.mark.parametrize(
+    ("where", "evil"),
+    [
+        ("global", {"../../../etc/x": "1"}),
+        ("files", {"../escape": "1"}),
+        ("files", {"scaling_governor": "a\nb"}),
+        ("per_policy", {"related_cpus": {"0": "0 ../1"}}),
+        ("acpi_cppc", {"../x": "1"}),
+    ],
+)
+def test_a_fixture_cannot_name_a_path_of_its_choosing(tmp_path, where, evil):
+    fixture = load_fixture(FIXTURES / "milan0.json")
+    if where == "global":
+        fixture["global"] = evil
+    else:
+        fixture["groups"][0].setdefault(where, {}).update(evil)
+    with pytest.raises(ValueError, match="fixture milan0"):
+        build_from_fixture(tmp_path / "sys", fixture, max_cpus=2)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()

@@ -289,7 +289,7 @@ def make_rig(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
         hv.connect()
         root = tmp_path / "sys"
         build_tree(root, "acpi-cpufreq", 8, turbo=True, governor=governor)
-        (root / BOOST).write_text(boost + "\n")
+        KernelSysfs(root).write(BOOST, boost)
         journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
         cpufreq = open_cpufreq(KernelSysfs(root, journal))
         pm = PowerManager(cpufreq, hv, journal, clock=clock)

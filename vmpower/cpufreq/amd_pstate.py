@@ -3,9 +3,11 @@
 amd-pstate is CPPC-based (amd-pstate.rst): the nominal frequency comes from
 ``cpuN/acpi_cppc/nominal_freq`` (MHz), the CPU has turbo when ``highest_perf`` >
 ``nominal_perf``, and ``amd_pstate_max_freq`` is the boost maximum even while boost is
-off (when ``cpuinfo_max_freq`` drops to nominal). Turbo is switched per policy by
-``cpuN/cpufreq/boost`` on kernels that have it, else by the global
-``devices/system/cpu/cpufreq/boost``.
+off (when ``cpuinfo_max_freq`` drops to nominal). Turbo needs the global
+``devices/system/cpu/cpufreq/boost`` and, on kernels that have it, the policy's
+``cpuN/cpufreq/boost`` on (see ``Backend.boost_switches``); switching boost sets the
+policy's ``scaling_max_freq`` to the new ``cpuinfo_max_freq`` (amd_pstate_cpu_boost_update),
+so a limit written before it does not survive it.
 
 Priority cores ("amd-pstate Preferred Core"): the platform ranks cores; the ranking is
 ``amd_pstate_prefcore_ranking`` (kernels ≥ 6.9) and is folded into
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from vmpower.cpufreq.backend import CPU_DIR, policy_dir
-from vmpower.cpufreq.cppc import BOOST, CppcBackend, cppc_dir
+from vmpower.cpufreq.cppc import CppcBackend, cppc_dir
 
 PREFCORE = f"{CPU_DIR}/amd_pstate/prefcore"
 
@@ -43,12 +45,3 @@ class AmdPstateBackend(CppcBackend):
             if rank is not None:
                 values[cpu] = rank
         return values
-
-    def turbo_switch(self, cpu: int) -> str | None:
-        per_policy = f"{policy_dir(cpu)}/boost"
-        if self.sysfs.exists(per_policy):
-            return per_policy
-        return BOOST if self.sysfs.exists(BOOST) else None
-
-    def switch_is_global(self, cpu: int) -> bool:
-        return not self.sysfs.exists(f"{policy_dir(cpu)}/boost")

@@ -16,6 +16,7 @@ from vmpower.errors import SysfsError, UnsupportedError
 from vmpower.sysfs import Sysfs
 
 CPU_DIR = "devices/system/cpu"
+BOOST = f"{CPU_DIR}/cpufreq/boost"  # the cpufreq core's global boost switch
 
 # report(key, reason) logs ``reason`` once per key and returns the error to raise
 Report = Callable[[str, str], UnsupportedError]
@@ -47,12 +48,19 @@ class Backend:
         """Per-CPU figure that is higher on priority cores (empty: no such notion)."""
         return {}
 
-    def turbo_switch(self, cpu: int) -> str | None:
-        """Relative path of the file that allows turbo for ``cpu`` (None: there is none)."""
-        return None
+    def turbo_switches(self, cpu: int) -> tuple[str, ...]:
+        """Relative paths of the files that must all be on for ``cpu``'s turbo range, in
+        the order they are switched on (empty: nothing switches it off)."""
+        return ()
 
-    def switch_is_global(self, cpu: int) -> bool:
+    def switch_is_global(self, rel: str) -> bool:
+        """Whether switching ``rel`` on affects every CPU."""
         return True
+
+    def switch_follows_writes(self, cpu: int) -> bool:
+        """True when ``write_khz`` itself switches ``cpu``'s turbo (per-policy boost on
+        acpi-cpufreq whose boost range lies above the table): the facade re-reads it."""
+        return False
 
     # -- requests ------------------------------------------------------------------
 
@@ -77,3 +85,10 @@ class Backend:
             return self.sysfs.read_int(rel)
         except SysfsError:
             return None
+
+    def boost_switches(self, cpu: int) -> tuple[str, ...]:
+        """The cpufreq core's boost switches for ``cpu``: the global ``cpufreq/boost``
+        and, on kernels that have it, the policy's own ``boost``. cpufreq.c: a policy
+        boosts only while both are on; the policy's file refuses a write (EINVAL) while
+        the global one is off, and switching the global one sets every policy's."""
+        return tuple(rel for rel in (BOOST, f"{policy_dir(cpu)}/boost") if self.sysfs.exists(rel))

@@ -13,12 +13,13 @@ turbo wish) is decided by the request path, ``vmpower.power``; this facade sets 
 it is told, within the rules.
 
 Turbo: the turbo range (the table entries above the nominal frequency) is usable while
-the driver's turbo switch (``cpufreq/boost``, ``intel_pstate/no_turbo``,
-``cpuN/cpufreq/boost``) is on, and ``set_khz`` refuses it while the switch is off (the
-kernel would clamp it to nominal). The switch is only ever switched *on*
-(``set_turbo``), when a CPU needs turbo while it is off; the journal puts it back. It
-is never switched off, since on most drivers it is system-wide: a CPU leaves its turbo
-range by asking a lower frequency.
+the driver's turbo switches are on (``intel_pstate/no_turbo``; the cpufreq core's
+``cpufreq/boost`` and, where the kernel has it, the policy's own ``cpuN/cpufreq/boost``:
+both must be on), and ``set_khz`` refuses it while they are off (the kernel would clamp
+it to nominal). ``set_turbo`` only ever switches them *on*, when a CPU needs turbo; the
+journal puts them back. A CPU leaves its turbo range by asking a lower frequency; where
+that is not a cap (acpi-cpufreq boosting above its table, AMD) the backend switches the
+policy's own ``boost`` off, never a system-wide switch.
 
 Changes: one CPU's change can take several writes (the turbo switch, the governor, then
 ``scaling_setspeed``; or both limits). Between ``begin_change`` and ``end_change`` each
@@ -54,13 +55,13 @@ log = logging.getLogger("vmpower.cpufreq")
 class _Cpu:
     """Per-CPU facts and caches (mutable; only the facade touches them)."""
 
-    __slots__ = ("entries", "info", "last_khz", "switch", "switch_on")
+    __slots__ = ("entries", "info", "last_khz", "switch_on", "switches")
 
-    def __init__(self, info: CpuInfo, switch: str | None, switch_on: bool) -> None:
+    def __init__(self, info: CpuInfo, switches: tuple[str, ...], switch_on: bool) -> None:
         self.info = info
         self.entries = frozenset(info.table_khz)
-        self.switch = switch  # the turbo switch's relative path (None: there is none)
-        self.switch_on = switch_on  # as last read or written
+        self.switches = switches  # the turbo switches' relative paths (empty: none)
+        self.switch_on = switch_on  # all of them on, as last read or written
         self.last_khz: int | None = None  # the value vmpower last set (None: not in control)
 
 
@@ -161,7 +162,6 @@ class CpuFreq:
             else frozenset()
         )
         self._cpus: dict[int, _Cpu] = {}
-        self._epp_choices: dict[int, tuple[str, ...]] = {}
 
     # -- CPUs --------------------------------------------------------------------------
 
@@ -242,8 +242,8 @@ class CpuFreq:
                 failed.append(f"{exc.path}: {exc.reason}")
         self.forget(cpu)
         for c in self._cpus.values():  # a shared turbo switch may be back off
-            if c.switch in change:
-                c.switch_on = self._read_switch(c.switch)
+            if any(rel in change for rel in c.switches):
+                c.switch_on = self._read_switches(c.switches)
         return failed
 
     # -- tables --------------------------------------------------------------------------
@@ -296,6 +296,10 @@ class CpuFreq:
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc
         c.last_khz = freq_khz
+        if backend.switch_follows_writes(cpu):
+            # It switched the policy's boost itself: on exactly for the turbo entry
+            # (the global switch is on then: set_turbo came first).
+            c.switch_on = freq_khz > info.nominal_khz
         return True
 
     def requested_khz(self, cpu: int) -> int:
@@ -315,13 +319,23 @@ class CpuFreq:
             raise self._lost(cpu, exc) from exc
         return _nearest(c.info, pinned)
 
+    def set_reserved(self, cpus: frozenset[int]) -> None:
+        """New reserved CPUs (SIGHUP reload): refused from now on, the others served.
+
+        What is cached about a CPU changing sides is dropped; the caller restores the
+        newly reserved CPUs' files first (``PowerManager.reserved_cpus``).
+        """
+        changed = self._reserved ^ frozenset(cpus)
+        self._reserved = frozenset(cpus)
+        for cpu in changed:
+            self.forget(cpu)
+
     def forget(self, cpu: int) -> None:
         """Drop what vmpower believes about ``cpu``'s requests (its files were restored)."""
         c = self._cpus.get(cpu)
         if c is not None:
             c.last_khz = None
-            c.switch_on = self._read_switch(c.switch)
-        self._epp_choices.pop(cpu, None)
+            c.switch_on = self._read_switches(c.switches)
         self._changes.drop(f"{policy_dir(cpu)}/")
         if self._backend is not None:
             self._backend.forget(cpu)
@@ -333,7 +347,7 @@ class CpuFreq:
         c = self._cpu(cpu)
         if not c.info.has_turbo:
             return False
-        c.switch_on = self._read_switch(c.switch)
+        c.switch_on = self._read_switches(c.switches)
         return c.switch_on
 
     def set_turbo(self, cpu: int, enabled: bool) -> None:
@@ -358,13 +372,12 @@ class CpuFreq:
                 f"cpu {cpu}: vmpower never switches turbo off (the switch is system-wide on"
                 " most drivers); set a frequency at or below nominal instead"
             )
-        if not self._read_switch(c.switch):
-            self._switch_on(cpu, c)
+        for rel in c.switches:  # in order: the global boost before the policy's
+            if not self._read_switch(rel):
+                self._switch_on(cpu, rel)
         c.switch_on = True
 
-    def _switch_on(self, cpu: int, c: _Cpu) -> None:
-        rel = c.switch
-        assert rel is not None  # a missing switch reads as on
+    def _switch_on(self, cpu: int, rel: str) -> None:
         backend = self._backend
         assert backend is not None
         value = "0" if backend.switch_inverted else "1"
@@ -376,20 +389,41 @@ class CpuFreq:
                 raise SysfsError(self.sysfs.path(rel), "the kernel kept turbo switched off")
         except SysfsError as exc:
             raise CpufreqError(f"cpu {cpu}: cannot switch turbo on: {exc}") from exc
-        if backend.switch_is_global(cpu):
+        if backend.switch_is_global(rel):
             log.warning(
                 "turbo switched on system-wide (%s) for cpu %d; restored at exit",
                 self.sysfs.path(rel),
                 cpu,
             )
-        # the switch may be shared: every cached CPU sees it on now
-        for other in self._cpus.values():
-            if other.switch == rel:
-                other.switch_on = True
+        # The switch may be shared: the cached CPUs behind it are re-read (a global
+        # boost also switches every policy's own boost, cpufreq.c). The limits in force
+        # may have moved with it (amd-pstate sets scaling_max_freq to the new maximum;
+        # intel_pstate brings back a maximum request): a CPU vmpower pinned is pinned
+        # again, within this change, so switching turbo on moves no CPU.
+        for num, other in list(self._cpus.items()):
+            if rel not in other.switches:
+                continue
+            other.switch_on = self._read_switches(other.switches)
+            if backend.switch_follows_writes(num):
+                continue  # its setspeed did not move; its next write sets its boost
+            pinned, other.last_khz = other.last_khz, None
+            backend.forget(num)
+            if pinned is None:
+                continue
+            try:
+                if backend.read_requested(num) != pinned:
+                    backend.write_khz(num, pinned)
+                other.last_khz = pinned
+            except SysfsError as exc:
+                raise CpufreqError(
+                    f"cpu {num}: cannot keep {pinned} kHz after switching turbo on: {exc}"
+                ) from exc
 
-    def _read_switch(self, rel: str | None) -> bool:
-        if rel is None:
-            return True  # no switch: turbo cannot be switched off
+    def _read_switches(self, rels: tuple[str, ...]) -> bool:
+        """All of them on (no switch at all: turbo cannot be switched off)."""
+        return all(self._read_switch(rel) for rel in rels)
+
+    def _read_switch(self, rel: str) -> bool:
         backend = self._backend
         assert backend is not None
         try:
@@ -399,6 +433,11 @@ class CpuFreq:
         return (text == "0") if backend.switch_inverted else (text != "0")
 
     # -- capabilities and state --------------------------------------------------------
+
+    def note(self, cpu: int) -> str:
+        """Why ``cpu``'s turbo range is unknown or its non-turbo maximum a fallback (for
+        show_cpus; "" when the driver's files gave both)."""
+        return self._cpu(cpu).info.note
 
     def capabilities(self, cpu: int) -> Capabilities:
         info = self._cpu(cpu).info
@@ -455,12 +494,11 @@ class CpuFreq:
                 " intel_pstate with HWP or amd-pstate-epp)",
             )
         try:
-            choices = self._epp_choices.get(cpu)
-            if choices is None:
-                choices = tuple(
-                    self.sysfs.read(f"{d}/energy_performance_available_preferences").split()
-                )
-                self._epp_choices[cpu] = choices
+            # Read each time, not cached: the list follows the governor (amd-pstate-epp
+            # lists only "performance" under the performance governor).
+            choices = tuple(
+                self.sysfs.read(f"{d}/energy_performance_available_preferences").split()
+            )
             if not isinstance(preference, str) or preference not in choices:
                 raise CpufreqError(
                     f"cpu {cpu}: unknown energy performance preference {preference!r}"
@@ -478,7 +516,12 @@ class CpuFreq:
             now = self.sysfs.read(rel)
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc
-        if now != preference:
+        if preference == "default":
+            # The kernel never shows "default": it writes the firmware's value and shows
+            # its name, or (intel_pstate) the raw number when it matches no name.
+            if now == "default" or not (now.isdigit() or now in choices):
+                raise CpufreqError(f"cpu {cpu}: wrote EPP 'default', the kernel reports {now!r}")
+        elif now != preference:
             raise CpufreqError(f"cpu {cpu}: wrote EPP {preference!r}, the kernel reports {now!r}")
 
     def unsupported(self) -> list[str]:
@@ -519,8 +562,8 @@ class CpuFreq:
             info = backend.probe(cpu, cpu in self._priority)
         except SysfsError as exc:
             raise CpufreqError(f"cpu {cpu}: cannot read its cpufreq files: {exc}") from exc
-        switch = backend.turbo_switch(cpu)
-        c = _Cpu(info, switch, self._read_switch(switch))
+        switches = backend.turbo_switches(cpu)
+        c = _Cpu(info, switches, self._read_switches(switches))
         self._cpus[cpu] = c
         return c
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vmpower.cpufreq.backend import CPU_DIR, policy_dir
+from vmpower.cpufreq.backend import BOOST, CPU_DIR, policy_dir
 from vmpower.cpufreq.limits import LimitsBackend
 from vmpower.cpufreq.model import CpuInfo, make_info, stepped_table
 
-BOOST = f"{CPU_DIR}/cpufreq/boost"
 KHZ_PER_MHZ = 1000
 
 
@@ -71,5 +70,9 @@ class CppcBackend(LimitsBackend):
                 values[cpu] = perf
         return values
 
-    def turbo_switch(self, cpu: int) -> str | None:
-        return BOOST if self.sysfs.exists(BOOST) else None
+    def turbo_switches(self, cpu: int) -> tuple[str, ...]:
+        # the global cpufreq/boost and the policy's own boost (cpufreq.c)
+        return self.boost_switches(cpu)
+
+    def switch_is_global(self, rel: str) -> bool:
+        return rel == BOOST

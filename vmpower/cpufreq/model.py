@@ -48,6 +48,8 @@ class CpuInfo:
     has_turbo: bool
     priority: bool
     continuous: bool  # any kHz between the bounds is settable (not only table entries)
+    # why the turbo range is unknown or the nominal frequency is a fallback ("": known)
+    note: str = ""
 
     @property
     def min_khz(self) -> int:
@@ -66,6 +68,7 @@ def make_info(
     *,
     priority: bool,
     continuous: bool,
+    note: str = "",
 ) -> CpuInfo:
     """A CpuInfo from a table in any order (duplicates dropped)."""
     desc = tuple(sorted(set(table), reverse=True))
@@ -81,6 +84,7 @@ def make_info(
         has_turbo=desc[0] > nominal,
         priority=priority,
         continuous=continuous,
+        note=note,
     )
 
 

@@ -16,32 +16,60 @@ This module owns two things used by tests, the demo and ``vmpower simulate-sysfs
   ``scaling_setspeed`` reading ``<unsupported>`` unless the governor is userspace).
   Plain files accept any write; this class is how tests prove vmpower never asks the
   kernel for something it would refuse.
+* ``build_from_fixture(root, fixture)`` writes the tree of a real host from a fixture
+  distilled from a recording (``tests/data/cpufreq/*.json``), so tests and the demo run
+  on real hosts' shapes: hybrid cores, per-policy ``boost``, policies spanning several
+  CPUs, a boost range above the ACPI ``_PSS`` table.
+
+What the kernel knows but sysfs does not show (the turbo ceiling while ``no_turbo=1``,
+the non-turbo maximum, the firmware's EPP default, whether the firmware disabled
+turbo) is written once under ``<root>/.kernel/``, which vmpower never reads; only
+``KernelSysfs`` uses it, as the kernel would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmpower.cpuset import format_cpu_list, parse_cpu_list
 from vmpower.errors import CpuListError, SysfsError
 from vmpower.sysfs import Sysfs
 
-DRIVERS = ("acpi-cpufreq", "intel_pstate", "amd-pstate-epp", "amd-pstate", "cppc_cpufreq")
+DRIVERS = (
+    "acpi-cpufreq",
+    "intel_pstate",
+    "intel_cpufreq",
+    "amd-pstate-epp",
+    "amd-pstate",
+    "cppc_cpufreq",
+)
 
 CPU_DIR = "devices/system/cpu"
 UNSUPPORTED = "<unsupported>"  # what scaling_setspeed reads unless the governor is userspace
 
-_GENERIC_GOVERNORS = "conservative ondemand userspace powersave performance schedutil"
+# cpufreq.c show_scaling_available_governors() prints each name followed by a space; the
+# drivers with their own algorithms print exactly "performance powersave".
+_GENERIC_GOVERNORS = "conservative ondemand userspace powersave performance schedutil "
 # intel_pstate (active) and amd-pstate-epp offer only their own two algorithms.
 _SETPOLICY_GOVERNORS = "performance powersave"
 _EPP_CHOICES = "default performance balance_performance balance_power power"
+# what energy_performance_available_preferences shows: each name followed by a space
+_EPP_SHOWN = _EPP_CHOICES + " "
+# amd-pstate-epp lists only this under the performance governor (amd-pstate.c,
+# show_energy_performance_available_preferences)
+_EPP_PERFORMANCE_ONLY = "performance"
+# intel_pstate.c / amd-pstate.c energy_perf_strings[]: the names either driver accepts
+_EPP_NAMES = frozenset(_EPP_CHOICES.split())
+KERNEL_DIR = ".kernel"  # kernel-internal facts of a simulated tree (see the docstring)
 _U64_MAX = "18446744073709551615"
 
 
@@ -62,6 +90,8 @@ def build_tree(
     *,
     governor: str | None = None,
     priority_cpus: frozenset[int] | Iterable[int] = frozenset(),
+    no_turbo: bool = False,
+    vendor: str = "intel",
 ) -> None:
     """Write a simulated sysfs for ``driver`` with ``cpus`` CPUs under ``root``.
 
@@ -71,12 +101,28 @@ def build_tree(
     ``priority_cpus``: CPUs that can run faster than the others (Intel SST-BF: higher
     ``base_frequency``; AMD preferred cores: higher ``amd_pstate_prefcore_ranking``;
     CPPC: higher ``highest_perf``).
+    ``no_turbo``: intel_pstate / intel_cpufreq booted with ``no_turbo=1`` on a CPU that
+    has turbo (``turbo=True``): since the 2024 ``store_no_turbo()`` rework the kernel
+    shows ``cpuinfo_max_freq`` = the non-turbo maximum until turbo is allowed again.
+    ``vendor``: "amd" gives acpi-cpufreq the shape of an EPYC host: a short ``_PSS``
+    table and, with ``turbo``, ``cpuinfo_max_freq`` above its top entry (the kernel's
+    ``get_max_boost_ratio``) instead of Intel's one turbo entry 1 MHz above the rest.
     """
     root_path = Path(root)
     offline_set = frozenset(offline)
     priority = frozenset(priority_cpus)
     _check_args(root_path, driver, cpus, offline_set, priority)
-    policies = [_policy(driver, cpu, turbo, governor, priority) for cpu in range(cpus)]
+    if no_turbo and (driver not in ("intel_pstate", "intel_cpufreq") or not turbo):
+        raise ValueError("no_turbo needs intel_pstate or intel_cpufreq with turbo")
+    if vendor not in ("intel", "amd") or (vendor == "amd" and driver != "acpi-cpufreq"):
+        raise ValueError(f"vendor {vendor!r}: 'intel', or 'amd' with acpi-cpufreq")
+    policies = [_policy(driver, cpu, turbo, governor, priority, vendor) for cpu in range(cpus)]
+    if driver == "acpi-cpufreq" and cpus % 2 == 0:
+        # _PSD HW_ALL domains of SMT siblings (CPU n and n + cpus/2), as on the recorded
+        # hosts: freqdomain_cpus lists them, each CPU keeps its own policy.
+        half = cpus // 2
+        for cpu, policy in enumerate(policies):
+            policy.files["freqdomain_cpus"] = " ".join(map(str, sorted({cpu, (cpu + half) % cpus})))
     governors = policies[0].files["scaling_available_governors"].split()
     if policies[0].files["scaling_governor"] not in governors:
         raise ValueError(f"{driver} has no governor {governor!r} (it has: {' '.join(governors)})")
@@ -103,7 +149,45 @@ def build_tree(
             for name, value in policy.cppc.items():
                 _put(base / "acpi_cppc" / name, value)
         _link_policy(root_path, cpu, cpu not in offline_set)
+        _kernel_facts(root_path, driver, cpu, policy, turbo)
     _global_files(root_path, driver, turbo, priority)
+    _put_kernel(root_path, "turbo_disabled", "0" if turbo else "1")
+    if no_turbo:
+        _boot_no_turbo(root_path, range(cpus))
+
+
+def _kernel_facts(root: Path, driver: str, cpu: int, policy: _Policy, turbo: bool) -> None:
+    """The hidden per-policy facts of a synthetic tree (see KERNEL_DIR)."""
+    files = policy.files
+    top = int(files["cpuinfo_max_freq"])
+    if driver in ("intel_pstate", "intel_cpufreq"):
+        nonturbo = 3_300_000 if files.get("base_frequency") == "3300000" else 3_000_000
+        _put_kernel(root, f"policy{cpu}/nonturbo_max_freq", str(nonturbo))
+        _put_kernel(root, f"policy{cpu}/turbo_max_freq", str(top))
+    elif driver.startswith("amd-pstate"):
+        _put_kernel(root, f"policy{cpu}/nonturbo_max_freq", "3300000")
+        _put_kernel(root, f"policy{cpu}/turbo_max_freq", files["amd_pstate_max_freq"])
+    if "energy_performance_preference" in files:
+        _put_kernel(root, f"policy{cpu}/epp_default", "balance_performance")
+
+
+def _boot_no_turbo(root: Path, policies: Iterable[int]) -> None:
+    """As if booted with no_turbo=1: cpuinfo_max_freq and the limits at the non-turbo max."""
+    cpu_dir = root / CPU_DIR
+    _put(cpu_dir / "intel_pstate" / "no_turbo", "1")
+    for num in policies:
+        pol = cpu_dir / "cpufreq" / f"policy{num}"
+        nonturbo = int(_get(root / KERNEL_DIR / f"policy{num}" / "nonturbo_max_freq"))
+        _put(pol / "cpuinfo_max_freq", str(nonturbo))
+        for name in ("scaling_max_freq", "scaling_min_freq", "scaling_cur_freq"):
+            if (pol / name).exists() and int(_get(pol / name)) > nonturbo:
+                _put(pol / name, str(nonturbo))
+
+
+def _put_kernel(root: Path, name: str, value: str) -> None:
+    path = root / KERNEL_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _put(path, value)
 
 
 def set_cpu_online(root: str | os.PathLike[str], cpu: int, online: bool) -> None:
@@ -154,25 +238,40 @@ def _check_args(
 
 
 def _policy(
-    driver: str, cpu: int, turbo: bool, governor: str | None, priority: frozenset[int]
+    driver: str,
+    cpu: int,
+    turbo: bool,
+    governor: str | None,
+    priority: frozenset[int],
+    vendor: str = "intel",
 ) -> _Policy:
-    common = {"affected_cpus": str(cpu), "related_cpus": str(cpu)}
+    # cpuinfo_avg_freq: kernels >= 6.13 where APERF/MPERF are usable (every recorded host
+    # but one has it)
+    common = {"affected_cpus": str(cpu), "related_cpus": str(cpu), "cpuinfo_avg_freq": "0"}
     if driver == "acpi-cpufreq":
-        # _PSS convention: the whole turbo range is one entry 1 MHz above the highest
-        # non-turbo P-state (intel_pstate.rst, "intel_pstate vs acpi-cpufreq").
-        table = list(range(2_300_000, 1_100_000, -100_000))
-        if turbo:
-            table.insert(0, table[0] + 1000)
+        if vendor == "amd":
+            # An EPYC 7543 (tests/data/cpufreq/milan0.json): three _PSS entries, and the
+            # boost range above P0 shows only in cpuinfo_max_freq (get_max_boost_ratio).
+            table = [2_800_000, 2_100_000, 1_500_000]
+            top = 3_739_225 if turbo else table[0]
+        else:
+            # _PSS convention: the whole turbo range is one entry 1 MHz above the highest
+            # non-turbo P-state (intel_pstate.rst, "intel_pstate vs acpi-cpufreq").
+            table = list(range(2_300_000, 1_100_000, -100_000))
+            if turbo:
+                table.insert(0, table[0] + 1000)
+            top = table[0]
         gov = governor or "schedutil"
-        cur = 1_600_000
+        cur = table[-1] if vendor == "amd" else 1_600_000
         files = {
             **common,
             "cpuinfo_min_freq": str(table[-1]),
-            "cpuinfo_max_freq": str(table[0]),
+            "cpuinfo_max_freq": str(top),
             "cpuinfo_cur_freq": str(cur),
             "cpuinfo_transition_latency": "10000",
             "bios_limit": str(table[0]),
             "freqdomain_cpus": str(cpu),
+            "scaling_boost_frequencies": "",
             "scaling_driver": driver,
             "scaling_available_governors": _GENERIC_GOVERNORS,
             "scaling_governor": gov,
@@ -182,6 +281,29 @@ def _policy(
             "scaling_setspeed": str(cur) if gov == "userspace" else UNSUPPORTED,
             # the kernel prints each entry followed by a space (show_available_freqs)
             "scaling_available_frequencies": " ".join(str(f) for f in table) + " ",
+        }
+        if turbo:
+            files["boost"] = "1"  # per-policy boost (cpufreq.c, show_local_boost)
+        if vendor == "amd":
+            files["cpb"] = "1"  # acpi-cpufreq's legacy AMD boost attribute
+        return _Policy(files, None)
+    if driver == "intel_cpufreq":
+        # intel_pstate in passive mode without HWP (tests/data/cpufreq/bdwep0.json): no
+        # base_frequency and no EPP; generic governors; the P-state grid is 100 MHz.
+        max_khz = 4_700_000 if turbo else 3_000_000
+        gov = governor or "schedutil"
+        files = {
+            **common,
+            "cpuinfo_min_freq": "800000",
+            "cpuinfo_max_freq": str(max_khz),
+            "cpuinfo_transition_latency": "20000",
+            "scaling_driver": driver,
+            "scaling_available_governors": _GENERIC_GOVERNORS,
+            "scaling_governor": gov,
+            "scaling_min_freq": "800000",
+            "scaling_max_freq": str(max_khz),
+            "scaling_cur_freq": "800000",
+            "scaling_setspeed": "800000" if gov == "userspace" else UNSUPPORTED,
         }
         return _Policy(files, None)
     if driver == "intel_pstate":
@@ -201,7 +323,7 @@ def _policy(
             "scaling_max_freq": str(max_khz),
             "scaling_cur_freq": "1200000",
             "scaling_setspeed": UNSUPPORTED,
-            "energy_performance_available_preferences": _EPP_CHOICES,
+            "energy_performance_available_preferences": _EPP_SHOWN,
             # HWP + performance forces EPP 0 (intel_pstate.rst, "HWP + performance")
             "energy_performance_preference": (
                 "performance" if gov == "performance" else "balance_performance"
@@ -238,7 +360,9 @@ def _policy(
         if turbo:
             files["boost"] = "1"
         if epp:
-            files["energy_performance_available_preferences"] = _EPP_CHOICES
+            files["energy_performance_available_preferences"] = (
+                _EPP_PERFORMANCE_ONLY if gov == "performance" else _EPP_SHOWN
+            )
             files["energy_performance_preference"] = (
                 "performance" if gov == "performance" else "balance_performance"
             )
@@ -306,18 +430,19 @@ def _cppc(
 
 def _global_files(root: Path, driver: str, turbo: bool, priority: frozenset[int]) -> None:
     cpu_dir = root / CPU_DIR
-    if driver == "intel_pstate":
+    if driver in ("intel_pstate", "intel_cpufreq"):
         glob = cpu_dir / "intel_pstate"
         glob.mkdir(exist_ok=True)
         top = 47 if turbo else 30
-        _put(glob / "status", "active")
+        _put(glob / "status", "active" if driver == "intel_pstate" else "passive")
         # no_turbo reads 1 when the processor has no turbo range at all
         _put(glob / "no_turbo", "0" if turbo else "1")
         _put(glob / "max_perf_pct", "100")
         _put(glob / "min_perf_pct", str(round(8 * 100 / top)))
         _put(glob / "num_pstates", str(top - 8 + 1))
-        _put(glob / "turbo_pct", str(round((top - 30) * 100 / (top - 8 + 1))))
-        _put(glob / "hwp_dynamic_boost", "0")
+        _put(glob / "turbo_pct", str(turbo_pct(8, 30, top)))
+        if driver == "intel_pstate":  # HWP only
+            _put(glob / "hwp_dynamic_boost", "0")
     elif driver.startswith("amd-pstate"):
         glob = cpu_dir / "amd_pstate"
         glob.mkdir(exist_ok=True)
@@ -326,6 +451,15 @@ def _global_files(root: Path, driver: str, turbo: bool, priority: frozenset[int]
     if turbo and driver in ("acpi-cpufreq", "amd-pstate", "amd-pstate-epp", "cppc_cpufreq"):
         # the cpufreq core's global switch, present when the driver can boost
         _put(cpu_dir / "cpufreq" / "boost", "1")
+
+
+def turbo_pct(min_pstate: int, max_pstate: int, turbo_pstate: int) -> int:
+    """``intel_pstate/turbo_pct`` as intel_pstate.c's show_turbo_pct() computes it, in
+    its 8-bit fixed point (FRAC_BITS 8): 100 - the non-turbo share of all P-states."""
+    total = turbo_pstate - min_pstate + 1
+    no_turbo = max_pstate - min_pstate + 1
+    turbo_fp = (no_turbo << 8) // total
+    return 100 - ((turbo_fp * (100 << 8)) >> 8 >> 8)
 
 
 def _link_policy(root: Path, cpu: int, present: bool) -> None:
@@ -407,6 +541,12 @@ class KernelSysfs(Sysfs):
         if rel == f"{CPU_DIR}/cpufreq/boost":
             self._need_bool(rel, text)
             super().write(rel, text)
+            # cpufreq.c, cpufreq_boost_trigger_state(): every policy follows the switch
+            for num in self._policies():
+                pol = f"{CPU_DIR}/cpufreq/policy{num}"
+                if self.exists(f"{pol}/boost"):
+                    self._raw(f"{pol}/boost", text)
+                    self._boost_changed(pol)
             return
         if rel == f"{CPU_DIR}/intel_pstate/no_turbo":
             self._write_no_turbo(rel, text)
@@ -446,6 +586,8 @@ class KernelSysfs(Sysfs):
                 self._raw(f"{pol}/scaling_setspeed", self.read(f"{pol}/scaling_cur_freq"))
             else:
                 self._raw(f"{pol}/scaling_setspeed", UNSUPPORTED)
+            if self.read(f"{pol}/scaling_driver") == "amd-pstate-epp":
+                self._amd_epp_governor(pol, text)
             return
         if name == "scaling_setspeed":
             if self.read(f"{pol}/scaling_governor") != "userspace":
@@ -460,21 +602,16 @@ class KernelSysfs(Sysfs):
             self._write_limit(rel, pol, name, text)
             return
         if name == "energy_performance_preference":
-            choices = self.read(f"{pol}/energy_performance_available_preferences").split()
-            if text not in choices and not (text.isdigit() and int(text) <= 255):
-                self._refuse(rel, text, f"EINVAL: not one of {' '.join(choices)} or 0-255")
-            # intel_pstate.rst (HWP + performance) and amd-pstate: only EPP 0 is
-            # accepted under the performance governor, anything else is -EBUSY.
-            if self.read(f"{pol}/scaling_governor") == "performance" and text not in (
-                "performance",
-                "0",
-            ):
-                self._refuse(rel, text, "device busy (EBUSY): governor is performance")
-            super().write(rel, text)
+            self._write_epp(rel, pol, text)
             return
         if name == "boost":
             self._need_bool(rel, text)
+            # cpufreq.c, store_local_boost(): -EINVAL while the global switch is off
+            glob = f"{CPU_DIR}/cpufreq/boost"
+            if self.exists(glob) and self.read(glob) == "0":
+                self._refuse(rel, text, "EINVAL: the global cpufreq/boost is 0")
             super().write(rel, text)
+            self._boost_changed(pol)
             return
         super().write(rel, text)
 
@@ -503,21 +640,105 @@ class KernelSysfs(Sysfs):
 
     def _write_no_turbo(self, rel: str, text: str) -> None:
         self._need_bool(rel, text)
-        policies = self.path(f"{CPU_DIR}/cpufreq")
-        names = sorted(os.listdir(policies)) if os.path.isdir(policies) else []
-        bases = [self.read_int(f"{CPU_DIR}/cpufreq/{n}/base_frequency") for n in names]
-        tops = [self.read_int(f"{CPU_DIR}/cpufreq/{n}/cpuinfo_max_freq") for n in names]
-        if text == "0" and all(t <= b for t, b in zip(tops, bases, strict=True)):
-            self._refuse(rel, text, "operation not permitted (EPERM): no turbo range")
+        # intel_pstate.c, store_no_turbo(): allowing turbo is -EPERM only when the
+        # firmware disabled it (MSR_IA32_MISC_ENABLE), whatever cpuinfo_max_freq shows.
+        if text == "0" and self._kernel("turbo_disabled") == "1":
+            self._refuse(rel, text, "operation not permitted (EPERM): turbo disabled by firmware")
         super().write(rel, text)
-        if text == "1":
-            # intel_pstate.rst: setting no_turbo brings scaling_max/min_freq down to
-            # the maximum non-turbo frequency when they were above it.
-            for name, base in zip(names, bases, strict=True):
-                for limit in ("scaling_max_freq", "scaling_min_freq", "scaling_cur_freq"):
-                    rel_limit = f"{CPU_DIR}/cpufreq/{name}/{limit}"
-                    if self.read_int(rel_limit) > base:
-                        self._raw(rel_limit, str(base))
+        # Since the 2024 rework (intel_pstate_update_max_freq) every policy's
+        # cpuinfo_max_freq is the turbo maximum or, with no_turbo=1, the non-turbo
+        # maximum, and the limits in force are clamped to it again.
+        for num in self._policies():
+            pol = f"{CPU_DIR}/cpufreq/policy{num}"
+            top = self._kernel(f"policy{num}/turbo_max_freq")
+            nonturbo = self._kernel(f"policy{num}/nonturbo_max_freq")
+            if top is None or nonturbo is None:
+                continue
+            self._set_cpuinfo_max(pol, int(nonturbo if text == "1" else top))
+
+    def _set_cpuinfo_max(self, pol: str, top: int, follow: bool = False) -> None:
+        """cpuinfo_max_freq changed: the limits in force follow (refresh_frequency_limits).
+
+        The kernel keeps the user's scaling_max_freq request and clamps it to the new
+        cpuinfo_max_freq; this simulation keeps no request, so a limit that stood at the
+        old maximum (the default request, or one above it) follows to the new one, and a
+        lower one stays (``follow``: the limit goes to the new maximum whatever it was).
+        """
+        old_top = self.read_int(f"{pol}/cpuinfo_max_freq")
+        self._raw(f"{pol}/cpuinfo_max_freq", str(top))
+        hi = self.read_int(f"{pol}/scaling_max_freq")
+        hi = top if follow or hi >= old_top else min(hi, top)
+        lo = min(self.read_int(f"{pol}/scaling_min_freq"), hi)
+        self._raw(f"{pol}/scaling_max_freq", str(hi))
+        self._raw(f"{pol}/scaling_min_freq", str(lo))
+        cur = self.read_int(f"{pol}/scaling_cur_freq")
+        self._raw(f"{pol}/scaling_cur_freq", str(min(max(cur, lo), hi)))
+
+    def _boost_changed(self, pol: str) -> None:
+        """amd-pstate: boost off brings cpuinfo_max_freq to nominal (amd_pstate_set_boost)."""
+        if not self.read(f"{pol}/scaling_driver").startswith("amd-pstate"):
+            return
+        num = pol.rsplit("policy", 1)[1]
+        top = self._kernel(f"policy{num}/turbo_max_freq")
+        nominal = self._kernel(f"policy{num}/nonturbo_max_freq")
+        if top is None or nominal is None:
+            return
+        on = self.read(f"{pol}/boost") == "1"
+        # amd_pstate_cpu_boost_update(): policy->max = the new cpuinfo.max_freq, so a
+        # limit written before does not survive a boost change
+        self._set_cpuinfo_max(pol, int(top if on else nominal), follow=True)
+
+    def _write_epp(self, rel: str, pol: str, text: str) -> None:
+        driver = self.read(f"{pol}/scaling_driver")
+        performance = self.read(f"{pol}/scaling_governor") == "performance"
+        if driver.startswith("amd-pstate"):
+            # amd-pstate.c store_energy_performance_preference(): match_string() on
+            # its names, so raw numbers and unknown names are -EINVAL; under the
+            # performance policy only "performance" is accepted (-EBUSY otherwise).
+            if text not in _EPP_NAMES:
+                self._refuse(rel, text, f"EINVAL: not one of {_EPP_CHOICES}")
+        else:
+            # intel_pstate.c: a listed name or a raw EPP value 0-255
+            if text not in _EPP_NAMES and not (text.isdigit() and int(text) <= 255):
+                self._refuse(rel, text, f"EINVAL: not one of {_EPP_CHOICES} or 0-255")
+        # intel_pstate.rst (HWP + performance) and amd-pstate: only EPP 0 is accepted
+        # under the performance governor, anything else is -EBUSY.
+        if performance and text not in ("performance", "0"):
+            self._refuse(rel, text, "device busy (EBUSY): governor is performance")
+        if text == "default":
+            # Both drivers write the firmware's default EPP; reading back shows its name
+            # (or, on intel_pstate, the raw value when it matches no name): never
+            # "default".
+            text = self._kernel(f"{pol.rsplit('/', 1)[1]}/epp_default") or "balance_performance"
+        elif text == "0":
+            text = "performance"
+        super().write(rel, text)
+
+    def _amd_epp_governor(self, pol: str, governor: str) -> None:
+        """amd-pstate-epp: the performance policy forces EPP 0 and lists only it; leaving
+        it brings back every name and the firmware's default."""
+        choices = f"{pol}/energy_performance_available_preferences"
+        epp = f"{pol}/energy_performance_preference"
+        if governor == "performance":
+            self._raw(choices, _EPP_PERFORMANCE_ONLY)
+            self._raw(epp, "performance")
+        else:
+            self._raw(choices, _EPP_SHOWN)
+            default = self._kernel(f"{pol.rsplit('/', 1)[1]}/epp_default")
+            self._raw(epp, default or "balance_performance")
+
+    def _policies(self) -> list[int]:
+        policies = self.path(f"{CPU_DIR}/cpufreq")
+        names = os.listdir(policies) if os.path.isdir(policies) else []
+        return sorted(int(n[6:]) for n in names if re.fullmatch(r"policy\d+", n))
+
+    def _kernel(self, name: str) -> str | None:
+        """A kernel-internal fact of the simulated tree (None: not known)."""
+        try:
+            with open(os.path.join(self.root, KERNEL_DIR, name)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
 
     def _no_turbo(self, pol: str) -> bool:
         flag = f"{CPU_DIR}/intel_pstate/no_turbo"
@@ -547,18 +768,215 @@ class KernelSysfs(Sysfs):
             raise SysfsError(path, f"write {text!r}: {exc.strerror or exc}") from exc
 
 
+# -- trees of real hosts ------------------------------------------------------------
+
+_MEASURED_FROM = "scaling_min_freq"  # what a measured file (null in a fixture) shows
+
+
+def load_fixture(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A host fixture (tests/data/cpufreq/*.json), checked for the keys the builder uses."""
+    try:
+        fixture = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable fixture: {exc}") from None
+    for key in ("host", "provenance", "driver", "present", "global", "groups"):
+        if key not in fixture:
+            raise ValueError(f"{path}: fixture lacks {key!r}")
+    return fixture
+
+
+def build_from_fixture(
+    root: str | os.PathLike[str],
+    fixture: Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    max_cpus: int | None = None,
+    no_turbo: bool = False,
+) -> dict[str, Any]:
+    """Write the sysfs of a recorded host under ``root``; returns the fixture.
+
+    Every policy of the fixture gets its recorded files (measured ones show
+    ``scaling_min_freq``), ``cpuN/cpufreq`` links to the policy that lists it in
+    ``related_cpus``, ``cpuN/acpi_cppc/`` where recorded, and the global files.
+    ``max_cpus``: keep only CPUs below it (policies whose first CPU is kept).
+    ``no_turbo``: an intel_pstate host booted with ``no_turbo=1`` (see build_tree).
+    """
+    if not isinstance(fixture, Mapping):
+        fixture = load_fixture(fixture)
+    _check_fixture(fixture)
+    root_path = Path(root)
+    present = sorted(parse_cpu_list(fixture["present"]))
+    if max_cpus is not None:
+        present = [c for c in present if c < max_cpus]
+    if not present:
+        raise ValueError(f"{fixture['host']}: no CPU left below {max_cpus}")
+    _check_args(root_path, "acpi-cpufreq", max(present) + 1, frozenset(), frozenset())
+    if no_turbo and fixture["driver"] not in ("intel_pstate", "intel_cpufreq"):
+        raise ValueError(f"{fixture['host']}: no_turbo is an intel_pstate setting")
+    kept = set(present)
+    cpu_dir = root_path / CPU_DIR
+    cpu_dir.mkdir(parents=True, exist_ok=True)
+    listed = format_cpu_list(present)
+    for name, value in (("present", listed), ("possible", listed), ("online", listed)):
+        _put(cpu_dir / name, value)
+    _put(cpu_dir / "offline", "")
+    _put(cpu_dir / "kernel_max", "8191")
+    for cpu in present:
+        (cpu_dir / f"cpu{cpu}").mkdir(exist_ok=True)
+        if cpu != 0:
+            _put(cpu_dir / f"cpu{cpu}" / "online", "1")
+    facts_all = fixture.get("kernel_facts", {})
+    policies: list[int] = []
+    for group in fixture["groups"]:
+        files: dict[str, str | None] = group["files"]
+        per_policy: dict[str, dict[str, str]] = group.get("per_policy", {})
+        for num in sorted(parse_cpu_list(group["policies"])):
+            if num not in kept:
+                continue
+            policies.append(num)
+            pol = cpu_dir / "cpufreq" / f"policy{num}"
+            pol.mkdir(parents=True, exist_ok=True)
+            for name, value in files.items():
+                _put(pol / name, files[_MEASURED_FROM] if value is None else value)  # type: ignore[arg-type]
+            for name, values in per_policy.items():
+                _put(pol / name, values.get(str(num), str(num)))
+            span = [
+                int(c) for c in per_policy.get("related_cpus", {}).get(str(num), str(num)).split()
+            ]
+            for cpu in span:
+                if cpu not in kept:
+                    continue
+                link = cpu_dir / f"cpu{cpu}" / "cpufreq"
+                if not link.is_symlink():
+                    link.symlink_to(f"../cpufreq/policy{num}")
+                if group.get("acpi_cppc"):
+                    (cpu_dir / f"cpu{cpu}" / "acpi_cppc").mkdir(exist_ok=True)
+                    for name, value in group["acpi_cppc"].items():
+                        _put(cpu_dir / f"cpu{cpu}" / "acpi_cppc" / name, value)
+            _fixture_facts(root_path, num, files, group.get("acpi_cppc"), facts_all)
+    for rel, value in fixture["global"].items():
+        path = cpu_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _put(path, value)
+    _put_kernel(root_path, "turbo_disabled", "0")
+    if no_turbo:
+        _boot_no_turbo(root_path, policies)
+    return dict(fixture)
+
+
+_FIXTURE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_FIXTURE_GLOBAL = re.compile(
+    r"^(?:cpufreq/boost|(?:intel_pstate|amd_pstate)/[a-z][a-z0-9_]{0,63})$"
+)
+_FIXTURE_PER_POLICY = frozenset({"affected_cpus", "related_cpus", "freqdomain_cpus"})
+_FIXTURE_VALUE_MAX = 4096
+
+
+def _check_fixture(fixture: Mapping[str, Any]) -> None:
+    """A fixture names only files of a cpufreq tree (no path of its choosing: every name
+    is one plain component, every global file one of the drivers' directories), with
+    one-line values and CPU lists of numbers; else ValueError naming what is wrong."""
+    host = fixture.get("host", "?")
+
+    def bad(where: str, why: str) -> ValueError:
+        return ValueError(f"fixture {host}: {where}: {why}")
+
+    def value(where: str, text: object, nullable: bool = False) -> None:
+        if text is None and nullable:
+            return
+        if not isinstance(text, str) or len(text) > _FIXTURE_VALUE_MAX or "\n" in text:
+            raise bad(where, "not a one-line string")
+        if "\0" in text:
+            raise bad(where, "contains NUL")
+
+    if not isinstance(fixture.get("global"), Mapping) or not isinstance(
+        fixture.get("groups"), list
+    ):
+        raise bad("global/groups", "wrong type")
+    for rel, text in fixture["global"].items():
+        if not isinstance(rel, str) or not _FIXTURE_GLOBAL.match(rel):
+            raise bad(f"global {rel!r}", "not a cpufreq, intel_pstate or amd_pstate file")
+        value(f"global {rel}", text)
+    for n, group in enumerate(fixture["groups"]):
+        if not isinstance(group, Mapping) or not isinstance(group.get("files"), Mapping):
+            raise bad(f"group {n}", "needs a files mapping")
+        try:
+            parse_cpu_list(str(group.get("policies", "")))
+        except CpuListError as exc:
+            raise bad(f"group {n} policies", str(exc)) from None
+        files = group["files"]
+        for name, text in files.items():
+            if not isinstance(name, str) or not _FIXTURE_NAME.match(name):
+                raise bad(f"group {n} file {name!r}", "not a plain attribute name")
+            value(f"group {n} {name}", text, nullable=True)
+        if any(v is None for v in files.values()) and not isinstance(
+            files.get(_MEASURED_FROM), str
+        ):
+            raise bad(f"group {n}", f"measured files need {_MEASURED_FROM}")
+        for name, text in (group.get("acpi_cppc") or {}).items():
+            if not isinstance(name, str) or not _FIXTURE_NAME.match(name):
+                raise bad(f"group {n} acpi_cppc {name!r}", "not a plain attribute name")
+            value(f"group {n} acpi_cppc {name}", text)
+        for name, values in (group.get("per_policy") or {}).items():
+            if name not in _FIXTURE_PER_POLICY or not isinstance(values, Mapping):
+                raise bad(f"group {n} per_policy {name!r}", "not a CPU list attribute")
+            for num, text in values.items():
+                value(f"group {n} {name}[{num}]", text)
+                if not str(num).isdigit() or not all(w.isdigit() for w in text.split()):
+                    raise bad(f"group {n} {name}[{num}]", "not a list of CPU numbers")
+
+
+def _fixture_facts(
+    root: Path,
+    num: int,
+    files: Mapping[str, str | None],
+    cppc: Mapping[str, str] | None,
+    facts: Mapping[str, Any],
+) -> None:
+    """The hidden facts of one recorded policy: from the recording, or the fixture's
+    ``kernel_facts`` where the recording cannot show them."""
+    top = int(files["cpuinfo_max_freq"])  # type: ignore[arg-type]
+    nonturbo = facts.get("nonturbo_max_freq")
+    if nonturbo is None and files.get("base_frequency"):
+        nonturbo = int(files["base_frequency"])  # type: ignore[arg-type]
+    if nonturbo is None and files.get("scaling_available_frequencies"):
+        nonturbo = max(int(f) for f in files["scaling_available_frequencies"].split())  # type: ignore[union-attr]
+    if nonturbo is None and cppc and cppc.get("nominal_freq", "0") != "0":
+        nonturbo = int(cppc["nominal_freq"]) * 1000
+    _put_kernel(root, f"policy{num}/turbo_max_freq", str(top))
+    _put_kernel(root, f"policy{num}/nonturbo_max_freq", str(nonturbo or top))
+    if "energy_performance_preference" in files:
+        default = facts.get("epp_default") or files["energy_performance_preference"]
+        _put_kernel(root, f"policy{num}/epp_default", str(default))
+
+
 # -- command line ---------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
-    """``vmpower simulate-sysfs DIR --driver D --cpus N [--turbo] [--offline LIST]``."""
+    """``vmpower simulate-sysfs DIR --driver D --cpus N [--turbo] [--offline LIST]`` or
+    ``vmpower simulate-sysfs DIR --fixture FILE [--cpus N]``."""
     parser = argparse.ArgumentParser(
         prog="vmpower simulate-sysfs",
         description="Write a simulated cpufreq sysfs tree (DIR plays /sys) for tests and demos.",
     )
     parser.add_argument("dir", type=Path, metavar="DIR", help="root of the tree (plays /sys)")
-    parser.add_argument("--driver", required=True, choices=DRIVERS, help="scaling driver")
-    parser.add_argument("--cpus", required=True, type=int, help="number of CPUs (1-8192)")
+    parser.add_argument("--driver", choices=DRIVERS, help="scaling driver")
+    parser.add_argument("--cpus", type=int, help="number of CPUs (1-8192)")
+    parser.add_argument(
+        "--fixture",
+        type=Path,
+        metavar="FILE",
+        help="build a recorded host's tree (tests/data/cpufreq/*.json) instead of"
+        " --driver/--cpus; --cpus then keeps only the CPUs below it",
+    )
+    parser.add_argument(
+        "--no-turbo-at-boot",
+        action="store_true",
+        help="intel_pstate/intel_cpufreq booted with no_turbo=1 (needs turbo)",
+    )
+    parser.add_argument(
+        "--vendor", choices=("intel", "amd"), default="intel", help="acpi-cpufreq's shape"
+    )
     parser.add_argument("--turbo", action="store_true", help="CPUs have a turbo range, on")
     parser.add_argument(
         "--offline", default="", metavar="LIST", help='offline CPUs, e.g. "2,5-6" (never 0)'
@@ -582,9 +1000,24 @@ def main(argv: list[str]) -> int:
         parser.error(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not args.force:
         parser.error(f"{target} is not empty (use --force to write into it)")
+    if args.fixture is None and (args.driver is None or args.cpus is None):
+        parser.error("give --driver and --cpus, or --fixture")
+    if args.fixture is not None and (args.driver or args.turbo or offline or priority):
+        parser.error("--fixture takes the driver and CPUs from the recording")
     try:
-        if args.force and (target / CPU_DIR).exists():
-            shutil.rmtree(target / CPU_DIR)
+        if args.force:
+            for sub in (CPU_DIR, KERNEL_DIR):
+                if (target / sub).exists():
+                    shutil.rmtree(target / sub)
+        if args.fixture is not None:
+            fixture = build_from_fixture(
+                target, args.fixture, max_cpus=args.cpus, no_turbo=args.no_turbo_at_boot
+            )
+            print(
+                f"simulated {fixture['host']} ({fixture['driver']}, {fixture['cpu_model']})"
+                f" in {target}"
+            )
+            return 0
         build_tree(
             target,
             args.driver,
@@ -593,6 +1026,8 @@ def main(argv: list[str]) -> int:
             offline,
             governor=args.governor,
             priority_cpus=priority,
+            no_turbo=args.no_turbo_at_boot,
+            vendor=args.vendor,
         )
     except ValueError as exc:
         parser.error(str(exc))
