@@ -370,23 +370,45 @@ def test_sysfs_error_from_a_kernel_writer_is_isolated(sim_sysfs, tmp_path):
         KernelSysfs(root).write(f"{CPU}/cpu1/cpufreq/scaling_min_freq", "not-a-number")
 
 
-def test_msr_originals_round_trip_and_files_only_journals_stay_version_1(tmp_path):
-    """MSR entries need version 2; a journal without any is still written as version 1,
-    so an older vmpowerd reads it (and one with MSRs is kept aside by it, never misread)."""
+def test_msr_originals_round_trip_in_the_append_only_journal(tmp_path):
+    """Version 3 (append-only) holds files and MSRs; the file is whole JSON after each
+    record, so an older vmpowerd finds an unknown version and keeps it aside, never
+    misreads it."""
     state = tmp_path / "state"
     journal = RestoreJournal(state)
     journal.remember("/sys/a", "1")
-    assert json.loads((state / JOURNAL_NAME).read_text())["version"] == 1
+    assert json.loads((state / JOURNAL_NAME).read_text())["version"] == 3
     msr = tmp_path / "msr"
     msr.write_bytes(bytes(16))
     journal.remember_msr(str(msr), 8, b"\x01\x02\x03\x04\x05\x06\x07\x08")
     data = json.loads((state / JOURNAL_NAME).read_text())
-    assert data["version"] == 2
+    assert data["version"] == 3
     assert data["entries"][1] == {"path": str(msr), "offset": 8, "bytes": "0102030405060708"}
     again = RestoreJournal(state, writer=lambda path, value: None)
     assert again.pending() == {"/sys/a": "1", f"{msr}@0x8": "0102030405060708"}
     report = again.restore()
     assert report.ok and msr.read_bytes() == bytes(8) + bytes(range(1, 9))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_journals_of_the_rewrite_whole_versions_are_still_recovered(tmp_path, version):
+    paths = make_files(tmp_path, {"f": "changed"})
+    msr = tmp_path / "msr"
+    msr.write_bytes(bytes(16))
+    entries: list[dict[str, object]] = [{"path": str(paths["f"]), "original": "orig"}]
+    if version == 2:
+        entries.append({"path": str(msr), "offset": 8, "bytes": "0102030405060708"})
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    old = {"format": "vmpower-restore-journal", "version": version, "entries": entries}
+    (state / JOURNAL_NAME).write_text(json.dumps(old, indent=1) + "\n")
+    (state / JOURNAL_NAME).chmod(0o600)
+    report = RestoreJournal(state).recover()
+    assert report.ok and len(report.restored) == len(entries)
+    assert paths["f"].read_text() == "orig\n"
+    if version == 2:
+        assert msr.read_bytes() == bytes(8) + bytes(range(1, 9))
+    assert not (state / JOURNAL_NAME).exists()
 
 
 def test_paths_outside_the_roots_are_not_journaled_so_not_written(tmp_path):

@@ -2,9 +2,27 @@
 
 ``RestoreJournal(state_dir)`` implements ``vmpower.sysfs.WriteJournal``: before the
 first write of a file, ``Sysfs`` hands it the file's original content, and the journal
-makes it durable (a JSON file in ``state_dir`` replaced atomically: temp file, fsync,
-rename, fsync of the directory) *before* ``remember`` returns, so a crash at any later
-point still knows every original.
+makes it durable *before* ``remember`` returns, so a crash at any later point still
+knows every original.
+
+The file is append-only (version 3): one JSON document whose ``entries`` list ends the
+file, followed by a fixed trailer. A new original is one ``pwrite`` of the record plus
+the trailer over the old trailer, then one ``fdatasync``: O(1) per file, whatever the
+journal holds (the whole file was rewritten before, issue #16), and the file is valid
+JSON after every completed write. A restore appends ``{"restored": path}`` records
+without a sync (losing one only means writing the same original again after a crash).
+The file is compacted (rewritten atomically: temp file, fsync, rename, fsync of the
+directory) when ``recover`` or a full ``restore`` runs (start and exit), and when dead
+records outnumber the live ones. Versions 1 and 2 (the whole file rewritten each time)
+are still read.
+
+A monitor turn's first writes share one sync: ``begin_turn(prefixes)`` names the
+directories of the CPUs the turn is about to write (their ``cpufreq/`` directories);
+when a file in one of them must be remembered, the journal also reads and records the
+same file name in every other of those directories, in the same append and the same
+``fdatasync``, and later turns record, ahead, the names it has learnt so. The cost is
+that a file the turn then does not write is journaled anyway: it gets its own original
+back at restore.
 
 ``restore(select)`` puts originals back: all of them (shutdown), or those ``select``
 accepts (one CPU's files when its VM stops). Each file is independent: a failure is
@@ -47,19 +65,24 @@ from pathlib import Path
 
 from vmpower import trust
 from vmpower.errors import RestoreError
-from vmpower.sysfs import open_attribute
+from vmpower.sysfs import READ_MAX_BYTES, open_attribute
 
 log = logging.getLogger("vmpower.restore")
 
 JOURNAL_NAME = "restore-journal.json"
 FORMAT = "vmpower-restore-journal"
-# Version 2 adds MSR entries ({path, offset, bytes}). A journal without any is still
-# written as version 1, which every vmpowerd reads; an older vmpowerd finding a version 2
-# journal treats it as corrupt and keeps it aside, and never writes an MSR's bytes as
-# text into a device.
-VERSION = 2
-FILES_ONLY_VERSION = 1
-READ_VERSIONS = (1, 2)
+# Version 1: files only; 2 adds MSR entries ({path, offset, bytes}); both were rewritten
+# whole for each new entry. Version 3 is the append-only layout (records appended before a
+# fixed trailer, "restored" records). Older vmpowerd versions find version 3 unknown: they
+# keep the journal aside as corrupt, never misread it.
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+_HEADER = f'{{"format": "{FORMAT}", "version": {VERSION}, "entries": [\n'
+_TRAILER = b"]}\n"
+# Compact when the restored (dead) records outnumber the live ones and are at least this
+# many: an append-only file stays O(live entries) in size, and a compaction (a rewrite)
+# comes once per that many restores at the most.
+COMPACT_MIN_DEAD = 512
 MSR_BYTES_MAX = 8  # one MSR (arch/x86/kernel/msr.c reads and writes 8 bytes)
 # _save's temp file; one whose writer is dead is a crash between write and rename.
 _TEMP_NAME = re.compile(re.escape(f".{JOURNAL_NAME}.") + r"(\d+)\.tmp")
@@ -169,6 +192,17 @@ class RestoreJournal:
         self._originals: dict[Key, str | bytes] = {}
         self._corrupt: RestoreError | None = None
         self._refused: list[str] = []
+        # The file open for appends (-1: none, or not in the appendable layout: the next
+        # record compacts first), where its trailer starts, how many records it holds,
+        # how many of them are dead (restored entries and their "restored" records).
+        self._fd = -1
+        self._end = 0
+        self._rows = 0
+        self._dead = 0
+        # This turn's directories (begin_turn) and the file names learnt in them.
+        self._turn: frozenset[str] = frozenset()
+        self._names: dict[str, None] = {}
+        self._ahead: dict[str, tuple[str, ...]] = {}  # directory → its learnt paths
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -181,6 +215,35 @@ class RestoreJournal:
 
     def knows(self, path: str) -> bool:
         return path in self._originals
+
+    def pending_count(self) -> int:
+        """How many entries wait to be restored (``len(pending())`` without building it)."""
+        return len(self._originals)
+
+    def begin_turn(self, directories: Iterable[str]) -> None:
+        """The turn is about to write files in ``directories`` (each ending in "/").
+
+        Originals of the file names learnt in such directories before are recorded now,
+        for every directory that lacks them, in one append and one sync; a file name met
+        for the first time during the turn is recorded for all of them at once
+        (``_record``). So the first writes of many CPUs in one turn share one sync.
+        """
+        self._turn = turn = frozenset(directories)
+        if not self._names or not turn:
+            return
+        originals = self._originals
+        missing = [
+            path
+            for directory in sorted(turn)
+            for path in self._ahead_paths(directory)
+            if path not in originals
+        ]
+        if missing:
+            with self._lock:
+                self._record_batch(self._read_originals(missing))
+
+    def end_turn(self) -> None:
+        self._turn = frozenset()
 
     def remember(self, path: str, original: str) -> None:
         """Record ``original`` for ``path`` unless already recorded; durable on return."""
@@ -208,13 +271,57 @@ class RestoreJournal:
         with self._lock:
             if key in self._originals:
                 return
+            batch = [(key, original)]
+            if isinstance(key, str) and self._turn:
+                batch += self._companions(key)
+            self._record_batch(batch)
+
+    def _record_batch(self, batch: list[tuple[Key, str | bytes]]) -> None:
+        """Record new entries in one append and one sync (under the lock)."""
+        if not batch:
+            return
+        for key, original in batch:
             self._originals[key] = original
-            try:
-                self._save()
-            except RestoreError:
-                # not durable, so not recorded: the caller must not write the file
+        try:
+            self._append([_row(key, original) for key, original in batch], sync=True)
+        except RestoreError:
+            # not durable, so not recorded: the caller must not write the file
+            for key, _ in batch:
                 del self._originals[key]
-                raise
+            raise
+
+    def _companions(self, path: str) -> list[tuple[Key, str | bytes]]:
+        """The same file name in this turn's other directories, with their originals."""
+        directory, _, name = path.rpartition("/")
+        directory += "/"
+        if directory not in self._turn:
+            return []
+        if name not in self._names:
+            self._names[name] = None
+            self._ahead.clear()
+        others = [
+            d + name
+            for d in sorted(self._turn)
+            if d != directory and d + name not in self._originals
+        ]
+        return self._read_originals(others)
+
+    def _ahead_paths(self, directory: str) -> tuple[str, ...]:
+        paths = self._ahead.get(directory)
+        if paths is None:
+            paths = self._ahead[directory] = tuple(directory + name for name in self._names)
+        return paths
+
+    def _read_originals(self, paths: list[str]) -> list[tuple[Key, str | bytes]]:
+        """``(path, original)`` for those of ``paths`` that can be read and journaled."""
+        found: list[tuple[Key, str | bytes]] = []
+        for path in paths:
+            if path in self._originals or not _under(path, self._file_roots):
+                continue
+            original = read_attribute(path)
+            if original is not None:
+                found.append((path, original))
+        return found
 
     # -- restoring -----------------------------------------------------------------------
 
@@ -258,6 +365,8 @@ class RestoreJournal:
                 if select is None or select(key if isinstance(key, str) else key[0])
             ]
             if not chosen:
+                if select is None and (self._dead or self._fd >= 0):
+                    self._compact_logged()  # only "restored" records left: the file goes
                 return report
             done: list[Key] = []
             retry: list[tuple[Key, str | bytes]] = []
@@ -285,12 +394,30 @@ class RestoreJournal:
                 del self._originals[key]
                 report.restored.append(_label(key))
             try:
-                self._save()
+                self._forget(done, everything=select is None)
             except RestoreError as exc:
                 # The files are back; a stale journal only means they would be written
                 # with the same originals again after a crash, which is harmless.
                 log.error("%s", exc)
         return report
+
+    def _compact_logged(self) -> None:
+        try:
+            self._compact()
+        except RestoreError as exc:
+            log.error("%s", exc)
+
+    def _forget(self, done: list[Key], *, everything: bool) -> None:
+        """Drop restored entries from the file: a compaction after a full restore (start,
+        exit) or once dead records pile up, else "restored" records appended unsynced."""
+        if not done:
+            return
+        dead = self._dead + 2 * len(done)  # each entry and its "restored" record
+        if everything or dead > max(COMPACT_MIN_DEAD, len(self._originals)):
+            self._compact()
+        else:
+            self._append([_restored_row(key) for key in done], sync=False)
+            self._dead = dead
 
     def _put_back(self, key: Key, original: str | bytes) -> str | None:
         """None when the entry holds ``original`` again, else the reason it does not."""
@@ -379,7 +506,7 @@ class RestoreJournal:
         if text is None:
             return
         try:
-            entries = _parse(text)
+            entries, torn = _parse(text)
         except ValueError as exc:
             kept = self._keep_aside()
             self._corrupt = RestoreError(
@@ -388,6 +515,10 @@ class RestoreJournal:
             )
             log.error("%s", self._corrupt)
             return
+        if torn:
+            # A crash (of the host) inside an append: that record's file was never
+            # written, since the write waits for the record's sync.
+            log.warning("restore journal %s: ignored a torn last record: %r", self.path, torn)
         refused: list[tuple[Key, str | bytes]] = []
         for key, original in entries:
             if isinstance(key, str):
@@ -409,7 +540,7 @@ class RestoreJournal:
         )
         try:
             _write_durably(kept, _render(refused), os.O_EXCL)
-            self._save()  # the live journal no longer names them
+            self._compact()  # the live journal no longer names them
         except (OSError, RestoreError) as exc:
             raise RestoreError(
                 f"restore journal {self.path} names {len(refused)} paths outside the allowed"
@@ -439,20 +570,86 @@ class RestoreJournal:
             ) from exc
         return kept
 
-    def _save(self) -> None:
-        """Make the journal file match memory: replaced atomically, or removed when empty."""
+    def _append(self, rows: list[dict[str, object]], *, sync: bool) -> None:
+        """Append ``rows`` (already in memory) to the file; ``sync``: durable on return.
+
+        One ``pwrite`` of the records and the trailer over the old trailer, so the file
+        is whole JSON after it. A file not yet in the appendable layout (none yet, an
+        older version, or unlinked behind our back) is compacted instead, from memory,
+        which holds the new entries already.
+        """
+        fd = self._fd
+        try:
+            if fd < 0 or os.fstat(fd).st_nlink == 0:
+                self._compact()
+                return
+            parts = []
+            for row in rows:
+                parts.append(("," if self._rows else "") + json.dumps(row) + "\n")
+                self._rows += 1
+            data = "".join(parts).encode()
+            written = os.pwrite(fd, data + _TRAILER, self._end)
+            if written != len(data) + len(_TRAILER):
+                raise OSError(errno.EIO, "short write")
+            self._end += len(data)
+            if sync:
+                os.fdatasync(fd)
+        except OSError as exc:
+            self._close_file()  # the next record compacts from memory
+            raise RestoreError(f"cannot write restore journal {self.path}: {exc}") from exc
+
+    def _compact(self) -> None:
+        """Make the file hold exactly memory's entries: replaced atomically (temp file,
+        fsync, rename, fsync of the directory), or removed when there are none."""
+        self._close_file()
         try:
             if not self._originals:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
                     _fsync_dir(self.state_dir)
                 return
+            data = _render(self._originals.items()).encode()
             tmp = self.path.with_name(f".{JOURNAL_NAME}.{os.getpid()}.tmp")
-            _write_durably(tmp, _render(self._originals.items()), os.O_TRUNC)
-            os.replace(tmp, self.path)
-            _fsync_dir(self.state_dir)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+                os.replace(tmp, self.path)
+                _fsync_dir(self.state_dir)
+            except BaseException:
+                os.close(fd)
+                raise
         except OSError as exc:
             raise RestoreError(f"cannot write restore journal {self.path}: {exc}") from exc
+        self._fd = fd  # the renamed file: later records are appended to it
+        self._end = len(data) - len(_TRAILER)
+        self._rows = len(self._originals)
+        self._dead = 0
+
+    def _close_file(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        """Close the file kept open for appends (reopened by the next record)."""
+        with self._lock:
+            self._close_file()
+
+
+def read_attribute(path: str) -> str | None:
+    """An attribute's content as ``Sysfs.read`` gives it (stripped); None if unreadable."""
+    try:
+        fd = open_attribute(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, READ_MAX_BYTES)
+        finally:
+            os.close(fd)
+        return data.decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -465,21 +662,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _row(key: Key, original: str | bytes) -> dict[str, object]:
+    if isinstance(key, str):
+        return {"path": key, "original": original}
+    assert isinstance(original, bytes)
+    return {"path": key[0], "offset": key[1], "bytes": original.hex()}
+
+
+def _restored_row(key: Key) -> dict[str, object]:
+    if isinstance(key, str):
+        return {"restored": key}
+    return {"restored": key[0], "msr_offset": key[1]}
+
+
 def _render(entries: Iterable[tuple[Key, str | bytes]]) -> str:
-    rows: list[dict[str, object]] = []
-    for key, original in entries:
-        if isinstance(key, str):
-            rows.append({"path": key, "original": original})
-        else:
-            assert isinstance(original, bytes)
-            rows.append({"path": key[0], "offset": key[1], "bytes": original.hex()})
-    has_msrs = any("offset" in row for row in rows)
-    data = {
-        "format": FORMAT,
-        "version": VERSION if has_msrs else FILES_ONLY_VERSION,
-        "entries": rows,
-    }
-    return json.dumps(data, indent=1) + "\n"
+    """A version 3 file holding ``entries``: the header, one record a line, the trailer."""
+    lines = [
+        ("," if i else "") + json.dumps(_row(key, original)) + "\n"
+        for i, (key, original) in enumerate(entries)
+    ]
+    return _HEADER + "".join(lines) + _TRAILER.decode()
 
 
 def _write_durably(path: Path, text: str, extra_flags: int) -> None:
@@ -493,32 +695,76 @@ def _write_durably(path: Path, text: str, extra_flags: int) -> None:
         os.close(fd)
 
 
-def _parse(text: str) -> list[tuple[Key, str | bytes]]:
+def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str]:
+    """The live entries of a journal's text, in order of first recording, and the torn
+    last record a crash inside an append left ("" when none)."""
+    torn = ""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        if not text.startswith(_HEADER):
+            raise ValueError(f"not JSON: {exc}") from None
+        rows, torn = _parse_lines(text[len(_HEADER) :], exc)
+        data = {"format": FORMAT, "version": VERSION, "entries": rows}
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
-    if data.get("version") not in READ_VERSIONS:
-        raise ValueError(f"unknown version {data.get('version')!r} (expected {VERSION})")
+    version = data.get("version")
+    if version not in READ_VERSIONS:
+        raise ValueError(f"unknown version {version!r} (expected {VERSION})")
     entries = data.get("entries")
     if not isinstance(entries, list):
         raise ValueError('"entries" is not a list')
-    result: list[tuple[Key, str | bytes]] = []
+    live: dict[Key, str | bytes] = {}
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        if not isinstance(entry, dict):
+            raise ValueError(f"entry {i} has no path")
+        if version == VERSION and "restored" in entry:
+            live.pop(_restored_key(entry, i), None)
+            continue
+        if not isinstance(entry.get("path"), str):
             raise ValueError(f"entry {i} has no path")
         path = entry["path"]
         if not os.path.isabs(path):
             raise ValueError(f"entry {i}: the path is not absolute")
+        key: Key
         if "offset" in entry:
-            result.append(((path, _msr_offset(entry, i)), _msr_bytes(entry, i)))
+            key, original = (path, _msr_offset(entry, i)), _msr_bytes(entry, i)
         elif isinstance(entry.get("original"), str):
-            result.append((path, entry["original"]))
+            key, original = path, entry["original"]
         else:
             raise ValueError(f"entry {i} is not {{path: absolute path, original: string}}")
-    return result
+        live.setdefault(key, original)  # the first original wins
+    return list(live.items()), torn
+
+
+def _parse_lines(body: str, error: json.JSONDecodeError) -> tuple[list[object], str]:
+    """A version 3 file that is not whole JSON: records one a line; only the last line
+    may be torn (a host crash inside an append), anything else is corruption."""
+    lines = body.split("\n")
+    rows: list[object] = []
+    for n, line in enumerate(lines):
+        record = line[1:] if line.startswith(",") else line
+        if not record or record == "]}":
+            continue
+        try:
+            rows.append(json.loads(record))
+        except json.JSONDecodeError:
+            if any(rest.strip() not in ("", "]}") for rest in lines[n + 1 :]):
+                raise ValueError(f"not JSON: {error}") from None
+            return rows, line
+    return rows, ""
+
+
+def _restored_key(entry: dict[str, object], i: int) -> Key:
+    path = entry["restored"]
+    if not isinstance(path, str):
+        raise ValueError(f"entry {i}: a restored record names no path")
+    if "msr_offset" in entry:
+        offset = entry["msr_offset"]
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise ValueError(f"entry {i}: an MSR offset must be a non-negative integer")
+        return (path, offset)
+    return path
 
 
 def _msr_offset(entry: dict[str, object], i: int) -> int:

@@ -25,24 +25,89 @@ _PORT_NAME = re.compile(r"virtio\.serial\.port\.poweragent\.(\d+)")
 _SOCKET_NAME = re.compile(r"(.+)\.(\d+)")
 
 
-def scan_channels_dir(channels_dir: Path) -> dict[str, dict[int, str]]:
-    """Sockets ``<vm>.<n>`` in the channels directory, as {vm: {n: path}}."""
-    found: dict[str, dict[int, str]] = {}
-    try:
-        entries = list(os.scandir(channels_dir))
-    except OSError:
-        return found  # no directory yet: no channel there
-    for entry in entries:
-        match = _SOCKET_NAME.fullmatch(entry.name)
-        if match is None:
-            continue  # e.g. the host FIFOs fifo<N>: not VM channels
-        try:
-            if not stat.S_ISSOCK(os.stat(entry.path).st_mode):
+# DPDK's vm_power_manager serves channels 0..63 of a VM (channel_manager.h:
+# CHANNEL_CMDS_MAX_VM_CHANNELS; add_all_channels skips "<vm>.<n>" with a larger n).
+MAX_DIR_CHANNELS = 64
+# More look-ups than this in one ChannelsDir: one listing of the directory is cheaper than
+# probing each VM's candidates (64 stat calls each).
+_PROBED_VMS_MAX = 8
+
+
+class ChannelsDir:
+    """The sockets ``<vm>.<n>`` of the channels directory, looked up per VM on demand.
+
+    ``get(vm, default)`` gives ``{n: path}``. A few VMs (``add_vm``, one VM re-read) are
+    served by stat calls on their own candidates ``<vm>.0`` … ``<vm>.63`` only: the
+    directory is not read, whatever its size (issue #16: reading and stat-ing 4000 VMs'
+    sockets for one ``add_vm`` took 68 ms). Past a few VMs (reading every domain at
+    start), the directory is listed once instead, its file types taken from the listing.
+    Either way a socket's owner and type are checked again before each connect (trust).
+    """
+
+    def __init__(self, channels_dir: Path) -> None:
+        self.channels_dir = channels_dir
+        self.stat_calls = 0  # what the look-ups cost (tests count them)
+        self.listings = 0
+        self._probed: dict[str, dict[int, str]] = {}
+        self._listed: dict[str, dict[int, str]] | None = None
+
+    def get(self, vm: str, default: dict[int, str] | None = None) -> dict[int, str]:
+        if self._listed is None and len(self._probed) >= _PROBED_VMS_MAX:
+            self._listed = self._list()
+        if self._listed is not None:
+            found = self._listed.get(vm)
+        else:
+            found = self._probed.get(vm)
+            if found is None:
+                found = self._probed[vm] = self._probe(vm)
+        if found:
+            return found
+        return {} if default is None else default
+
+    def _probe(self, vm: str) -> dict[int, str]:
+        found: dict[int, str] = {}
+        if "/" in vm or vm in (".", ".."):
+            return found  # not a name in this directory
+        base = os.path.join(self.channels_dir, vm)
+        for index in range(MAX_DIR_CHANNELS):
+            path = f"{base}.{index}"
+            self.stat_calls += 1
+            try:
+                if stat.S_ISSOCK(os.stat(path).st_mode):
+                    found[index] = path
+            except OSError:
                 continue
+        return found
+
+    def _list(self) -> dict[str, dict[int, str]]:
+        self.listings += 1
+        found: dict[str, dict[int, str]] = {}
+        try:
+            entries = list(os.scandir(self.channels_dir))
         except OSError:
-            continue
-        found.setdefault(match.group(1), {})[int(match.group(2))] = entry.path
-    return found
+            return found  # no directory yet: no channel there
+        for entry in entries:
+            match = _SOCKET_NAME.fullmatch(entry.name)
+            if match is None:
+                continue  # e.g. the host FIFOs fifo<N>: not VM channels
+            index = int(match.group(2))
+            if index >= MAX_DIR_CHANNELS:
+                continue
+            # The listing's file type (d_type): no stat call per entry. Regular files and
+            # directories are out; anything else is a candidate whose type the connect
+            # checks (trust.socket_problem) before anything is sent to it.
+            try:
+                if entry.is_dir() or entry.is_file():
+                    continue
+            except OSError:
+                continue
+            found.setdefault(match.group(1), {})[index] = entry.path
+        return found
+
+
+def scan_channels_dir(channels_dir: Path) -> ChannelsDir:
+    """The channels directory's sockets, looked up per VM on demand (``ChannelsDir``)."""
+    return ChannelsDir(channels_dir)
 
 
 def parse_devices(
