@@ -7,13 +7,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vmpower-installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps test run bench lint clean help
+.PHONY: all deps test run bench lint clean help guest-pyz
 
 help:
 	@echo "make run    - demo: vmpowerd on libvirt's test driver + simulated cpufreq, with guest traffic"
 	@echo "make test   - install what is missing, then run the whole test suite"
 	@echo "make bench  - benchmarks; JSON results under bench/results/"
 	@echo "make lint   - ruff"
+	@echo "make guest-pyz - build/vmpower-guest.pyz: the guest tool for any python3 >= 3.9"
 
 deps: $(STAMP)
 
@@ -32,6 +33,11 @@ test: deps
 run: deps
 	$(PY) -m vmpower.demo
 
+# The guest tool as one standard-library-only zipapp (no install, no libvirt): copy it
+# into a guest and run `python3 vmpower-guest.pyz --help`. Needs only python3.
+guest-pyz:
+	$(PYTHON) scripts/build_guest_pyz.py build/vmpower-guest.pyz
+
 bench: deps
 	$(PY) -m bench
 
@@ -40,4 +46,4 @@ lint: deps
 	$(VENV)/bin/ruff format --check vmpower tests bench
 
 clean:
-	rm -rf $(VENV) bench/results bench/build .pytest_cache .ruff_cache
+	rm -rf $(VENV) bench/results bench/build build .pytest_cache .ruff_cache

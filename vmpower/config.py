@@ -2,12 +2,17 @@
 
 Every key has a type and a default; unknown sections or keys, wrong types, bad CPU
 lists and out-of-range numbers raise ``ConfigError`` naming the file, the key
-(``section.key``) and the reason.
+(``section.key``) and the reason. Every problem of a file is reported, not only the
+first: several raise ``ConfigProblems`` (a ``ConfigError``), one line each.
+Choices (``log.level``) are accepted in any case.
+
+``default_config_path()``: where vmpowerd and vmpower look without ``--config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +22,36 @@ from vmpower.cpuset import format_cpu_list, parse_cpu_list
 from vmpower.errors import ConfigError, CpuListError
 
 CpuSet = frozenset[int]
+
+DEFAULT_CONFIG_PATH = Path("/etc/vmpower/vmpowerd.toml")
+CONFIG_ENV = "VMPOWER_CONFIG"  # another default path (tests, a second instance)
+
+
+def default_config_path() -> Path:
+    """The file read without ``--config``: $VMPOWER_CONFIG, else DEFAULT_CONFIG_PATH."""
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+class ConfigProblems(ConfigError):
+    """Every problem found in one configuration, each a ``ConfigError`` (one line each)."""
+
+    def __init__(self, problems: list[ConfigError], partial: Config | None = None) -> None:
+        first = problems[0]
+        super().__init__(first.file, first.key, first.reason)
+        self.problems = list(problems)
+        # The configuration without the bad keys (their defaults instead): what the
+        # start-up checks still look at, so that one run reports every problem.
+        self.partial = partial
+        self.args = ("\n".join(str(p) for p in self.problems),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def config_problems(exc: ConfigError) -> list[ConfigError]:
+    """The one or several problems an exception from this module stands for."""
+    return exc.problems if isinstance(exc, ConfigProblems) else [exc]
 
 
 def _cpus(default: str = "", doc: str = "") -> Any:
@@ -140,17 +175,30 @@ def config_from_dict(
 ) -> Config:
     """Build a Config from parsed TOML; relative paths resolve against ``base``."""
     sections: dict[str, Any] = {}
+    problems: list[ConfigError] = []
     section_types = get_type_hints(Config)
     for name, value in data.items():
         if name not in section_types:
-            raise ConfigError(file, name, f"unknown section (known: {', '.join(section_types)})")
-        if not isinstance(value, dict):
-            raise ConfigError(file, name, "must be a table ([section])")
-        sections[name] = _build_section(section_types[name], name, value, file, base)
+            known = ", ".join(section_types)
+            problems.append(ConfigError(file, name, f"unknown section (known: {known})"))
+        elif not isinstance(value, dict):
+            problems.append(ConfigError(file, name, "must be a table ([section])"))
+        else:
+            sections[name] = _build_section(section_types[name], name, value, file, base, problems)
+    if problems:
+        raise ConfigProblems(problems, Config(**sections))
     return Config(**sections)
 
 
-def _build_section(cls: type, section: str, values: dict[str, Any], file: str, base: Path | None):
+def _build_section(
+    cls: type,
+    section: str,
+    values: dict[str, Any],
+    file: str,
+    base: Path | None,
+    problems: list[ConfigError],
+) -> Any:
+    """The section's dataclass; each bad key is added to ``problems`` (and left out)."""
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -158,8 +206,14 @@ def _build_section(cls: type, section: str, values: dict[str, Any], file: str, b
         dotted = f"{section}.{key}"
         if key not in fields:
             known = ", ".join(fields)
-            raise ConfigError(file, dotted, f"unknown key (known in [{section}]: {known})")
-        kwargs[key] = _convert(hints[key], fields[key].metadata, raw, dotted, file, base)
+            problems.append(
+                ConfigError(file, dotted, f"unknown key (known in [{section}]: {known})")
+            )
+            continue
+        try:
+            kwargs[key] = _convert(hints[key], fields[key].metadata, raw, dotted, file, base)
+        except ConfigError as exc:
+            problems.append(exc)
     return cls(**kwargs)
 
 
@@ -191,6 +245,8 @@ def _convert(hint: Any, meta: Any, raw: Any, dotted: str, file: str, base: Path 
         if not isinstance(raw, str):
             raise ConfigError(file, dotted, f"must be a string, got {raw!r}")
         value = raw
+        if "choices" in meta:
+            value = raw.lower()  # "INFO", "Debug": levels in any case
     elif hint is Path:
         if not isinstance(raw, str) or not raw:
             raise ConfigError(file, dotted, f"must be a non-empty path string, got {raw!r}")

@@ -1,7 +1,9 @@
 """`make run`: vmpowerd on its embedded default, with guest traffic, shown step by step.
 
-The embedded default is libvirt's built-in test driver with ``config/demo-node.xml``
-and a simulated acpi-cpufreq tree (8 CPUs, turbo) in a temporary state directory.
+The embedded default is libvirt's built-in test driver with ``demo-node.xml`` and
+``demo.toml`` (package data, ``vmpower/data``: the demo runs from an installed wheel
+too; ``config/`` in the source tree is a link to that directory) and a simulated
+acpi-cpufreq tree (8 CPUs, turbo) in a temporary state directory.
 No QEMU runs, so the demo plays QEMU's part: it binds the VMs' channel sockets
 before the agent starts, then a scripted guest sends requests (some of them refused
 on purpose) and the demo prints each request, its reply, and the CPU frequencies
@@ -18,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from vmpower import control, protocol
@@ -27,18 +30,21 @@ from vmpower.devtools import ChannelHost, PtyChannelHost, make_request, wait_for
 from vmpower.protocol import Command, CoreType, ReplyCode, Unit
 from vmpower.sysfs import Sysfs
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "config"
 CPUS = 8
+
+
+def data_text(name: str) -> str:
+    """A file shipped in the package's data (vmpower/data), by name."""
+    return resources.files("vmpower").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def render(demo_dir: Path) -> Path:
     """Copy the demo config and node file into ``demo_dir``; returns the config path."""
-    node = (CONFIG_DIR / "demo-node.xml").read_text()
+    node = data_text("demo-node.xml")
     (demo_dir / "demo-node.xml").write_text(
         node.replace("/tmp/powermonitor/", f"{demo_dir}/channels/")
     )
-    text = (CONFIG_DIR / "demo.toml").read_text().replace("@DEMO_DIR@", str(demo_dir))
+    text = data_text("demo.toml").replace("@DEMO_DIR@", str(demo_dir))
     path = demo_dir / "vmpowerd.toml"
     path.write_text(text)
     return path
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         sysfs_root = demo_dir / "sysfs"
         build_tree(sysfs_root, "acpi-cpufreq", CPUS, turbo=True)
         print(f"vmpower demo in {demo_dir}")
-        print("  libvirt: test:/// driver with config/demo-node.xml (vm1, vm2, batch)")
+        print("  libvirt: test:/// driver with demo-node.xml (vm1, vm2, batch)")
         print(f"  cpufreq: simulated acpi-cpufreq, {CPUS} CPUs with turbo; CPUs 0-1 reserved")
         # QEMU's part: bind every channel socket before the agent starts.
         for name in ("vm1.0", "vm2.0", "batch.0"):

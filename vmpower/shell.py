@@ -7,10 +7,16 @@ arguments before anything is sent, rendering replies as tables that fit 80 colum
 fetched from the daemon), history across sessions, and the exit status of one-shot
 use: 0 done, 1 refused (by the daemon, or no daemon), 2 usage error.
 
-Every refusal is one line. The daemon is reached only through
-:func:`vmpower.control.request`; ``vmpower simulate-sysfs`` and the telemetry
-subcommands (``signals``, ``read``, ``write``, ``session``) are handed to their own
-modules.
+One grammar: every one-shot command is an argparse subcommand, so the global options
+(``--socket``, ``--config``, ``--json``) work before or after it. The telemetry
+subcommands (``signals``, ``read``, ``write``, ``session``) come from
+``vmpower.telemetry.cli``, ``restore`` from ``vmpower.offline``; ``completion bash|zsh``
+prints a completion script generated from this parser (shtab); ``simulate-sysfs`` (a
+testing command, out of the main help) is handed to ``vmpower.cpufreq.simulate``.
+
+Every refusal is one line; with ``--json`` it is one JSON object on stdout
+(``{"error": ..., "exit_status": ...}``). The daemon is reached only through
+:func:`vmpower.control.request`.
 """
 
 from __future__ import annotations
@@ -18,18 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
-from vmpower import control
-from vmpower.config import load_config
+from vmpower import __version__, control
+from vmpower.config import default_config_path, load_config
 from vmpower.cpuset import format_cpu_list, parse_cpu_list
 from vmpower.errors import ConfigError, ControlError, CpuListError, VmpowerError
 from vmpower.protocol import UNIT_BY_OP
+from vmpower.telemetry.cli import TELEMETRY_COMMANDS
 
 PROMPT = "vmpower> "
 DEFAULT_SOCKET = Path("/run/vmpower/control.sock")
@@ -38,7 +46,11 @@ HISTORY_ENV = "VMPOWER_HISTORY"
 HISTORY_NAME = ".vmpower_history"
 HISTORY_LENGTH = 1000
 TABLE_WIDTH = 80
-TELEMETRY_COMMANDS = ("signals", "read", "write", "session")
+TESTING_HELP = (
+    "testing commands (for developers, not operators):\n"
+    "  simulate-sysfs DIR --driver NAME --cpus N   build a simulated cpufreq tree"
+    " (--help)"
+)
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 # A client sends one command to the daemon: client("show_vm", vm="vm1") -> result.
@@ -57,51 +69,75 @@ class Spec:
     summary: str
     args: tuple[str, ...] = ()  # completion kind of each argument
     details: str = ""
+    params: tuple[str, ...] = ()  # positional names for the parser; "name?" is optional
 
 
 COMMANDS: dict[str, Spec] = {
     "status": Spec("status", "daemon status: libvirt, channels, counters"),
     "list_vms": Spec("list_vms", "VMs: state, vCPUs, host CPUs, channels"),
-    "show_vm": Spec("show_vm <vm>", "one VM: vCPU map, channels, query, policy", ("vm",)),
+    "show_vm": Spec(
+        "show_vm <vm>", "one VM: vCPU map, channels, query, policy", ("vm",), params=("vm",)
+    ),
     "show_cpus": Spec(
         "show_cpus [<cpu>|all]",
         "host CPUs: governor, kHz, turbo, VMs, restore",
         ("cpu_all",),
+        params=("cpu?",),
         details="CUR is the CPU's current frequency, WANT the highest any"
         " requester asked for,\nRESTORE TO what the agent puts back on exit"
         " (- when it changed nothing).",
     ),
     "show_cpu_freq": Spec(
-        "show_cpu_freq <cpu>|all", "frequencies of host CPUs (kHz)", ("cpu_all",)
+        "show_cpu_freq <cpu>|all",
+        "frequencies of host CPUs (kHz)",
+        ("cpu_all",),
+        params=("cpu",),
     ),
     "show_policies": Spec("show_policies", "installed policies"),
-    "add_vm": Spec("add_vm <vm>", "serve a VM: open its power channels", ("vm",)),
-    "rm_vm": Spec("rm_vm <vm>", "stop serving a VM: close channels, free CPUs", ("vm",)),
+    "add_vm": Spec("add_vm <vm>", "serve a VM: open its power channels", ("vm",), params=("vm",)),
+    "rm_vm": Spec(
+        "rm_vm <vm>",
+        "stop serving a VM: close channels, free CPUs",
+        ("vm",),
+        params=("vm",),
+    ),
     "add_channels": Spec(
-        "add_channels <vm> <list>|all", "open channels of a VM (e.g. 0-1)", ("vm", "channels")
+        "add_channels <vm> <list>|all",
+        "open channels of a VM (e.g. 0-1)",
+        ("vm", "channels"),
+        params=("vm", "channels"),
     ),
     "set_channel_status": Spec(
         "set_channel_status <vm> <list>|all enabled|disabled",
         "enable or disable channels",
         ("vm", "channels", "status"),
+        params=("vm", "channels", "status"),
         details="A disabled channel is still read; its requests are answered with NACK.",
     ),
     "set_pcpu": Spec(
         "set_pcpu <vm> <vcpu> <cpus>",
         "pin a vCPU to host CPUs (e.g. 2-3)",
         ("vm", "vcpu", "host_cpus"),
+        params=("vm", "vcpu", "cpus"),
     ),
     "set_query": Spec(
         "set_query <vm> enable|disable",
         "allow or refuse the VM's queries",
         ("vm", "enable"),
+        params=("vm", "action"),
     ),
     "set_cpu_freq": Spec(
-        f"set_cpu_freq <cpu> {'|'.join(UNIT_BY_OP)}",
+        f"set_cpu_freq <cpu>|all {'|'.join(UNIT_BY_OP)}|release",
         "operator's request for a host CPU",
         ("cpu", "op"),
+        params=("cpu", "op"),
     ),
-    "help": Spec("help [<command>]", "list the commands, or explain one", ("command",)),
+    "help": Spec(
+        "help [<command>]",
+        "list the commands, or explain one",
+        ("command",),
+        params=("topic?",),
+    ),
     "quit": Spec("quit", "leave the shell"),
 }
 
@@ -360,12 +396,19 @@ class Shell:
                 return EXIT_OK
             self._handlers[name](args, spec)
         except UsageError as exc:
-            print(f"{prefix}{exc}", file=self.err)
-            return EXIT_USAGE
+            return self.error(str(exc), EXIT_USAGE, prefix)
         except VmpowerError as exc:
-            print(f"{prefix}error: {exc}", file=self.err)
-            return EXIT_REFUSED
+            return self.error(f"error: {exc}", EXIT_REFUSED, prefix)
         return EXIT_OK
+
+    def error(self, message: str, status: int, prefix: str = "") -> int:
+        """One line on stderr; with --json one object on stdout. Returns ``status``."""
+        if self.json_output:
+            text = message.removeprefix("error: ")
+            print(json.dumps({"error": text, "exit_status": status}), file=self.out)
+        else:
+            print(f"{prefix}{message}", file=self.err)
+        return status
 
     def _call(self, cmd: str, **args: Any) -> Any:
         return self.client(cmd, **args)
@@ -489,6 +532,13 @@ class Shell:
 
     def cmd_set_cpu_freq(self, args: list[str], spec: Spec) -> None:
         self._arity(args, spec, 2)
+        if args[1] == "release":  # the operator's wish goes (issue #12, point 4)
+            cpu_arg = "all" if args[0] == "all" else _int_arg(args[0], "host CPU", spec.usage)
+            done = self._call("set_cpu_freq", cpu=cpu_arg, op="release")
+            self._print(
+                done, lambda: f"released host CPU {format_cpu_list(done['released']) or 'none'}"
+            )
+            return
         cpu = _int_arg(args[0], "host CPU", spec.usage)
         if args[1] not in UNIT_BY_OP:
             raise UsageError(
@@ -499,6 +549,9 @@ class Shell:
 
     def cmd_help(self, args: list[str], spec: Spec) -> None:
         self._arity(args, spec, 0, 1)
+        if args and args[0] == "testing":
+            print(TESTING_HELP, file=self.out)
+            return
         if args:
             entry = COMMANDS.get(args[0])
             if entry is None:
@@ -669,46 +722,140 @@ def interactive(shell: Shell, stdin: TextIO, socket_path: Path) -> int:
 # Entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class ArgumentError(VmpowerError):
+    """A command line argparse refused; ``usage`` is the command's one-line usage."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refusals as one line (an exception main() prints), not argparse's usage block."""
+
+    def __init__(self, *args: Any, one_line_usage: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.one_line_usage = one_line_usage
+
+    def error(self, message: str) -> NoReturn:
+        unknown = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
+        if unknown:
+            message = f"unknown command {unknown.group(1)!r} (vmpower --help lists the commands)"
+            raise ArgumentError(message, "")
+        usage = self.one_line_usage or self.format_usage().strip().removeprefix("usage: ")
+        raise ArgumentError(message, usage)
+
+
+def _main_help() -> str:
+    return (
+        "commands (vmpower COMMAND --help, or vmpower help COMMAND):\n"
+        + command_list("  ")
+        + "\n\ntelemetry (vmpower signals --help):\n"
+        "  signals                          list signals and controls, with your access\n"
+        "  read NAME DOMAIN INDEX           read one signal\n"
+        "  write NAME DOMAIN INDEX VALUE    set a control, held until interrupted\n"
+        "  session -t SECONDS -p SECONDS    sample the signals named on stdin\n"
+        "\nmaintenance:\n"
+        "  restore                          with vmpowerd stopped: put back every setting\n"
+        "                                   in its restore journal (after kill -9)\n"
+        "  completion bash|zsh              print a shell completion script\n"
+        "\nexit status: 0 done, 1 refused (or no daemon), 2 usage error."
+        "\ntesting commands: vmpower help testing"
+    )
+
+
+def build_parser(for_completion: bool = False) -> argparse.ArgumentParser:
+    """Every command is a subcommand; --socket, --config and --json go before or after.
+
+    ``for_completion``: the subcommands carry their summaries (shtab completes and
+    describes them from those); otherwise the epilog lists them, grouped.
+    """
+    from vmpower.telemetry import cli as telemetry_cli
+
+    parser = _Parser(
         prog="vmpower",
+        usage="%(prog)s [--socket PATH] [--config FILE] [--json] [COMMAND [ARG ...]]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The vmpower operator shell: talks to vmpowerd through its control"
-        " socket.\nWith a command, runs it and exits (0 done, 1 refused, 2 usage error);"
-        "\nwithout one, an interactive shell (Tab completes; history in"
-        f"\n~/{HISTORY_NAME}, or ${HISTORY_ENV}).",
-        epilog="commands:\n" + command_list("  ") + "\n\nother subcommands:\n"
-        "  simulate-sysfs DIR --driver NAME --cpus N   build a simulated cpufreq tree\n"
-        "  signals|read|write|session ...              telemetry (vmpower signals --help)",
+        " socket.\nWith a command, runs it and exits; without one, an interactive shell"
+        f"\n(Tab completes; history in ~/{HISTORY_NAME}, or ${HISTORY_ENV}).\nThe socket:"
+        f" --socket, else --config's control.socket, else ${SOCKET_ENV}, else\nthe"
+        f" default configuration's ({default_config_path()}, if it exists), else"
+        f"\n{DEFAULT_SOCKET}.",
+        epilog=_main_help(),
+        parents=[telemetry_cli.common_options(None)],
     )
-    parser.add_argument("words", nargs="*", metavar="command", help="one command and its arguments")
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        metavar="PATH",
-        help="vmpowerd's control socket (default: control.socket of --config,"
-        f" else ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
+    parser.add_argument("--version", action="version", version=f"vmpower {__version__}")
+    common = telemetry_cli.common_options(argparse.SUPPRESS)
+    # The epilog lists the commands, grouped (and simulate-sysfs out of it, testing
+    # only): argparse's own flat list is suppressed.
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        parser_class=_Parser,
+        help="the command" if for_completion else argparse.SUPPRESS,
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="vmpowerd's configuration file, to find its socket",
+
+    def listed(summary: str) -> dict[str, str]:
+        return {"help": summary} if for_completion else {}
+
+    for name, spec in COMMANDS.items():
+        if name == "quit":
+            continue
+        command = sub.add_parser(
+            name,
+            parents=[common],
+            **listed(spec.summary),
+            description=spec.summary + (f"\n{spec.details}" if spec.details else ""),
+            usage=f"vmpower [options] {spec.usage}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            one_line_usage=spec.usage,
+        )
+        for param in spec.params:
+            optional = param.endswith("?")
+            command.add_argument(param.rstrip("?"), nargs="?" if optional else None)
+    telemetry_cli.add_commands(sub, common)
+    restore = sub.add_parser(
+        "restore",
+        parents=[common],
+        **listed("with vmpowerd stopped: put back every setting in its journal"),
+        description="With vmpowerd stopped (after kill -9, or before uninstalling): put"
+        " back every setting\nits restore journal (state.dir) holds, and report each."
+        " Refused while vmpowerd runs.\nThe state directory comes from --config, else"
+        f" {default_config_path()} if it exists.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print machine-readable JSON (the daemon's own result)"
+    del restore  # no option of its own: --config names the daemon's configuration
+    completion = sub.add_parser(
+        "completion",
+        **listed("print a bash or zsh completion script"),
+        description="Print a completion script for vmpower, generated from its parser."
+        "\nbash: vmpower completion bash > /etc/bash_completion.d/vmpower"
+        "\nzsh:  vmpower completion zsh > /usr/local/share/zsh/site-functions/_vmpower",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    # A testing command, handed whole to its own parser: no option is parsed here.
+    simulate = sub.add_parser("simulate-sysfs", add_help=False)
+    simulate.prefix_chars = "\0"
+    simulate.add_argument("words", nargs="*")
     return parser
 
 
 def resolve_socket(args: argparse.Namespace) -> Path:
-    """--socket, else --config's control.socket, else $VMPOWER_SOCKET, else the default."""
+    """--socket, else --config's control.socket, else $VMPOWER_SOCKET, else the default
+    configuration file's (when it exists), else DEFAULT_SOCKET."""
     if args.socket is not None:
         return Path(args.socket)
     if args.config is not None:
         return load_config(args.config).control.socket
     env = os.environ.get(SOCKET_ENV)
-    return Path(env) if env else DEFAULT_SOCKET
+    if env:
+        return Path(env)
+    default = default_config_path()
+    if default.exists():
+        return load_config(default).control.socket
+    return DEFAULT_SOCKET
 
 
 def make_client(socket_path: Path) -> Client:
@@ -723,34 +870,53 @@ def make_client(socket_path: Path) -> Client:
     return client
 
 
-def _telemetry(args: list[str]) -> int:
-    try:
-        from vmpower.telemetry.cli import main as telemetry_main
-    except ImportError as exc:
-        print(f"vmpower: the telemetry commands are not available: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    return int(telemetry_main(args))
+def _wants_json(argv: list[str]) -> bool:
+    """--json anywhere before a ``--``: for refusals that come before parsing ends."""
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in words
 
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
-    if args_list and args_list[0] == "simulate-sysfs":
+    try:
+        args = build_parser().parse_args(args_list)
+    except ArgumentError as exc:
+        usage = f"; usage: {exc.usage}" if exc.usage else ""
+        shell = Shell(make_client(DEFAULT_SOCKET), sys.stdout, sys.stderr, _wants_json(args_list))
+        return shell.error(f"{exc}{usage}", EXIT_USAGE, "vmpower: ")
+    command = args.command
+    shell = Shell(make_client(DEFAULT_SOCKET), sys.stdout, sys.stderr, json_output=args.json)
+    if command == "simulate-sysfs":
         from vmpower.cpufreq.simulate import main as simulate_main
 
-        return simulate_main(args_list[1:])
-    if args_list and args_list[0] in TELEMETRY_COMMANDS:
-        return _telemetry(args_list)
-    parser = build_parser()
-    args = parser.parse_intermixed_args(args_list)
+        return simulate_main(args.words)
+    if command == "completion":
+        import shtab
+
+        print(shtab.complete(build_parser(for_completion=True), shell=args.shell), end="")
+        return EXIT_OK
+    if command == "restore":
+        from vmpower import offline
+
+        return offline.main(args.config, sys.stdout, sys.stderr, json_output=args.json)
     try:
         socket_path = resolve_socket(args)
     except ConfigError as exc:
-        print(f"vmpower: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    shell = Shell(make_client(socket_path), sys.stdout, sys.stderr, json_output=args.json)
-    if args.words:
-        return shell.run(args.words, prefix="vmpower: ")
-    return interactive(shell, sys.stdin, socket_path)
+        return shell.error(str(exc), EXIT_USAGE, "vmpower: ")
+    shell.client = make_client(socket_path)
+    if command in TELEMETRY_COMMANDS:
+        from vmpower.telemetry import cli as telemetry_cli
+
+        return telemetry_cli.run(args, socket_path, sys.stdin, sys.stdout, sys.stderr)
+    if command is None:
+        return interactive(shell, sys.stdin, socket_path)
+    spec = COMMANDS[command]
+    words = [command]
+    for param in spec.params:
+        value = getattr(args, param.rstrip("?"))
+        if value is not None:
+            words.append(value)
+    return shell.run(words, prefix="vmpower: ")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from vmpower import protocol
+from vmpower import __version__, protocol
 from vmpower.errors import VmpowerError
 from vmpower.guest import requests
 from vmpower.guest.channel import PortChannel
@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("command", nargs="*", help="one command and its arguments")
+    add("--version", action="version", version=f"vmpower-guest {__version__}")
     add(
         "--vm-name",
         default="",

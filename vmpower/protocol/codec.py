@@ -24,15 +24,23 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Self
+from typing import TYPE_CHECKING, Union
 
 from vmpower.errors import ProtocolError
 
+if TYPE_CHECKING:
+    from typing import Self
+
+# The guest tool (vmpower-guest.pyz) runs this module on any python3 >= 3.9: no
+# typing.Self, no ``X | Y`` type at run time and no dataclass slots before 3.10.
+SLOTS: dict[str, bool] = {"slots": True} if sys.version_info >= (3, 10) else {}
+
 # A byte buffer: what sockets and FIFOs hand us.
-Buffer = bytes | bytearray | memoryview
+Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007 (python 3.9, see SLOTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +196,7 @@ def _name_to_field(name: str | bytes) -> bytes:
             raw = name.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
             raise ProtocolError(f"vm_name: {name!r} is not encodable as UTF-8") from None
-    elif isinstance(name, bytes | bytearray):
+    elif isinstance(name, (bytes, bytearray)):  # tuple, not X | Y: python 3.9
         raw = bytes(name)
     else:
         raise ProtocolError(f"vm_name: must be str or bytes, not {type(name).__name__}")
@@ -207,7 +215,7 @@ def _check_lengths(obj: object, specs: Sequence[tuple[str, str, int]]) -> None:
     for name, _code, count in specs:
         if count:
             value = getattr(obj, name)
-            if not isinstance(value, tuple | list):
+            if not isinstance(value, (tuple, list)):  # tuple, not X | Y: python 3.9
                 raise ProtocolError(f"{name}: must be {count} values, not {type(value).__name__}")
             if len(value) != count:
                 raise ProtocolError(f"{name}: must be {count} values, got {len(value)}")
@@ -235,7 +243,7 @@ def _explain(obj: object, specs: Sequence[tuple[str, str, int]]) -> ProtocolErro
 # The 464-byte request / ACK / NACK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Packet:
     """Every field of the 464-byte request, as raw integers.
 
@@ -395,7 +403,7 @@ def encode_packet(p: Packet) -> bytes:
 # Replies to queries
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class FreqListReply:
     """The 88-byte answer to QUERY_FREQ_LIST / QUERY_FREQ (command FREQ_LIST, or NACK)."""
 
@@ -435,7 +443,7 @@ _FREQ_FIELDS: tuple[tuple[str, str, int], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class CapsListReply:
     """The 184-byte answer to QUERY_CAPS_LIST / QUERY_CAPS (command CAPS_LIST, or NACK)."""
 

@@ -14,25 +14,30 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar, Union
 
 from vmpower.errors import ProtocolError
 from vmpower.protocol.codec import (
     MAC_PATTERN,
     NUM_HOURS,
     NUM_VFID,
+    SLOTS,
     Buffer,
     PolicyType,
     Unit,
     Workload,
 )
 
+if TYPE_CHECKING:  # typing.TypeGuard is 3.10+; the guest tool runs on python3 >= 3.9
+    from typing import TypeGuard
+
 MAX_JSON_MESSAGE_BYTES = 64 * 1024  # larger messages are dropped and the stream resyncs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class FifoInstruction:
     """``{"instruction": {"command": "power", "unit": "<UNIT>"}}`` for the FIFO's CPU."""
 
@@ -42,7 +47,7 @@ class FifoInstruction:
 PolicyCommand = Literal["create", "destroy"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class FifoPolicy:
     """``{"policy": {...}}``: create or destroy the FIFO owner's policy on the FIFO's CPU.
 
@@ -59,7 +64,7 @@ class FifoPolicy:
     max_packet_thresh: int | None = None
 
 
-FifoMessage = FifoInstruction | FifoPolicy
+FifoMessage = Union[FifoInstruction, FifoPolicy]  # noqa: UP007 (python 3.9: see codec.SLOTS)
 
 _U32_MAX = 2**32 - 1
 _INSTRUCTION_KEYS = frozenset({"command", "unit"})
@@ -253,13 +258,23 @@ _SEPARATORS = b" \t\r\n\0"
 # quantifiers: nothing is ever backtracked, so each match is linear in what it consumes.
 # A whole JSON string (RFC 8259 section 7: a backslash escapes the next byte).
 _STRING = rb'"(?:[^"\\]++|\\.)*+"'
+
+
+def _compile(pattern: bytes, flags: int = 0) -> re.Pattern[bytes]:
+    """Possessive quantifiers are Python 3.11+. Before it (only the guest tool runs
+    there, and it never scans a FIFO) the pattern without them matches the same."""
+    if sys.version_info < (3, 11):  # noqa: UP036 (the guest tool: python >= 3.9)
+        pattern = pattern.replace(b"++", b"+").replace(b"*+", b"*")
+    return re.compile(pattern, flags)
+
+
 # Inside an object, outside strings: everything before the next '}' that is not in a
 # string ('{' included, whole strings skipped); it stops early at a string the window cuts.
-_TO_CLOSE = re.compile(rb'(?:[^}"]++|' + _STRING + rb")*+", re.DOTALL)
-_STRINGS = re.compile(_STRING, re.DOTALL)
+_TO_CLOSE = _compile(rb'(?:[^}"]++|' + _STRING + rb")*+", re.DOTALL)
+_STRINGS = _compile(_STRING, re.DOTALL)
 # The rest of a string: up to its closing quote, a backslash the window cuts, or the end.
-_STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
-_CLOSE_RUN = re.compile(rb"\}++")
+_STRING_REST = _compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
+_CLOSE_RUN = _compile(rb"\}++")
 _QUOTE = 0x22
 
 

@@ -1,6 +1,7 @@
 """``vmpower signals | read | write | session``: the telemetry commands (GEOPM's tools).
 
-This module owns those four commands (``vmpower.shell`` hands them over):
+This module owns those four commands (``vmpower.shell`` adds them to its parser with
+``add_commands`` and runs them with ``run``):
 
 * ``vmpower signals``: the catalogue, with units, domain, your access and descriptions;
 * ``vmpower read NAME DOMAIN INDEX``: one value;
@@ -13,7 +14,8 @@ This module owns those four commands (``vmpower.shell`` hands them over):
   ``max(1, ceil(SECONDS / PERIOD))`` rows (``-t 0``: one row).
 
 The socket: ``--socket``, else ``--config``'s ``control.socket``, else
-``$VMPOWER_SOCKET``, else the default (as the shell). Exit status: 0 done, 1 refused or
+``$VMPOWER_SOCKET``, else the default (as the shell). ``--json``: JSON on stdout, errors
+included (``{"error": ..., "exit_status": ...}``). Exit status: 0 done, 1 refused or
 failed (one line on stderr), 2 usage error.
 """
 
@@ -51,11 +53,18 @@ class _Interrupted(Exception):
     """SIGTERM while holding a control (SIGINT arrives as KeyboardInterrupt)."""
 
 
-def _common(default: Any) -> argparse.ArgumentParser:
+TELEMETRY_COMMANDS = ("signals", "read", "write", "session")
+
+
+def common_options(default: Any) -> argparse.ArgumentParser:
+    """--socket, --config, --json: a parent parser for the top level (default None)
+    and for each command (default SUPPRESS, so a command does not reset what was given
+    before it): the options work before or after the command word."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--socket",
         type=Path,
+        metavar="PATH",
         default=default,
         help=f"vmpowerd's control socket (default: --config's, else ${SOCKET_ENV})",
     )
@@ -66,26 +75,37 @@ def _common(default: Any) -> argparse.ArgumentParser:
         default=default,
         help="vmpowerd's configuration file, to find its socket",
     )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=False if default is None else default,
+        help="machine-readable JSON on stdout, errors included",
+    )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # The options are accepted before and after the command word; a subcommand must not
-    # reset what was given before it, hence SUPPRESS as its default.
-    common = _common(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="vmpower",
         description="Telemetry: read signals and write controls through vmpowerd.",
-        parents=[_common(None)],
+        parents=[common_options(None)],
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub, common_options(argparse.SUPPRESS))
+    return parser
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add signals, read, write and session to a parser's subparsers."""
     sub.add_parser(
         "signals",
         parents=[common],
         help="list signals and controls",
         description="List every signal and control: domain, units, your access, description.",
     )
-    read = sub.add_parser("read", parents=[common], help="read one signal")
+    read = sub.add_parser(
+        "read", parents=[common], help="read one signal", description="Read one signal."
+    )
     _request_args(read)
     write = sub.add_parser(
         "write",
@@ -120,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     session.add_argument(
         "-p", "--period", type=float, required=True, metavar="SECONDS", help="time between rows"
     )
-    session.add_argument("--format", choices=("csv", "json"), default="csv")
-    return parser
+    session.add_argument(
+        "--format", choices=("csv", "json"), default="csv", help="row format (--json: json)"
+    )
 
 
 def _request_args(parser: argparse.ArgumentParser) -> None:
@@ -156,22 +177,36 @@ def main(
     try:
         socket_path = resolve_socket(args)
     except ConfigError as exc:
-        print(f"vmpower: {exc}", file=stderr)
-        return EXIT_USAGE
+        return report_error(str(exc), EXIT_USAGE, args.json, stdout, stderr)
+    return run(args, socket_path, stdin, stdout, stderr)
+
+
+def run(
+    args: argparse.Namespace, socket_path: Path, stdin: TextIO, stdout: TextIO, stderr: TextIO
+) -> int:
+    """Run the parsed telemetry command ``args.command``; returns the exit status."""
+    as_json = bool(getattr(args, "json", False))
     try:
         if args.command == "signals":
-            return _signals(socket_path, stdout)
+            return _signals(socket_path, stdout, as_json)
         if args.command == "read":
-            return _read(socket_path, args, stdout)
+            return _read(socket_path, args, stdout, as_json)
         if args.command == "write":
-            return _write(socket_path, args, stderr)
+            return _write(socket_path, args, stdout, stderr, as_json)
         return _session(socket_path, args, stdin, stdout, stderr)
     except _Usage as exc:
-        print(f"vmpower: {exc}", file=stderr)
-        return EXIT_USAGE
+        return report_error(str(exc), EXIT_USAGE, as_json, stdout, stderr)
     except (VmpowerError, OSError) as exc:
-        print(f"vmpower: {exc}", file=stderr)
-        return EXIT_FAILED
+        return report_error(str(exc), EXIT_FAILED, as_json, stdout, stderr)
+
+
+def report_error(message: str, status: int, as_json: bool, out: TextIO, err: TextIO) -> int:
+    """One line on stderr, or with --json one object on stdout; returns ``status``."""
+    if as_json:
+        print(json.dumps({"error": message, "exit_status": status}), file=out)
+    else:
+        print(f"vmpower: {message}", file=err)
+    return status
 
 
 def _request(args: argparse.Namespace) -> list[Any]:
@@ -182,8 +217,11 @@ def _request(args: argparse.Namespace) -> list[Any]:
     return request.to_json()
 
 
-def _signals(socket_path: Path, out: TextIO) -> int:
+def _signals(socket_path: Path, out: TextIO, as_json: bool = False) -> int:
     rows = control.request(socket_path, "list_signals")
+    if as_json:
+        print(json.dumps(rows, indent=2, sort_keys=True), file=out)
+        return EXIT_OK
     widths = {"name": 4, "domain": 6, "units": 5, "access": 6}
     for row in rows:
         for key in widths:
@@ -196,14 +234,21 @@ def _signals(socket_path: Path, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _read(socket_path: Path, args: argparse.Namespace, out: TextIO) -> int:
-    with BatchClient(socket_path, signals=[_request(args)]) as batch:
+def _read(socket_path: Path, args: argparse.Namespace, out: TextIO, as_json: bool = False) -> int:
+    request = _request(args)
+    with BatchClient(socket_path, signals=[request]) as batch:
         (value,) = batch.read()
-    print(format_value(value), file=out)
+    if as_json:
+        shown = None if math.isnan(value) else value  # JSON has no NaN
+        print(json.dumps({"request": request, "value": shown}), file=out)
+    else:
+        print(format_value(value), file=out)
     return EXIT_OK
 
 
-def _write(socket_path: Path, args: argparse.Namespace, err: TextIO) -> int:
+def _write(
+    socket_path: Path, args: argparse.Namespace, out: TextIO, err: TextIO, as_json: bool = False
+) -> int:
     request = _request(args)
     try:
         value = float(args.value)
@@ -218,11 +263,15 @@ def _write(socket_path: Path, args: argparse.Namespace, err: TextIO) -> int:
         batch.write([value])
         label = " ".join(str(x) for x in request)
         until = f"for {hold_s:g} s" if hold_s is not None else "until interrupted (Ctrl-C)"
-        print(
-            f"vmpower: {label} = {format_value(value)}; held {until}, then restored",
-            file=err,
-            flush=True,
-        )
+        if as_json:
+            held = {"request": request, "value": value, "hold_s": hold_s}
+            print(json.dumps(held), file=out, flush=True)
+        else:
+            print(
+                f"vmpower: {label} = {format_value(value)}; held {until}, then restored",
+                file=err,
+                flush=True,
+            )
         try:
             if batch.ended(hold_s if hold_s is not None else None):
                 print(
@@ -279,6 +328,8 @@ def _session(
         raise _Usage(f"-t must be >= 0 seconds, not {total_s!r}")
     requests = read_requests(stdin)
     rows = max(1, math.ceil(total_s / period_s - 1e-9))
+    if getattr(args, "json", False):
+        args.format = "json"
     with BatchClient(socket_path, signals=requests) as batch:
         labels = batch.signal_labels
         if args.format == "csv":
