@@ -66,8 +66,10 @@ class ChannelHost:
     def nothing_to_read(self, wait_s: float = 0.2) -> bool:
         """True when no byte arrives within ``wait_s`` (for requests without a reply)."""
         assert self.conn is not None
-        ready, _, _ = select.select([self.conn], [], [], wait_s)
-        return not ready
+        # poll, not select: a process with many fds open can hold this one past 1023.
+        poller = select.poll()
+        poller.register(self.conn, select.POLLIN)
+        return not poller.poll(wait_s * 1000)
 
     def request(
         self, packet: bytes, reply_size: int | None = None, timeout_s: float = 5.0
@@ -127,8 +129,11 @@ class PtyChannelHost:
     def _pump(self) -> None:
         assert self.conn is not None
         conn = self.conn.fileno()
+        poller = select.poll()
+        for fd in (conn, self.master, self._stop_r):
+            poller.register(fd, select.POLLIN)
         while True:
-            ready, _, _ = select.select([conn, self.master, self._stop_r], [], [])
+            ready = {fd for fd, _ in poller.poll()}
             if self._stop_r in ready:
                 return
             if conn in ready:

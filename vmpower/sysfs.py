@@ -158,6 +158,14 @@ class Sysfs:
         for path in list(self._write_fds):
             self._drop_fd(path)
 
+    def __del__(self) -> None:
+        # A Sysfs nobody closed (a test's, a probe's) must not keep its fds: a process
+        # that makes many runs out of them.
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may already be gone
+            pass
+
 
 class Reader:
     """One attribute kept open; ``read()`` re-reads it with ``pread`` at offset 0.
@@ -196,6 +204,12 @@ class Reader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: os may already be gone
+            pass
 
     def __enter__(self) -> Reader:
         return self

@@ -147,7 +147,10 @@ class BatchClient:
             # Answered once its controls are restored; it exits right after: wait for
             # that, so a stopped session is gone, not going.
             if self._server_fd >= 0:
-                select.select([self._server_fd], [], [], self.timeout_s)
+                # poll, not select: a client with many fds open may hold this one past 1023.
+                poller = select.poll()
+                poller.register(self._server_fd, select.POLLIN)
+                poller.poll(self.timeout_s * 1000)
         except TelemetryError:
             pass  # already gone: its exit restored everything
         finally:
