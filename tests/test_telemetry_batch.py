@@ -322,15 +322,19 @@ def test_stop_batch_wakes_the_client_and_restores(agent: RunningAgent) -> None:
         agent.control("stop_batch", server_key=batch.server_key)
 
 
-def test_server_crash_is_restored_from_its_journal(agent: RunningAgent) -> None:
+def test_server_crash_is_restored_by_the_daemon(agent: RunningAgent) -> None:
     original = khz(agent, 7, "scaling_max_freq")
     batch = BatchClient(agent.socket, controls=[(MAX, "cpu", 7)]).start()
     try:
         batch.write([1.7e9])
         session_dir = agent.state_dir / "telemetry" / batch.server_key
-        assert RestoreJournal(session_dir).pending()  # saved before the first write
+        # The daemon wrote it (issue #12, point 5): its journal has the original, the
+        # session's has nothing.
+        pending = RestoreJournal(agent.state_dir).pending()
+        assert [v for p, v in pending.items() if p.endswith("cpu7/cpufreq/scaling_max_freq")]
+        assert RestoreJournal(session_dir).pending() == {}
         os.kill(batch.server_pid, signal.SIGKILL)
-        # the daemon reaps the server and restores from the journal it left
+        # the daemon reaps the server and drops the session's limits
         assert wait_for(lambda: khz(agent, 7, "scaling_max_freq") == original, 5)
         assert wait_for(lambda: not session_dir.exists(), 5)
         with pytest.raises(TelemetryError, match="exited"):
@@ -431,8 +435,13 @@ def test_daemon_death_ends_its_servers(lone_agent: RunningAgent) -> None:
         agent.proc.kill()  # SIGKILL: no shutdown, the barrier's pipe just hangs up
         agent.proc.wait()
         assert wait_for(lambda: exited(batch.server_pid), 5)
-        assert khz(agent, 2, "scaling_min_freq") == original
         assert batch.ended(timeout_s=5)
+        # The daemon wrote the limit and journaled its original (issue #12, point 5):
+        # like any setting of a crashed daemon, the next start restores it first.
+        assert khz(agent, 2, "scaling_min_freq") == 2_100_000
+        agent.start(accept=False)
+        assert wait_for(lambda: khz(agent, 2, "scaling_min_freq") == original, 10)
+        assert agent.stop() == 0
     finally:
         batch.close()
 

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import SimSysfs
 
-from vmpower.cpufreq.simulate import KernelSysfs
 from vmpower.errors import TelemetryError
-from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
 from vmpower.telemetry.access import AccessLists
 from vmpower.telemetry.catalog import CATALOG, Request, Topology, parse_request
@@ -294,25 +292,19 @@ def test_vm_vcpu_time_from_libvirt_test_driver(sim_sysfs: SimSysfs, tmp_path: Pa
 
 def applier_for(
     root: Path, tmp_path: Path, controls: list[Request]
-) -> tuple[ControlApplier, RestoreJournal]:
-    journal = RestoreJournal(tmp_path / "journal")
-    kernel = KernelSysfs(root, journal=journal)
-    sources = sources_for(root, tmp_path, write_sysfs=kernel)
-    return ControlApplier(sources, controls), journal
+) -> tuple[ControlApplier, list[dict[int, tuple[int | None, int | None]]]]:
+    """An applier whose sends are recorded (the daemon applies them: tests/test_state.py)."""
+    sources = sources_for(root, tmp_path)
+    sent: list[dict[int, tuple[int | None, int | None]]] = []
+    return ControlApplier(sources, controls, lambda limits: sent.append(dict(limits))), sent
 
 
-def limits(root: Path, cpu: int) -> tuple[int, int]:
-    return (
-        int((root / POLICY.format(cpu, "scaling_min_freq")).read_text()),
-        int((root / POLICY.format(cpu, "scaling_max_freq")).read_text()),
-    )
-
-
-def test_controls_write_limits_in_a_safe_order_and_journal_them(
+def test_controls_send_the_sessions_limits_and_never_write(
     sim_sysfs: SimSysfs, tmp_path: Path
 ) -> None:
     root = sim_sysfs(cpus=2)
-    applier, journal = applier_for(
+    before = {p: p.read_text() for p in root.rglob("*") if p.is_file()}
+    applier, sent = applier_for(
         root,
         tmp_path,
         [
@@ -320,31 +312,24 @@ def test_controls_write_limits_in_a_safe_order_and_journal_them(
             Request("CPU_FREQUENCY_MAX_CONTROL", "cpu", 0),
         ],
     )
-    assert limits(root, 0) == (1_200_000, 2_301_000)
-    # Up: a minimum above the current maximum; KernelSysfs refuses it unless max goes first
     applier.apply([1.5e9, 1.6e9])
-    applier.apply([2.0e9, 2.2e9])
-    assert limits(root, 0) == (2_000_000, 2_200_000)
-    # Down: a maximum below the current minimum; refused unless min goes first
-    applier.apply([1.3e9, 1.4e9])
-    assert limits(root, 0) == (1_300_000, 1_400_000)
-    applier.apply([2.0e9, 2.2e9])
-    # NaN leaves a control alone
+    assert sent[-1] == {0: (1_500_000, 1_600_000)}
+    # NaN leaves a control as the session held it
     applier.apply([math.nan, 2.3e9])
-    assert limits(root, 0) == (2_000_000, 2_300_000)
-    assert sorted(Path(p).name for p in journal.pending()) == [
-        "scaling_max_freq",
-        "scaling_min_freq",
-    ]
-    journal.restore()
-    assert limits(root, 0) == (1_200_000, 2_301_000)
+    assert sent[-1] == {0: (1_500_000, 2_300_000)}
+    applier.apply([math.nan, math.nan])  # nothing to say: nothing sent
+    assert len(sent) == 2
+    applier.release()
+    assert sent[-1] == {}
+    # The batch server writes no cpufreq file: the daemon does (issue #12, point 5).
+    assert {p: p.read_text() for p in root.rglob("*") if p.is_file()} == before
 
 
-def test_controls_refuse_what_the_kernel_would_before_writing(
+def test_controls_refuse_what_the_kernel_would_before_sending(
     sim_sysfs: SimSysfs, tmp_path: Path
 ) -> None:
     root = sim_sysfs(cpus=2)
-    applier, journal = applier_for(
+    applier, sent = applier_for(
         root,
         tmp_path,
         [
@@ -360,13 +345,9 @@ def test_controls_refuse_what_the_kernel_would_before_writing(
         applier.apply([1.5e9, 2.0e9])
     with pytest.raises(TelemetryError, match="not a frequency"):
         applier.apply([-1.0, math.nan])
-    # nothing was written (all checks come first)
-    assert limits(root, 0) == (1_200_000, 2_301_000)
-    assert limits(root, 1) == (1_200_000, 2_301_000)
-    assert journal.pending() == {}
+    assert sent == []  # all checks come first
     applier.apply([2.0e9, 1.3e9])  # board: every CPU's maximum
-    assert limits(root, 0) == (1_200_000, 2_000_000)
-    assert limits(root, 1) == (1_300_000, 2_000_000)
+    assert sent == [{0: (None, 2_000_000), 1: (1_300_000, 2_000_000)}]
 
 
 # -- access lists -------------------------------------------------------------------------------

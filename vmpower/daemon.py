@@ -13,17 +13,23 @@ logged as needing a restart). The handlers are installed before anything can cha
 (the lock, the journal's recovery, FIFOs), so a signal during the start only ends it
 early and cleanly; one that comes before them (while Python imports the modules) kills
 with the default action, when nothing has changed yet.
+
+Under systemd (``Type=notify``, ``vmpower.notify``): READY=1 once serving, STATUS=
+lines with the VMs and channels served (when they change, at most once a second),
+WATCHDOG=1 from a monitor timer every WATCHDOG_USEC/2 (a hung loop stops them, and
+systemd restarts the service), RELOADING=1 then READY=1 around a SIGHUP reload, with a
+STATUS= line saying whether it was applied, and STOPPING=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,10 +38,18 @@ from datetime import tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from vmpower import __version__, trust
+from vmpower import __version__, preflight, trust
 from vmpower.admin import AdminCommands
-from vmpower.channels import ChannelLogs, ChannelRegistry
-from vmpower.config import Config, config_to_toml, load_config
+from vmpower.channels import ChannelLogs, ChannelRegistry, ChannelState
+from vmpower.config import (
+    CONFIG_ENV,
+    Config,
+    ConfigProblems,
+    config_problems,
+    config_to_toml,
+    default_config_path,
+    load_config,
+)
 from vmpower.control import ControlServer
 from vmpower.cpufreq import CpuFreq, open_cpufreq
 from vmpower.cpuset import format_cpu_list
@@ -43,8 +57,10 @@ from vmpower.errors import ConfigError, VmpowerError
 from vmpower.events import EventQueue
 from vmpower.hypervisor import Hypervisor
 from vmpower.lifecycle import VmLifecycle
+from vmpower.logbook import KindLog
 from vmpower.logsetup import setup_logging
 from vmpower.monitor import Monitor
+from vmpower.notify import Notifier
 from vmpower.policies import PolicyEngine
 from vmpower.power import PowerLogs, PowerManager
 from vmpower.restore import RestoreJournal
@@ -60,10 +76,15 @@ LOCK_NAME = "vmpowerd.lock"
 EXIT_OK = 0  # a clean stop: every setting restored
 EXIT_FAILURE = 1  # cannot start, or settings left unrestored (kept in the journal)
 EXIT_CONFIG = 2  # bad configuration
-EXIT_STATUS_HELP = """exit status:
+STATUS_PERIOD_S = 1.0  # systemd STATUS= lines: at most one per second, only on change
+EXIT_STATUS_HELP = """signals:
+  SIGTERM, SIGINT  stop: restore every setting changed, then exit
+  SIGHUP           reload the configuration file (what cannot change live is logged)
+
+exit status:
   0  clean stop: every setting restored
   1  cannot start, or settings left unrestored (kept in the journal for the next start)
-  2  bad configuration"""
+  2  bad configuration (every problem is listed)"""
 
 
 class InstanceLock:
@@ -130,18 +151,25 @@ class Agent:
         config: Config,
         config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.clock = clock
+        # systemd's notify socket; disabled unless given (main() builds it from the env)
+        self.notifier = notifier if notifier is not None else Notifier({})
         self.monitor = Monitor(clock)
         self.lock = InstanceLock(config.state.dir)
         self.events = EventQueue(clock=clock, wake=self.monitor.wake)
         self.started_at = time.time()
         self._parts: Parts | None = None
+        # libvirt's news (an event queued on its thread, a worker result applied): marks
+        # the pump due and wakes the loop, so the news is handled in that very turn.
+        self._libvirt_news = _NewsFlag(self.monitor.wake)
         self._pending_signals: list[int] = []
         self._stopped = False
         self._unrestored: list[str] = []  # journal entries shutdown could not restore
+        self._kind_logs: list[KindLog] = []
 
     @property
     def parts(self) -> Parts:
@@ -197,7 +225,7 @@ class Agent:
         hypervisor = Hypervisor(
             cfg.libvirt.uri,
             cfg.channels.dir,
-            wake=self.monitor.wake,
+            wake=self._libvirt_news.set,
             clock=self.clock,
             reconnect_min_s=cfg.libvirt.reconnect_min_s,
             reconnect_max_s=cfg.libvirt.reconnect_max_s,
@@ -214,6 +242,7 @@ class Agent:
         channel_logs = ChannelLogs.build(cfg.log.summary_interval_s, self.clock)
         for kind_log in (*power_logs.all(), *channel_logs.all()):
             self.monitor.add_ticker(kind_log)
+            self._kind_logs.append(kind_log)  # log.summary_interval_s applies on reload
         power = PowerManager(
             cpufreq, hypervisor, journal, cfg.cpufreq.reserved_cpus, self.clock, logs=power_logs
         )
@@ -241,7 +270,8 @@ class Agent:
             timezone=_timezone(cfg.policies.timezone),
         )
         # Batch sessions; start() restores what sessions of a crashed run left.
-        batches = BatchService(cfg, self.monitor, cpufreq, hypervisor)
+        # Their control writes are wishes of `power`, the one arbiter (issue #12, point 5).
+        batches = BatchService(cfg, self.monitor, cpufreq, hypervisor, power=power)
         admin = AdminCommands(
             hypervisor, power, cpufreq, channels, lifecycle, journal, self.started_at
         )
@@ -267,7 +297,7 @@ class Agent:
         parts.lifecycle.sync_all()
         parts.batches.start()
         parts.control.start()
-        pump = _HypervisorPump(parts.hypervisor, parts.lifecycle, self.clock)
+        pump = _HypervisorPump(parts.hypervisor, parts.lifecycle, self.clock, self._libvirt_news)
         self.monitor.add_ticker(pump)
         # Each turn ends with: signals, then libvirt's news, then this turn's writes and
         # replies (a VM that stopped this turn gets no ACK for a CPU it gave up).
@@ -360,55 +390,213 @@ class Agent:
         signals, self._pending_signals = self._pending_signals, []
         for signum in signals:
             if signum == signal.SIGHUP:
-                self.reload()
+                self._reload_notified()
             else:
                 log.info("%s: stopping", signal.Signals(signum).name)
                 self.monitor.stop()
 
-    def reload(self) -> None:
-        """Re-read the configuration file; apply what can change while running."""
+    def _reload_notified(self) -> None:
+        """SIGHUP under systemd: RELOADING=1, the reload, then READY=1 with a STATUS= line
+        saying whether it was applied (sd_notify(3), Type=notify-reload)."""
+        self.notifier.reloading()
+        before = self.config
+        result = self.reload()
+        if isinstance(result, tuple):  # (applied, summary)
+            applied, summary = result
+        else:  # a reload() that returns nothing replaces self.config only when applied
+            applied, summary = self.config is not before, ""
+        if applied:
+            text = "configuration reloaded" + (f": {summary}" if summary else "")
+        else:
+            text = "reload NOT applied, running configuration kept" + (
+                f": {summary}" if summary else ""
+            )
+        self.notifier.ready(_one_line(text))
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration file: every changed key is applied live or named as
+        needing a restart (RELOAD_LIVE, RELOAD_RESTART). Returns (applied?, one line):
+        False when nothing was applied (no file, or a bad one: the running configuration
+        stays, and the line says why). The hook for systemd's RELOADING=1/READY=1/STATUS=.
+        """
         if self.config_path is None:
-            log.warning("SIGHUP: no configuration file to reload")
-            return
+            summary = "no configuration file to reload"
+            log.warning("SIGHUP: %s", summary)
+            return False, summary
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
-            return
+            return False, str(exc)
         old = self.config
-        for section in ("libvirt", "cpufreq", "state", "control"):
-            for key in ("uri", "sysfs_root", "dir", "socket"):
-                if getattr(getattr(old, section), key, None) != getattr(
-                    getattr(new, section), key, None
-                ):
-                    log.warning(
-                        "SIGHUP: %s.%s changed: takes effect at the next restart", section, key
-                    )
-        self.config = new
+        changed = changed_keys(old, new)
+        restart = [k for k in changed if k not in RELOAD_LIVE]
+        live = [k for k in changed if k in RELOAD_LIVE]
+        for key in restart:
+            log.warning(
+                "SIGHUP: %s changed (%r → %r): needs a restart to take effect",
+                key,
+                _value(old, key),
+                _value(new, key),
+            )
+        # What needs a restart keeps its running value: the running config stays whole.
+        effective = _merge(old, new, live)
+        try:
+            self._apply_live(old, effective)
+        except VmpowerError as exc:
+            log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+            return False, str(exc)
+        self.config = effective
+        summary = f"applied {', '.join(live) or 'nothing new'}" + (
+            f"; needs a restart: {', '.join(restart)}" if restart else ""
+        )
+        log.info("SIGHUP: configuration reloaded from %s: %s", self.config_path, summary)
+        return True, summary
+
+    def _apply_live(self, old: Config, new: Config) -> None:
+        """Hand every RELOAD_LIVE key's value to the part that uses it."""
+        # Checked before anything changes: a bad zone name keeps the whole old config.
+        timezone = _timezone(new.policies.timezone)
         logging.getLogger("vmpower").setLevel(new.log.level.upper())
         parts = self.parts
-        parts.power.reserved_cpus = new.cpufreq.reserved_cpus
+        interval_s = new.log.summary_interval_s
+        for kind_log in (*self._kind_logs, parts.control.errors):
+            kind_log.interval_s = interval_s
+        parts.hypervisor.set_map_refresh(new.libvirt.map_refresh_s)
         parts.channels.set_limits(
             new.channels.rate_per_s, new.channels.burst, new.channels.send_queue_max
         )
         parts.channels.set_fifo_cpus(new.channels.fifo_cpus)
-        log.info("SIGHUP: configuration reloaded from %s", self.config_path)
+        if new.cpufreq.reserved_cpus != old.cpufreq.reserved_cpus:
+            # Both ways, everywhere: PowerManager and CpuFreq refuse the newly reserved
+            # CPUs (restored at the end of this turn) and serve the others; batch
+            # sessions read the configuration when they start and when they write.
+            parts.power.reserved_cpus = new.cpufreq.reserved_cpus
+        parts.policies.reconfigure(
+            period_s=new.policies.period_s,
+            branch_period_s=new.policies.branch_period_s,
+            branch_threshold=new.policies.branch_threshold,
+            timezone=timezone,
+        )
+        # telemetry.*: read by each start_batch (sessions running keep what they got).
+        parts.batches.reconfigure(new)
+
+
+# Every configuration key is in exactly one of these (tests/test_reload.py walks them).
+RELOAD_LIVE = frozenset(
+    {
+        "libvirt.map_refresh_s",
+        "channels.fifo_cpus",
+        "channels.rate_per_s",
+        "channels.burst",
+        "channels.send_queue_max",
+        "cpufreq.reserved_cpus",
+        "policies.period_s",
+        "policies.branch_period_s",
+        "policies.branch_threshold",
+        "policies.timezone",
+        "telemetry.proc_root",
+        "telemetry.powercap_root",
+        "telemetry.access_dir",
+        "telemetry.shm_dir",
+        "telemetry.start_timeout_s",
+        "telemetry.max_sessions",
+        "log.level",
+        "log.summary_interval_s",
+    }
+)
+RELOAD_RESTART = frozenset(
+    {
+        "libvirt.uri",  # the connection, its event callbacks, the registry
+        "libvirt.reconnect_min_s",
+        "libvirt.reconnect_max_s",
+        "libvirt.track_all",  # which VMs the registry holds: read at connect
+        "channels.dir",  # checked for trust at start; the channel paths come from it
+        "channels.qemu_user",  # part of that trust check
+        "cpufreq.sysfs_root",  # the files, the journal's allowed roots
+        "state.dir",  # the journal and the instance lock
+        "control.socket",  # bound at start (a second socket would need the lock's care)
+        "control.mode",
+        "control.group",
+        "policies.msr_root",  # the journal's allowed MSR root
+    }
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Every "section.key" whose value differs, in the configuration's order."""
+    keys = []
+    for section in dataclasses.fields(old):
+        a, b = getattr(old, section.name), getattr(new, section.name)
+        for key in dataclasses.fields(a):
+            if getattr(a, key.name) != getattr(b, key.name):
+                keys.append(f"{section.name}.{key.name}")
+    return keys
+
+
+def _value(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".", 1)
+    return getattr(getattr(config, section), key)
+
+
+def _merge(old: Config, new: Config, live: list[str]) -> Config:
+    """``old`` with the ``live`` keys taken from ``new``."""
+    sections = {}
+    for section in dataclasses.fields(old):
+        values = {
+            key.split(".", 1)[1]: _value(new, key)
+            for key in live
+            if key.startswith(f"{section.name}.")
+        }
+        sections[section.name] = dataclasses.replace(getattr(old, section.name), **values)
+    return dataclasses.replace(old, **sections)
+
+
+class _NewsFlag:
+    """Set from any thread (libvirt's event thread, the monitor thread) when the
+    hypervisor has news; the monitor thread takes it at the end of the turn.
+
+    Setting is one attribute store then the monitor's eventfd wake: no lock is needed,
+    since only the monitor thread clears it, and it clears before draining (a set that
+    races the drain leaves the flag set for the next turn, never lost).
+    """
+
+    __slots__ = ("_set", "_wake")
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        self._wake()
+
+    def take(self) -> bool:
+        was, self._set = self._set, False
+        return was
 
 
 class _HypervisorPump:
     """Hands libvirt's queued news to the VM lifecycle, on the monitor thread.
 
-    The hypervisor's queue is drained at the end of a turn when its reconnect deadline
-    came (this is the loop's ticker for it), and at least every HYPERVISOR_CHECK_S for
-    the liveness check: not on every turn of a busy loop.
+    The hypervisor's queue is drained at the end of the turn in which libvirt woke the
+    loop (``news``: an event queued on libvirt's thread, or a worker's result applied
+    in this turn's thread-safe calls, such as the re-read that follows an event), when
+    its reconnect deadline came (this is the loop's ticker for it), and at least every
+    HYPERVISOR_CHECK_S for the liveness check: not on every turn of a busy loop.
     """
 
     def __init__(
-        self, hypervisor: Hypervisor, lifecycle: VmLifecycle, clock: Callable[[], float]
+        self,
+        hypervisor: Hypervisor,
+        lifecycle: VmLifecycle,
+        clock: Callable[[], float],
+        news: _NewsFlag | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.lifecycle = lifecycle
         self.clock = clock
+        self.news = news if news is not None else _NewsFlag(lambda: None)
         self.pending = True
         self.check_at = 0.0
 
@@ -421,7 +609,8 @@ class _HypervisorPump:
 
     def end_of_turn(self) -> None:
         now = self.clock()
-        if self.pending or now >= self.check_at:
+        news = self.news.take()
+        if news or self.pending or now >= self.check_at:
             self.pending = False
             self.check_at = now + HYPERVISOR_CHECK_S
             for event in self.hypervisor.process_events():
@@ -450,72 +639,157 @@ def _timezone(name: str) -> tzinfo | None:
         raise VmpowerError(f"policies.timezone: unknown time zone {name!r}") from None
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify to %s failed: %s", address, exc)
+class _SystemdReports:
+    """WATCHDOG=1 and STATUS= lines for systemd, sent from timers on the monitor loop.
+
+    WATCHDOG=1 every WATCHDOG_USEC/2 (when systemd watches this process): the loop that
+    runs the timer is the loop that must not hang. STATUS= says what is served, checked
+    every STATUS_PERIOD_S and sent only when it changed (bounded: one a second at most).
+    """
+
+    def __init__(self, agent: Agent, notifier: Notifier) -> None:
+        self.agent = agent
+        self.notifier = notifier
+        self.last_status = ""
+
+    def start(self) -> None:
+        if not self.notifier.enabled:
+            return
+        period_s = self.notifier.watchdog_period_s()
+        if period_s is not None:
+            self._every(period_s, self.notifier.watchdog)
+            log.info("systemd watchdog: WATCHDOG=1 every %.3g s", period_s)
+        self._every(STATUS_PERIOD_S, self.report_status)
+
+    def _every(self, period_s: float, action: Callable[[], None]) -> None:
+        monitor = self.agent.monitor
+
+        def tick() -> None:
+            if self.agent._stopped:
+                return
+            action()
+            monitor.call_later(period_s, tick)
+
+        monitor.call_later(period_s, tick)
+
+    def status_line(self) -> str:
+        channels = self.agent.parts.channels.vm_channels
+        vms = {name for name, _index in channels}
+        connected = sum(1 for c in channels.values() if c.state is ChannelState.CONNECTED)
+        return f"serving {len(vms)} VMs on {len(channels)} channels ({connected} connected)"
+
+    def report_status(self) -> None:
+        text = self.status_line()
+        if text != self.last_status:
+            self.last_status = text
+            self.notifier.status(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _one_line(text: str) -> str:
+    """A STATUS= value: sd_notify lines end at a newline."""
+    return " ".join(text.split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default = default_config_path()
     parser = argparse.ArgumentParser(
         prog="vmpowerd",
-        description="vmpower host agent: applies VM guests' power requests to host CPUs.",
+        description="vmpower host agent: applies VM guests' power requests to host CPUs."
+        f"\nWithout --config it reads {default} when that file exists"
+        f"\n(${CONFIG_ENV} names another file), else it runs on the built-in defaults.",
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", "-c", type=Path, help="configuration file (TOML)")
+    parser.add_argument(
+        "--config", "-c", type=Path, metavar="FILE", help=f"configuration file (default: {default})"
+    )
     parser.add_argument(
         "--check-config",
         type=Path,
         metavar="FILE",
-        help="validate FILE, print the effective configuration, exit",
+        nargs="?",
+        const=default,
+        help="run every start-up check on FILE (default: the default file), print the"
+        " effective configuration or every problem (exit 2), and exit",
     )
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), help="override log.level"
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        help="override log.level (any case)",
     )
     parser.add_argument("--version", action="version", version=f"vmpowerd {__version__}")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _print_problems(problems: list[ConfigError]) -> None:
+    for problem in problems:
+        print(f"vmpowerd: {problem}", file=sys.stderr)
+    if len(problems) > 1:
+        print(f"vmpowerd: {len(problems)} problems", file=sys.stderr)
+
+
+def check_config(path: Path) -> int:
+    """--check-config: the loader's and every start-up check's problems, all of them."""
+    try:
+        config = load_config(path)
+        found: list[ConfigError] = []
+    except ConfigProblems as exc:
+        config, found = exc.partial or Config(), list(exc.problems)
+    except ConfigError as exc:  # unreadable, not TOML: nothing more can be checked
+        _print_problems([exc])
+        return EXIT_CONFIG
+    found += preflight.problems(config, str(path), paths=True)
+    if found:
+        _print_problems(found)
+        return EXIT_CONFIG
+    print(config_to_toml(config), end="")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.check_config is not None:
-        try:
-            config = load_config(args.check_config)
-        except ConfigError as exc:
-            print(f"vmpowerd: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        print(config_to_toml(config), end="")
-        return EXIT_OK
+        return check_config(args.check_config)
 
+    config_path: Path | None = args.config
+    if config_path is None and default_config_path().exists():
+        config_path = default_config_path()
     config = Config()
-    if args.config is not None:
+    if config_path is not None:
         try:
-            config = load_config(args.config)
+            config = load_config(config_path)
         except ConfigError as exc:
-            print(f"vmpowerd: {exc}", file=sys.stderr)
+            _print_problems(config_problems(exc))
             return EXIT_CONFIG
+    problems = preflight.problems(config, str(config_path or "<defaults>"))
+    if problems:
+        _print_problems(problems)
+        return EXIT_CONFIG
     setup_logging(args.log_level or config.log.level, sys.stderr)
-    agent = Agent(config, args.config)
+    notifier = Notifier()
+    agent = Agent(config, config_path, notifier=notifier)
     # Before anything can change: a SIGTERM during the start is noted, and the loop's
     # first turn stops; the default action would kill a half-done start.
     agent.install_signal_handlers()
+    if config_path is None:
+        log.info(
+            "no configuration file (%s does not exist): built-in defaults", default_config_path()
+        )
     try:
         agent.start()
     except (VmpowerError, OSError) as exc:  # one line naming the cause, no traceback
         log.error("cannot start: %s", exc)
+        notifier.status(_one_line(f"cannot start: {exc}"))
         return EXIT_FAILURE
-    sd_notify("READY=1")
+    reports = _SystemdReports(agent, notifier)
+    reports.last_status = reports.status_line()
+    notifier.ready(reports.last_status)
+    reports.start()
     try:
         agent.run()
     finally:
-        sd_notify("STOPPING=1")
+        notifier.stopping("stopping: restoring every setting")
         restored = agent.shutdown()
     return EXIT_OK if restored else EXIT_FAILURE
 

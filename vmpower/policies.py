@@ -262,6 +262,28 @@ class PolicyEngine:
     def start(self) -> None:
         self._event_id = self.events.register(self.period_s, self._evaluate_all)
 
+    def reconfigure(
+        self,
+        *,
+        period_s: float,
+        branch_period_s: float,
+        branch_threshold: float,
+        timezone: tzinfo | None,
+    ) -> None:
+        """New settings (SIGHUP reload): periods re-registered, the rest used from now on."""
+        self.branch_threshold = branch_threshold
+        self.timezone = timezone
+        if period_s != self.period_s:
+            self.period_s = period_s
+            if self._event_id is not None:
+                self.events.unregister(self._event_id)
+                self._event_id = self.events.register(period_s, self._evaluate_all)
+        if branch_period_s != self.branch_period_s:
+            self.branch_period_s = branch_period_s
+            if self._branch_event_id is not None:
+                self.events.unregister(self._branch_event_id)
+                self._branch_event_id = self.events.register(branch_period_s, self._sample_branches)
+
     def stop(self) -> None:
         for event_id in (self._event_id, self._branch_event_id):
             if event_id is not None:

@@ -17,7 +17,11 @@
 * every request gets its reply whatever fails while handling it (rule 2): a failure
   is that one request's NACK, and the rest of the read goes on;
 * when a requester leaves (VM stopped, channel removed, pinning changed), its wishes
-  go; a CPU nobody wishes for any more gets its original settings back.
+  go; a CPU nobody wishes for any more gets its original settings back;
+* telemetry sessions' frequency limits (owner ``session:<key>``) are wishes too, the
+  one way a session changes a cpufreq file: they bound the target the frequency wishes
+  choose, and alone set ``scaling_min/max_freq`` (docs/telemetry.md section 5);
+* the operator's wishes stay until released (``release``).
 
 What repeats is logged by kind (``vmpower.logbook``), never one line per request: a
 guest sending 100 000 refused requests a second must not fill the disk. ``PowerLogs``
@@ -34,6 +38,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from vmpower import protocol
 from vmpower.cpufreq import CpuFreq
+from vmpower.cpufreq.backend import policy_dir
+from vmpower.cpufreq.limits import MAX_FREQ, MIN_FREQ, write_limits
 from vmpower.errors import ProtocolError, UnknownVmError, VmpowerError
 from vmpower.logbook import DEFAULT_INTERVAL_S, KindLog
 from vmpower.policies import PolicyRecord, PolicySpec
@@ -211,6 +217,12 @@ class PowerManager:
         # sysfs per request would cost more than the request; refresh_cpus() re-reads it.
         self._managed: dict[int, bool] = {}
         self._cpu_generation = 0
+        # Telemetry sessions' limit wishes (issue #12, point 5): per host CPU, owner
+        # ("session:<key>") → (minimum kHz or None, maximum kHz or None).
+        self.limits: dict[int, dict[str, tuple[int | None, int | None]]] = {}
+        # How each CPU was last set: "freq" (a target, the backend's way) or "limits"
+        # (scaling_min/max_freq only); a CPU changing mode is restored first.
+        self._mode: dict[int, str] = {}
         self.logs = logs if logs is not None else PowerLogs.build(clock=clock)
         self._cpu_names: dict[int, str] = {}  # "host CPU 3": the changes logs' sources
         self._tracebacks: set[type] = set()  # unexpected errors whose traceback was logged
@@ -221,9 +233,18 @@ class PowerManager:
 
     @reserved_cpus.setter
     def reserved_cpus(self, cpus: frozenset[int]) -> None:
+        """New reserved CPUs (reload): a newly reserved CPU loses every wish and limit and
+        gets its originals back at the end of this turn; an un-reserved one is served."""
+        added = cpus - self._reserved_cpus
         self._reserved_cpus = cpus
+        self.cpufreq.set_reserved(cpus)
         self._managed.clear()
         self._cpu_generation += 1
+        for cpu in sorted(added):
+            if self.wishes.get(cpu) or self.limits.get(cpu):
+                self._touch(cpu).clear()
+                self.limits.pop(cpu, None)
+                log.info("host CPU %d is reserved now: its wishes are dropped", cpu)
 
     def refresh_cpus(self) -> None:
         """Re-read which CPUs are online (hotplug); called periodically by the daemon."""
@@ -659,15 +680,28 @@ class PowerManager:
         failed: set[int] = set()
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
-            for cpu in sorted(dirty):
+            journal = self.journal
+            if journal is not None:
+                # The originals of this turn's first writes share one sync (restore:
+                # begin_turn); one that cannot be saved fails its CPU in _apply, as before.
+                wished = [c for c in dirty if self.wishes.get(c)]
                 try:
-                    applied = self._apply(cpu)
-                except Exception as exc:  # a bug: this CPU's requests get NACK, not silence
-                    self._failure(exc)
-                    self.cpufreq.undo_change(cpu)
-                    applied = False
-                if not applied:
-                    failed.add(cpu)
+                    journal.begin_turn([self.cpufreq.cpufreq_path_prefix(c) for c in wished])
+                except VmpowerError as exc:
+                    log.debug("journal ahead of the turn's writes: %s", exc)
+            try:
+                for cpu in sorted(dirty):
+                    try:
+                        applied = self._apply(cpu)
+                    except Exception as exc:  # a bug: this CPU's requests get NACK, not silence
+                        self._failure(exc)
+                        self.cpufreq.undo_change(cpu)
+                        applied = False
+                    if not applied:
+                        failed.add(cpu)
+            finally:
+                if journal is not None:
+                    journal.end_turn()
         if failed:
             self._revert(failed)
         self._snapshot.clear()
@@ -703,12 +737,20 @@ class PowerManager:
 
     def _apply(self, cpu: int) -> bool:
         per_cpu = self.wishes.get(cpu)
+        bounds = self._bounds(cpu)
         if not per_cpu:
-            self._restore_cpu(cpu)
-            return True
+            if bounds is None:
+                self._restore_cpu(cpu)
+                return True
+            return self._apply_limits(cpu, bounds)
         target = max(w.freq_khz for w in per_cpu.values())
+        if bounds is not None:
+            target = self._clamp(cpu, target, bounds)
         want_turbo = any(w.turbo for w in per_cpu.values())
         cpufreq = self.cpufreq
+        if self._mode.get(cpu) == "limits":
+            self._restore_cpu(cpu, keep_wishes=True)  # the session's files go back first
+        self._mode[cpu] = "freq"
         # One change, all or nothing: when a write fails, the ones before it in this
         # change are written back (rule 2: a NACK means the CPU is as it was).
         cpufreq.begin_change()
@@ -739,6 +781,126 @@ class PowerManager:
             log.debug("host CPU %d: %s", cpu, detail)
             self.logs.changes.note(self._cpu_name(cpu), "set", detail)
         return True
+
+    # -- telemetry sessions' limits ------------------------------------------------------
+
+    def _bounds(self, cpu: int) -> tuple[int | None, int | None] | None:
+        """The sessions' limits on ``cpu``: (highest minimum, lowest maximum), or None."""
+        per_cpu = self.limits.get(cpu)
+        if not per_cpu:
+            return None
+        mins = [lo for lo, _ in per_cpu.values() if lo is not None]
+        maxs = [hi for _, hi in per_cpu.values() if hi is not None]
+        return (max(mins) if mins else None, min(maxs) if maxs else None)
+
+    def _clamp(self, cpu: int, target: int, bounds: tuple[int | None, int | None]) -> int:
+        """``target`` moved inside the sessions' limits, onto the CPU's table."""
+        lo, hi = bounds
+        table = self._table(cpu)[0]
+        inside = [f for f in table if (lo is None or f >= lo) and (hi is None or f <= hi)]
+        if target in inside:
+            return target
+        if not inside:  # limits between two table entries: the nearest to the maximum
+            return table[_nearest_index(table, hi if hi is not None else target)]
+        below = [f for f in inside if f <= target]
+        return below[0] if below else inside[-1]
+
+    def _apply_limits(self, cpu: int, bounds: tuple[int | None, int | None]) -> bool:
+        """Only sessions' limits on ``cpu``: scaling_min/max_freq get them (a side no
+        session asked for keeps its original), in the order the kernel needs."""
+        if self._mode.get(cpu) == "freq":
+            self._restore_cpu(cpu, keep_wishes=True)  # the frequency's files go back first
+        self._mode[cpu] = "limits"
+        cpufreq = self.cpufreq
+        sysfs = cpufreq.sysfs  # the same Sysfs, so the same restore journal
+        d = policy_dir(cpu)
+        cur_min = cur_max = -1
+        try:
+            cur_min = sysfs.read_int(f"{d}/{MIN_FREQ}")
+            cur_max = sysfs.read_int(f"{d}/{MAX_FREQ}")
+            original = self.journal.pending() if self.journal is not None else {}
+            lo, hi = bounds
+            if lo is None:
+                lo = _int_or(original.get(sysfs.path(f"{d}/{MIN_FREQ}")), cur_min)
+            if hi is None:
+                hi = _int_or(original.get(sysfs.path(f"{d}/{MAX_FREQ}")), cur_max)
+            lo = min(lo, hi)
+            written = write_limits(sysfs, cpu, lo, hi, cur_min, cur_max)
+        except (VmpowerError, OSError, ValueError) as exc:
+            self.stats.write_failures += 1
+            source = self._cpu_name(cpu)
+            self.logs.failures.note(source, "write failed", f"cannot set limits: {exc}")
+            if cur_min >= 0 and cur_max >= 0:  # one of the two may be written: put it back
+                try:
+                    now_min = sysfs.read_int(f"{d}/{MIN_FREQ}")
+                    now_max = sysfs.read_int(f"{d}/{MAX_FREQ}")
+                    write_limits(sysfs, cpu, cur_min, cur_max, now_min, now_max)
+                except (VmpowerError, OSError) as again:
+                    self.logs.failures.note(source, "not put back", f"limits: {again}")
+            cpufreq.forget(cpu)
+            return False
+        # Written beside the backend: nothing it remembers about this CPU holds now.
+        cpufreq.forget(cpu)
+        self._table_cache.pop(cpu, None)
+        if written:
+            self.stats.writes += 1
+            self.logs.changes.note(self._cpu_name(cpu), "limits", f"limits {lo}-{hi} kHz")
+        else:
+            self.stats.writes_skipped += 1
+        return True
+
+    def set_limits(self, owner: str, wanted: dict[int, tuple[int | None, int | None]]) -> None:
+        """``owner``'s (a telemetry session's) limits, replacing its previous ones; applied
+        now, all checked first. A CPU it no longer names is released.
+
+        Refused (``Refused``, nothing changed): a reserved, offline or unmanaged CPU; a
+        limit off the CPU's range (cpuinfo_min_freq..cpuinfo_max_freq); a minimum above
+        a maximum, the session's own or another session's on the same CPU.
+        """
+        for cpu, (lo, hi) in sorted(wanted.items()):
+            self._check_cpu(cpu)
+            table = self._table(cpu)[0]
+            for value in (lo, hi):
+                if value is not None and not table[-1] <= value <= table[0]:
+                    raise Refused(
+                        "limit",
+                        f"host CPU {cpu}: {value} kHz is outside {table[-1]}-{table[0]} kHz"
+                        " (cpuinfo_min_freq-cpuinfo_max_freq)",
+                    )
+            others = {o: b for o, b in self.limits.get(cpu, {}).items() if o != owner}
+            mins = [b[0] for b in others.values() if b[0] is not None]
+            maxs = [b[1] for b in others.values() if b[1] is not None]
+            eff_lo = max([*mins, *([lo] if lo is not None else [])], default=None)
+            eff_hi = min([*maxs, *([hi] if hi is not None else [])], default=None)
+            if eff_lo is not None and eff_hi is not None and eff_lo > eff_hi:
+                raise Refused(
+                    "limit",
+                    f"host CPU {cpu}: minimum {eff_lo} kHz would be above maximum {eff_hi} kHz"
+                    + (f" (with {', '.join(sorted(others))})" if others else ""),
+                )
+        changed = [c for c, per_cpu in self.limits.items() if owner in per_cpu]
+        for cpu in changed:
+            if cpu not in wanted:
+                del self.limits[cpu][owner]
+        for cpu, bounds in wanted.items():
+            self.limits.setdefault(cpu, {})[owner] = bounds
+        failed = []
+        for cpu in sorted(set(changed) | set(wanted)):
+            self._touch(cpu)
+            try:
+                self._apply_now(cpu)
+            except VmpowerError:
+                failed.append(cpu)
+        if failed:
+            listed = ", ".join(str(c) for c in failed)
+            raise VmpowerError(f"host CPU {listed}: write failed (see the daemon's log)")
+
+    def drop_limits(self, owner: str) -> None:
+        """A session ended: its limits go, at the end of this turn (CPUs left with no
+        wish at all get their originals back)."""
+        for cpu in [c for c, per_cpu in self.limits.items() if owner in per_cpu]:
+            del self.limits[cpu][owner]
+            self._touch(cpu)
 
     def _cpu_name(self, cpu: int) -> str:
         name = self._cpu_names.get(cpu)
@@ -796,14 +958,23 @@ class PowerManager:
         for cpu in [c for c, per_cpu in self.wishes.items() if owner in per_cpu]:
             del self._touch(cpu)[owner]
 
-    def _restore_cpu(self, cpu: int) -> None:
-        """Nobody wishes for ``cpu`` any more: its files go back to their originals."""
-        self.wishes.pop(cpu, None)
+    def _restore_cpu(self, cpu: int, keep_wishes: bool = False) -> None:
+        """Nobody wishes for ``cpu`` any more: its files go back to their originals.
+
+        ``keep_wishes``: the CPU changes how it is set (limits ↔ frequency) and is
+        restored before the new way is applied.
+        """
+        if not keep_wishes:
+            self.wishes.pop(cpu, None)
+            self._mode.pop(cpu, None)
         if self.journal is None:
             return
         prefix = self.cpufreq.cpu_path_prefix(cpu)
         report = self.journal.restore(lambda path: path.startswith(prefix))
+        # Written outside the request path: nothing cached about the CPU holds any more
+        # (CpuFreq's "already set" value and its backend's limits, this table).
         self.cpufreq.forget(cpu)
+        self._table_cache.pop(cpu, None)
         if report.restored:
             self.logs.changes.note(
                 self._cpu_name(cpu),
@@ -814,6 +985,8 @@ class PowerManager:
     def restore_all(self) -> None:
         """Drop every wish and restore every file vmpower changed (shutdown)."""
         self.wishes.clear()
+        self.limits.clear()
+        self._mode.clear()
         self.policies.clear()
         self._dirty.clear()
         self._snapshot.clear()
@@ -868,6 +1041,34 @@ class PowerManager:
         """An operator's request (control socket): same rules as a requester, applied now."""
         self._check_cpu(cpu)
         self._move(owner, cpu, unit)
+        self._apply_now(cpu)
+        return self.wishes[cpu][owner].freq_khz
+
+    def release(self, owner: str, cpus: Iterable[int] | None = None) -> list[int]:
+        """``owner`` withdraws its wishes on ``cpus`` (None: on every CPU), applied now.
+
+        Each CPU then follows the wishes left, or gets its originals back when none is
+        left. Returns the CPUs where ``owner`` had a wish. A CPU whose write fails keeps
+        the wish (VmpowerError names it), so what ``show_cpus`` says stays true.
+        """
+        held = sorted(c for c, per_cpu in self.wishes.items() if owner in per_cpu)
+        if cpus is not None:
+            wanted = set(cpus)
+            held = [c for c in held if c in wanted]
+        failed = []
+        for cpu in held:
+            del self._touch(cpu)[owner]
+            try:
+                self._apply_now(cpu)
+            except VmpowerError:
+                failed.append(cpu)
+        if failed:
+            listed = ", ".join(str(c) for c in failed)
+            raise VmpowerError(f"host CPU {listed}: write failed (see the daemon's log)")
+        return held
+
+    def _apply_now(self, cpu: int) -> None:
+        """Apply ``cpu``'s wishes at once (operator commands); VmpowerError if it failed."""
         ok = self._apply(cpu)
         self._dirty.discard(cpu)
         if not ok:
@@ -878,7 +1079,6 @@ class PowerManager:
         self._snapshot.pop(cpu, None)
         if not ok:
             raise VmpowerError(f"host CPU {cpu}: write failed (see the daemon's log)")
-        return self.wishes[cpu][owner].freq_khz
 
     def _unapplied(self, cpu: int) -> None:
         """This turn's conditional replies involving ``cpu`` become NACK now."""
@@ -918,8 +1118,19 @@ class PowerManager:
                 owner: {"freq_khz": w.freq_khz, "turbo": w.turbo}
                 for owner, w in sorted(per_cpu.items())
             },
+            "limits": {
+                owner: {"min_khz": lo, "max_khz": hi}
+                for owner, (lo, hi) in sorted(self.limits.get(cpu, {}).items())
+            },
             "original": original,
         }
+
+
+def _int_or(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
 
 
 def _nearest_index(table: tuple[int, ...], freq_khz: int) -> int:

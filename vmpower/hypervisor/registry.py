@@ -114,7 +114,12 @@ class Hypervisor:
         self._stats: dict[str, tuple[int, int] | HypervisorError] = {}
         self._ignored: set[str] = set()
         self._added: set[str] = set()
-        self._pending: list[VmEvent] = []
+        # Events for the next process_events(), each with its VM's registration when it
+        # was queued: an event of a registration since replaced is dropped (rm_vm then
+        # add_vm: the removal's "undefined" must not act on the new channels).
+        self._pending: list[tuple[VmEvent, int]] = []
+        self._registration: dict[str, int] = {}  # VM → its registration number
+        self._registrations = 0
         # Lifecycle news waiting for its VMs to be re-read; one batch in flight at a time.
         self._lifecycle: list[VmEvent] = []
         self._touched: dict[str, None] = {}  # ordered set
@@ -212,8 +217,14 @@ class Hypervisor:
     def _emit(self, events: list[VmEvent]) -> None:
         """Events for the next ``process_events()``."""
         if events:
-            self._pending.extend(events)
+            registration = self._registration
+            self._pending.extend((e, registration.get(e.vm or "", 0)) for e in events)
             self._wake()
+
+    def _register(self, name: str) -> None:
+        """``name`` is registered anew (add_vm, remove_vm): its queued events go stale."""
+        self._registrations += 1
+        self._registration[name] = self._registrations
 
     def _require_connected(self) -> int:
         if self._generation is None:
@@ -266,6 +277,13 @@ class Hypervisor:
                 return self._clock()
             return None if self._opening else self._next_retry_at
 
+    def set_map_refresh(self, map_refresh_s: float) -> None:
+        """A new ``libvirt.map_refresh_s`` (SIGHUP reload): maps older are re-read."""
+        if not map_refresh_s >= 0:
+            raise HypervisorError(f"map_refresh_s must be ≥ 0, got {map_refresh_s!r}")
+        with self._lock:
+            self._map_refresh_s = map_refresh_s
+
     # ------------------------------------------------------------------ event processing
 
     def process_events(self) -> list[VmEvent]:
@@ -282,8 +300,13 @@ class Hypervisor:
             log.exception("processing libvirt events")
             self._last_error = f"processing events: {exc}"
         with self._lock:
-            out, self._pending = self._pending, []
-        return out
+            pending, self._pending = self._pending, []
+            registration = self._registration
+            return [
+                event
+                for event, number in pending
+                if event.vm is None or registration.get(event.vm, 0) == number
+            ]
 
     def _process(self) -> None:
         raws = self._events.drain()
@@ -647,6 +670,7 @@ class Hypervisor:
                 return
             self._ignored.discard(name)
             self._added.add(name)
+            self._register(name)
             self._store(read, announce=False)
             self._emit([VmEvent("defined", name, "add_vm")])
 
@@ -657,6 +681,7 @@ class Hypervisor:
             self._ignored.add(name)
             self._added.discard(name)
             self._drop(name)
+            self._register(name)
             self._emit([VmEvent("undefined", name, "remove_vm")])
 
     # ------------------------------------------------------------------ per-VM operations

@@ -17,9 +17,16 @@ nothing here inherits the daemon's threads or locks. This module owns the server
    missed). The first transition is the client's attach: every name is then unlinked
    (GEOPM does the same), both sides keep their mappings.
 3. Ending (client quit or exit, daemon stop or exit, a signal): tell a waiting client
-   (``q``), restore every control written (the session's restore journal, saved before
-   each first write), remove the files, exit. A restore that fails leaves the journal in
-   the session directory for the daemon to retry.
+   (``q``), remove the files, exit. On the client's quit the server first tells the
+   daemon that the session's limits go, so the CPUs are as before when the client's
+   stop returns; otherwise the daemon drops them when it reaps the server.
+
+Controls (issue #12, point 5): the server never writes a cpufreq file. A ``w``
+transition's values become the session's frequency limits, sent to the daemon's control
+socket (``session_limits``, accepted only from this server's pid), where the daemon's
+one arbiter applies them as the session's wishes and its restore journal records the
+true originals. The session directory's journal is kept for sessions of older
+versions a crash left behind.
 
 VM signals: the server opens its own read-only libvirt connection to the daemon's URI
 (it is a fresh process, so that is safe), only when a VM signal is asked for.
@@ -38,8 +45,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from vmpower import control
 from vmpower.barrier import CHILD, Barrier, BarrierFds, BarrierTimeout
-from vmpower.errors import VmpowerError
+from vmpower.errors import ControlError, TelemetryError, VmpowerError
 from vmpower.events import EventQueue
 from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
@@ -55,12 +63,15 @@ from vmpower.telemetry.session import (
     session_prefix,
 )
 from vmpower.telemetry.shm import KIND_CONTROLS, KIND_SIGNALS, ValueBuffer
-from vmpower.telemetry.sources import ControlApplier, LibvirtVmTimes, Sampler, Sources
+from vmpower.telemetry.sources import ControlApplier, LibvirtVmTimes, Limits, Sampler, Sources
 
 log = logging.getLogger("vmpower.batch")
 
 ENERGY_REFRESH_S = 30.0
 """How often energy counters are read even when nobody asks (a wrap takes minutes)."""
+
+SEND_TIMEOUT_S = 3.0
+"""How long a control write waits for the daemon (it answers in one loop turn)."""
 
 EXIT_OK = 0
 EXIT_SETUP_FAILED = 2
@@ -119,7 +130,7 @@ class BatchServer:
             sysfs, Sysfs(spec.powercap_root), Path(spec.proc_root), topology, vm_times, self.clock
         )
         self.sampler = Sampler(self.sources, spec.signals)
-        self.applier = ControlApplier(self.sources, spec.controls)
+        self.applier = ControlApplier(self.sources, spec.controls, self._send_limits)
         # Stale files of a crashed session with this key go first (same name maker).
         remove_session_files(spec.shm_dir, spec.key)
         owner = spec.owner
@@ -134,6 +145,22 @@ class BatchServer:
         )
         if spec.period_s is not None:
             self.signals.write(self.sampler.sample())  # continuous readers start with data
+
+    def _send_limits(self, limits: Limits) -> None:
+        """The session's limits to the daemon, which applies and journals them (the one
+        writer of cpufreq files, issue #12 point 5); TelemetryError with its refusal."""
+        if not self.spec.control_socket:
+            raise TelemetryError("no daemon control socket to send controls to")
+        try:
+            control.request(
+                self.spec.control_socket,
+                "session_limits",
+                timeout_s=SEND_TIMEOUT_S,
+                server_key=self.spec.key,
+                limits=[[cpu, lo, hi] for cpu, (lo, hi) in sorted(limits.items())],
+            )
+        except ControlError as exc:
+            raise TelemetryError(str(exc)) from None
 
     def _watch_client(self) -> None:
         spec = self.spec
@@ -259,6 +286,11 @@ class BatchServer:
             channel.finish()
         elif code == "q":
             # Restore before answering: when the client's stop returns, it is done.
+            assert self.applier is not None
+            try:
+                self.applier.release()
+            except VmpowerError as exc:  # the daemon drops them when it reaps this server
+                log.warning("session %s: releasing its limits: %s", self.spec.key, exc)
             self._restore()
             channel.finish()
             self._end("the client quit")

@@ -17,9 +17,10 @@ channel and placed its barrier (``vmpower.barrier``); a server that fails says w
 one line on its stdout, and that line is the refusal. The barrier stays: the daemon
 aborts it to stop a session, and a server whose daemon died sees the barrier's pipe hang
 up and ends itself. The daemon hears of a server's exit through a pidfd on its monitor
-loop. While a session runs, its MIN/MAX frequency controls and the daemon's own
-frequency requests act on the same files (the last writer wins); the daemon drops its
-cached view of those CPUs when the session starts and ends.
+loop. A session's MIN/MAX frequency controls are written by the daemon alone: its
+server sends them (``session_limits``, accepted from that server's pid only) and the
+daemon's arbiter applies them as the session's limit wishes, journaled once by the
+daemon's restore journal; they go when the session ends (issue #12, point 5).
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ class Session:
     pidfd: int
     cpus: tuple[int, ...]
     started_at: float
+    # Whether its limits may go on host CPUs a VM is pinned to (root's sessions only:
+    # rights are fixed when the session starts).
+    vm_cpus_allowed: bool = False
+
+    @property
+    def owner(self) -> str:
+        """Its name among a CPU's wishers (``show_cpus``)."""
+        return f"session:{self.spec.key}"
 
     def row(self) -> dict[str, Any]:
         spec = self.spec
@@ -201,6 +210,7 @@ class BatchService:
         cpufreq: Any = None,
         hypervisor: Any = None,
         *,
+        power: Any = None,
         python: str = sys.executable,
         access: AccessLists | None = None,
         clock: Callable[[], float] = time.time,
@@ -209,11 +219,21 @@ class BatchService:
         self.monitor = monitor
         self.cpufreq = cpufreq
         self.hypervisor = hypervisor
+        # The daemon's one arbiter (PowerManager): sessions' control writes are its
+        # wishes, journaled by the daemon's restore journal.
+        self.power = power
         self.python = python
         self.access = access or AccessLists(config.telemetry.access_dir)
         self.clock = clock
         self.sessions_dir = config.state.dir / SESSIONS_DIR
         self.sessions: dict[str, Session] = {}
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: telemetry.* and cpufreq.reserved_cpus apply to the
+        sessions started from now on (running ones keep what they were given)."""
+        if config.telemetry.access_dir != self.config.telemetry.access_dir:
+            self.access = AccessLists(config.telemetry.access_dir)
+        self.config = config
 
     # -- life -------------------------------------------------------------------------
 
@@ -246,6 +266,11 @@ class BatchService:
                 changes=True,
                 help="stop a batch server (its controls are restored)",
             ),
+            "session_limits": Command(
+                self.cmd_session_limits,
+                changes=True,
+                help="(batch servers only) a session's frequency limits",
+            ),
             "list_batches": Command(self.cmd_list_batches, help="running batch sessions"),
             "list_signals": Command(
                 self.cmd_list_signals, help="signals and controls, with your access"
@@ -268,7 +293,15 @@ class BatchService:
         topology = self.topology()
         signals = [topology.resolve(r) for r in signals]
         controls = [topology.resolve(r, write=True) for r in controls]
-        self.access.check(cred.uid, cred.gid, signals, controls)
+        rights = self.access.check(cred.uid, cred.gid, signals, controls)
+        reserved = sorted(
+            set(_controlled_cpus(topology, controls)) & self.config.cpufreq.reserved_cpus
+        )
+        if reserved:
+            raise TelemetryError(
+                f"host CPU {', '.join(map(str, reserved))} is reserved (cpufreq.reserved_cpus):"
+                " no control may be written there"
+            )
         ticks = process_start_ticks(cred.pid)
         if ticks is None:
             raise TelemetryError(f"the client (pid {cred.pid}) has exited")
@@ -289,6 +322,7 @@ class BatchService:
             libvirt_uri=cfg.libvirt.uri,
             daemon_pid=os.getpid(),
             created_at=self.clock(),
+            control_socket=str(cfg.control.socket),
         )
         session_dir = self.sessions_dir / key
         self.sessions_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -309,7 +343,9 @@ class BatchService:
             barrier.destroy()
             finish_session(session_dir)
             raise TelemetryError(f"cannot watch the batch server: {exc}") from None
-        session = Session(spec, session_dir, proc, barrier, pidfd, cpus, self.clock())
+        session = Session(
+            spec, session_dir, proc, barrier, pidfd, cpus, self.clock(), rights.everything
+        )
         self.sessions[key] = session
         self.monitor.add_reader(pidfd, lambda _fd, k=key: self._reap(k))
         self._forget(cpus)
@@ -343,6 +379,34 @@ class BatchService:
         status = self._wait(session, STOP_TIMEOUT_S)
         self._reap(key)
         return {"server_key": key, "stopped": True, "exit_status": status}
+
+    def cmd_session_limits(self, req: dict[str, Any], cred: PeerCred) -> dict[str, Any]:
+        """A batch server's control write: its session's limits, as wishes of the daemon's
+        arbiter (owner ``session:<key>``), replacing the session's previous ones.
+
+        Only the session's own server may send it: the peer's pid must be the server's
+        (the daemon's unreaped child, so the pid cannot have been reused).
+        """
+        key = check_key(req.get("server_key"))
+        session = self.sessions.get(key)
+        if session is None or cred.pid != session.proc.pid:
+            raise TelemetryError("session_limits is for a batch session's own server")
+        if self.power is None:
+            raise TelemetryError("this daemon applies no controls")
+        limits = _parse_limits(req.get("limits"), session.cpus)
+        if not session.vm_cpus_allowed and self.hypervisor is not None:
+            for name, vm in sorted(self.hypervisor.vms().items()):
+                taken = sorted(set(limits) & vm.pcpus()) if vm.active else []
+                if taken:
+                    raise TelemetryError(
+                        f"host CPU {', '.join(map(str, taken))} belongs to VM {name}: only"
+                        " root's sessions may set limits on a VM's CPUs"
+                    )
+        try:
+            self.power.set_limits(session.owner, limits)
+        except VmpowerError as exc:
+            raise TelemetryError(str(exc)) from None
+        return {"server_key": key, "cpus": sorted(limits)}
 
     def cmd_list_batches(self, _req: dict[str, Any], cred: PeerCred) -> list[dict[str, Any]]:
         # A server that just exited may not have been reaped yet (its pidfd is handled
@@ -399,8 +463,20 @@ class BatchService:
         session.barrier.destroy()
         if session.session_dir.exists():
             finish_session(session.session_dir)
+        self._release(session)
         self._forget(session.cpus)
         log.info("batch session %s ended (server exit status %d)", key, status)
+
+    def _release(self, session: Session) -> None:
+        """The session is over: its limits go now (CPUs left to nobody are restored)."""
+        if self.power is None:
+            return
+        try:
+            self.power.set_limits(session.owner, {})
+        except VmpowerError as exc:
+            log.error(
+                "batch session %s: its limits could not be released: %s", session.spec.key, exc
+            )
 
     def _forget(self, cpus: tuple[int, ...]) -> None:
         if self.cpufreq is None:
@@ -425,6 +501,32 @@ def _period(value: Any) -> float | None:
             f"period_s must be a number of seconds >= {MIN_PERIOD_S}, not {value!r}"
         )
     return float(value)
+
+
+MAX_LIMIT_KHZ = 1 << 40  # far above any CPU: a bigger number is a bad request
+
+
+def _parse_limits(value: Any, cpus: tuple[int, ...]) -> dict[int, tuple[int | None, int | None]]:
+    """``[[cpu, min_khz or null, max_khz or null], ...]`` → {cpu: (min, max)}; only the
+    session's own CPUs (fixed at its start), each once."""
+    if not isinstance(value, list) or len(value) > len(cpus):
+        raise TelemetryError("limits must be a list of [cpu, min_khz, max_khz], one per CPU")
+    out: dict[int, tuple[int | None, int | None]] = {}
+    for item in value:
+        if not isinstance(item, list) or len(item) != 3:
+            raise TelemetryError(f"bad limit {item!r}: expected [cpu, min_khz, max_khz]")
+        cpu, lo, hi = item
+        if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu not in cpus or cpu in out:
+            raise TelemetryError(f"bad limit {item!r}: host CPU not one of this session's")
+        for khz in (lo, hi):
+            if khz is not None and (
+                isinstance(khz, bool) or not isinstance(khz, int) or not 0 < khz < MAX_LIMIT_KHZ
+            ):
+                raise TelemetryError(f"bad limit {item!r}: kHz must be a positive integer")
+        if lo is None and hi is None:
+            continue
+        out[cpu] = (lo, hi)
+    return out
 
 
 def _controlled_cpus(topology: Topology, controls: list[Request]) -> tuple[int, ...]:

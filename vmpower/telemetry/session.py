@@ -105,6 +105,9 @@ class SessionSpec:
     pid_root: str = "/proc"
     daemon_pid: int = 0
     created_at: float = 0.0
+    # The daemon's control socket: the server sends its control writes there, to be
+    # arbitrated and journaled by the daemon (issue #12, point 5).
+    control_socket: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -146,6 +149,7 @@ class SessionSpec:
                 pid_root=_str(data, "pid_root"),
                 daemon_pid=_int(data, "daemon_pid"),
                 created_at=float(data.get("created_at", 0.0)),
+                control_socket=str(data.get("control_socket", "")),
             )
         except KeyError as exc:
             raise TelemetryError(f"{source}: missing {exc.args[0]!r}") from None

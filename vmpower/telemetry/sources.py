@@ -25,8 +25,9 @@ Kernel and platform rules behind the readers:
 * Frequency limits: the kernel clamps ``scaling_min/max_freq`` into
   ``cpuinfo_min_freq..cpuinfo_max_freq`` silently and refuses (kernels before 5.3) or
   clamps a minimum above the maximum; vmpower refuses both with a clear error before
-  writing anything, and writes the two limits with ``vmpower.cpufreq.limits.write_limits``
-  (the one place that orders them so min <= max holds in between).
+  sending anything. The daemon writes them (``vmpower.power``, with
+  ``vmpower.cpufreq.limits.write_limits``, the one place that orders them so
+  min <= max holds in between): the batch server never writes a cpufreq file.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from vmpower.cpufreq.limits import write_limits
 from vmpower.errors import SysfsError, TelemetryError, VmpowerError
 from vmpower.sysfs import Reader, Sysfs
 from vmpower.telemetry.catalog import CPU_DIR, VM, Request, Topology, signal_info
@@ -527,19 +527,31 @@ class Sampler:
 _LIMITS = {"CPU_FREQUENCY_MIN_CONTROL": "min", "CPU_FREQUENCY_MAX_CONTROL": "max"}
 
 
-class ControlApplier:
-    """Applies a session's control values, all validated before the first write.
+Limits = dict[int, tuple[int | None, int | None]]
+"""A session's frequency limits: host CPU → (minimum kHz or None, maximum kHz or None)."""
 
-    The writes go through ``sysfs`` (with the session's restore journal attached), so
-    every original is saved before it is first changed. A NaN value leaves its control
-    alone.
+
+class ControlApplier:
+    """Turns a session's control values into its frequency limits and hands them over.
+
+    The batch server never writes cpufreq files itself: ``send`` gives the session's
+    whole set of limits to the daemon, whose one arbiter applies them as the session's
+    wishes, with the same rules as every other requester, journaled once by the
+    daemon's restore journal (issue #12, point 5; docs/telemetry.md, "Controls").
+    Values are checked before anything is sent: a finite frequency in Hz inside
+    ``cpuinfo_min_freq..cpuinfo_max_freq``, never a minimum above the session's own
+    maximum. A NaN value leaves its control as it was; a refused write keeps the limits
+    as they were before it.
     """
 
-    def __init__(self, sources: Sources, requests: Sequence[Request]) -> None:
-        self._sysfs = sources.sysfs
+    def __init__(
+        self, sources: Sources, requests: Sequence[Request], send: Callable[[Limits], None]
+    ) -> None:
+        self._send = send
         self.requests = list(requests)
         self._targets: list[tuple[str, tuple[int, ...]]] = []
         self._files: dict[int, dict[str, Reader]] = {}
+        self.held: Limits = {}
         for request in self.requests:
             info = signal_info(request.name)
             if not info.writable or request.name not in _LIMITS:
@@ -554,16 +566,15 @@ class ControlApplier:
                 self._files[cpu] = {
                     "hw_min": sources.cpufreq_file(cpu, "cpuinfo_min_freq", what),
                     "hw_max": sources.cpufreq_file(cpu, "cpuinfo_max_freq", what),
-                    "min": sources.cpufreq_file(cpu, "scaling_min_freq", what),
-                    "max": sources.cpufreq_file(cpu, "scaling_max_freq", what),
                 }
             self._targets.append((_LIMITS[request.name], tuple(cpus)))
 
     def apply(self, values: Sequence[float]) -> int:
-        """Write ``values`` (Hz, in request order); returns how many files were written."""
+        """Hand ``values`` (Hz, in request order) over; returns how many CPUs they name."""
         if len(values) != len(self.requests):
             raise TelemetryError(f"expected {len(self.requests)} control values, got {len(values)}")
-        wanted: dict[int, dict[str, tuple[int, Request]]] = {}
+        held = dict(self.held)
+        touched: set[int] = set()
         for request, (limit, cpus), value in zip(self.requests, self._targets, values, strict=True):
             if math.isnan(value):
                 continue
@@ -571,40 +582,37 @@ class ControlApplier:
                 raise TelemetryError(f"{request}: {value!r} is not a frequency in Hz")
             khz = round(value / 1000)
             for cpu in cpus:
-                wanted.setdefault(cpu, {})[limit] = (khz, request)
-        plan: list[tuple[int, int, int, int, int]] = []  # cpu, new min, max, current min, max
-        try:
-            for cpu, limits in sorted(wanted.items()):
                 files = self._files[cpu]
-                hw_min, hw_max = files["hw_min"].read_int(), files["hw_max"].read_int()
-                cur_min, cur_max = files["min"].read_int(), files["max"].read_int()
-                for khz, request in limits.values():
-                    if not hw_min <= khz <= hw_max:
-                        raise TelemetryError(
-                            f"{request}: {khz * 1000} Hz is outside cpu {cpu}'s"
-                            f" {hw_min * 1000}-{hw_max * 1000} Hz"
-                            " (cpuinfo_min_freq-cpuinfo_max_freq)"
-                        )
-                new_min = limits["min"][0] if "min" in limits else cur_min
-                new_max = limits["max"][0] if "max" in limits else cur_max
-                if new_min > new_max:
+                try:
+                    hw_min, hw_max = files["hw_min"].read_int(), files["hw_max"].read_int()
+                except SysfsError as exc:
+                    raise TelemetryError(f"cannot read cpu {cpu}'s range: {exc}") from None
+                if not hw_min <= khz <= hw_max:
                     raise TelemetryError(
-                        f"cpu {cpu}: minimum {new_min * 1000} Hz would be above maximum"
-                        f" {new_max * 1000} Hz (scaling_min_freq must not exceed"
-                        " scaling_max_freq)"
+                        f"{request}: {khz * 1000} Hz is outside cpu {cpu}'s"
+                        f" {hw_min * 1000}-{hw_max * 1000} Hz"
+                        " (cpuinfo_min_freq-cpuinfo_max_freq)"
                     )
-                plan.append((cpu, new_min, new_max, cur_min, cur_max))
-        except SysfsError as exc:
-            raise TelemetryError(f"cannot read the current limits: {exc}") from None
-        written = 0
-        for cpu, new_min, new_max, cur_min, cur_max in plan:
-            try:
-                written += write_limits(self._sysfs, cpu, new_min, new_max, cur_min, cur_max)
-            except VmpowerError as exc:
+                lo, hi = held.get(cpu, (None, None))
+                held[cpu] = (khz, hi) if limit == "min" else (lo, khz)
+                touched.add(cpu)
+        for cpu in sorted(touched):
+            lo, hi = held[cpu]
+            if lo is not None and hi is not None and lo > hi:
                 raise TelemetryError(
-                    f"cpu {cpu}: writing its frequency limits failed: {exc}"
-                ) from None
-        return written
+                    f"cpu {cpu}: minimum {lo * 1000} Hz would be above maximum"
+                    f" {hi * 1000} Hz (scaling_min_freq must not exceed scaling_max_freq)"
+                )
+        if touched:
+            self._send(held)
+            self.held = held
+        return len(touched)
+
+    def release(self) -> None:
+        """The session's limits go (the client quit): the daemon restores what is left."""
+        if self.held:
+            self._send({})
+            self.held = {}
 
     def cpus(self) -> list[int]:
         return sorted(self._files)
