@@ -1,0 +1,258 @@
+"""The Prometheus endpoint of the real daemon: families, exact counts, energy, hostile clients.
+
+vmpowerd runs as a subprocess on libvirt's test driver and a simulated sysfs with an
+intel-rapl zone (vmpower.cpufreq.simulate.add_rapl_zone); the test plays QEMU and the
+guests, scrapes GET /metrics over TCP and reads it with prometheus_client's parser.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_support import RunningAgent
+from prometheus_client.parser import text_string_to_metric_families
+
+from vmpower import protocol
+from vmpower.config import config_from_dict
+from vmpower.cpufreq.simulate import RAPL_DIR, add_rapl_zone
+from vmpower.devtools import ChannelHost, make_request, wait_for
+from vmpower.errors import ConfigError
+from vmpower.protocol import Command, CoreType, ReplyCode, Unit
+
+ACK, NACK = int(ReplyCode.ACK), int(ReplyCode.NACK)
+FAMILIES = {
+    "vmpower_requests": ("counter", {"vm", "result"}),
+    "vmpower_refusals": ("counter", {"vm", "reason"}),
+    "vmpower_cpu_frequency_hertz": ("gauge", {"cpu"}),
+    "vmpower_cpu_target_frequency_hertz": ("gauge", {"cpu"}),
+    "vmpower_libvirt_connected": ("gauge", set()),
+    "vmpower_restore_pending_files": ("gauge", set()),
+    "vmpower_channels": ("gauge", {"vm", "state"}),
+    "vmpower_vm_info": ("gauge", {"vm", "uuid"}),
+    "vmpower_package_energy_joules": ("counter", {"package"}),
+    "vmpower_vm_energy_joules": ("counter", {"vm"}),
+    "vmpower_host_energy_joules": ("counter", {"package"}),
+}
+
+
+VMPOWER = [sys.executable, "-m", "vmpower.shell"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def power(host: ChannelHost, unit: Unit, resource_id: int = 0, **fields: object) -> int:
+    reply = host.request(make_request(Command.CPU_POWER, unit, resource_id, **fields))
+    return protocol.peek_header(reply)[2]
+
+
+def scrape(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name → [(labels, value)], from prometheus_client's parser."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def value(found: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    matches = [
+        v for lab, v in found.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
+    ]
+    assert len(matches) == 1, f"{name}{labels}: {matches}"
+    return matches[0]
+
+
+class MetricsAgent(RunningAgent):
+    def __init__(self, tmp_path: Path, **kw: object) -> None:
+        self.port = free_port()
+        settings = {
+            "metrics": {"listen": f"127.0.0.1:{self.port}"},
+            # batch sessions read the same simulated zone
+            "telemetry": {"powercap_root": str(tmp_path / "sysfs" / RAPL_DIR)},
+        }
+        super().__init__(tmp_path, settings=settings)
+        # A package zone that wraps at 2000 J: a 100 W test crosses it.
+        self.max_uj = 2_000_000_000
+        self.energy_file = add_rapl_zone(
+            self.sysfs_root, 0, energy_uj=self.max_uj - 150_000_000, max_energy_range_uj=self.max_uj
+        )
+
+    def start(self, accept: bool = True, env: dict[str, str] | None = None) -> MetricsAgent:
+        super().start(accept, env)
+        # The endpoint is bound right after the control socket: wait for it too.
+        assert wait_for(self._listening, 30), self.log()
+        return self
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+        except OSError:
+            return False
+        return True
+
+    def metrics(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        status, text = scrape(self.port)
+        assert status == 200, text
+        return samples(text)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[MetricsAgent]:
+    running = MetricsAgent(tmp_path)
+    try:
+        yield running.start()
+    finally:
+        running.close()
+
+
+def test_every_family_with_its_labels_and_the_exact_counts(agent: MetricsAgent) -> None:
+    vm1, vm2 = agent.hosts["vm1.0"], agent.hosts["vm2.0"]
+    sent = {"ack": 0, "nack": 0}
+    for unit in (Unit.SCALE_MAX, Unit.SCALE_DOWN, Unit.SCALE_MIN):
+        assert power(vm1, unit, 0) == ACK
+        sent["ack"] += 1
+    assert power(agent.hosts["vm1.1"], Unit.SCALE_MAX, 1) == ACK
+    sent["ack"] += 1
+    assert power(vm1, Unit.SCALE_MAX, 2) == NACK  # vm1 has vCPUs 0 and 1 only
+    assert power(vm1, Unit.SCALE_MAX, 4, core_type=CoreType.PHYSICAL) == NACK  # vm2's CPU
+    assert power(vm1, Unit.SCALE_MIN, 0, vm_name="vm2") == NACK  # speaks for another VM
+    assert power(vm1, 99, 0) == NACK  # no such unit
+    sent["nack"] += 4
+    assert power(vm2, Unit.SCALE_MAX, 1) == ACK
+
+    found = agent.metrics()
+    for family, (kind, labels) in FAMILIES.items():
+        name = f"{family}_total" if kind == "counter" else family
+        assert name in found, f"{name} missing"
+        for sample_labels, _value in found[name]:
+            assert set(sample_labels) == labels, (name, sample_labels)
+    assert value(found, "vmpower_requests_total", vm="vm1", result="ack") == sent["ack"]
+    assert value(found, "vmpower_requests_total", vm="vm1", result="nack") == sent["nack"]
+    assert value(found, "vmpower_requests_total", vm="vm2", result="ack") == 1
+    assert value(found, "vmpower_requests_total", vm="vm2", result="nack") == 0
+    assert value(found, "vmpower_refusals_total", vm="vm1", reason="not_permitted") == 3
+    assert value(found, "vmpower_refusals_total", vm="vm1", reason="invalid") == 1
+    assert value(found, "vmpower_channels", vm="vm1", state="connected") == 2
+    assert value(found, "vmpower_channels", vm="vm1", state="disconnected") == 0
+    uuid = agent.control("show_vm", vm="vm1")["uuid"]
+    assert value(found, "vmpower_vm_info", vm="vm1", uuid=uuid) == 1
+    assert value(found, "vmpower_libvirt_connected") == 1
+    assert value(found, "vmpower_restore_pending_files") > 0  # vm1's and vm2's CPUs changed
+    for cpu in range(8):
+        hz = value(found, "vmpower_cpu_frequency_hertz", cpu=str(cpu))
+        assert hz == int(agent.read(cpu, "scaling_cur_freq")) * 1000
+    # vm1's vCPU 0 → host CPU 2, at its minimum; vm2's vCPU 1 → CPU 4, at its maximum (no turbo)
+    assert value(found, "vmpower_cpu_target_frequency_hertz", cpu="2") == agent.setspeed(2) * 1000
+    assert value(found, "vmpower_cpu_target_frequency_hertz", cpu="4") == agent.setspeed(4) * 1000
+    assert not [s for s in found["vmpower_cpu_target_frequency_hertz"] if s[0]["cpu"] == "0"]
+
+
+def test_energy_at_100_watts_with_a_wrap_and_balanced_books(agent: MetricsAgent) -> None:
+    start_uj = agent.max_uj - 150_000_000
+    stop = threading.Event()
+
+    def hundred_watts() -> None:  # the package counter advances as at 100 W, and wraps
+        t0 = time.monotonic()
+        while not stop.is_set():
+            spent_uj = int((time.monotonic() - t0) * 100e6)
+            agent.energy_file.write_text(f"{(start_uj + spent_uj) % (agent.max_uj + 1)}\n")
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=hundred_watts, daemon=True)
+    writer.start()
+    try:
+        first = agent.metrics()
+        time.sleep(4.0)  # the counter wraps past max_energy_range_uj meanwhile
+        second = agent.metrics()
+    finally:
+        stop.set()
+        writer.join()
+
+    def books(found: dict[str, list[tuple[dict[str, str], float]]]) -> tuple[float, float]:
+        package = sum(v for _l, v in found["vmpower_package_energy_joules_total"])
+        shared = (
+            sum(v for _l, v in found["vmpower_vm_energy_joules_total"])
+            + sum(v for _l, v in found["vmpower_host_energy_joules_total"])
+            + value(found, "vmpower_departed_vm_energy_joules_total")
+        )
+        return package, shared
+
+    for found in (first, second):
+        package, shared = books(found)
+        assert shared == pytest.approx(package, rel=0.01, abs=1e-6)
+    elapsed_s = value(second, "vmpower_snapshot_timestamp_seconds") - value(
+        first, "vmpower_snapshot_timestamp_seconds"
+    )
+    watts = (books(second)[0] - books(first)[0]) / elapsed_s
+    assert watts == pytest.approx(100.0, rel=0.10)
+    # libvirt's test driver advances every running vCPU's time: each VM got a share
+    vm_energy = {lab["vm"]: v for lab, v in second["vmpower_vm_energy_joules_total"]}
+    assert vm_energy.get("vm1", 0) > 0 and vm_energy.get("vm2", 0) > 0
+    shown = agent.control("show_vm", vm="vm1")["energy_j"]
+    assert shown >= vm_energy["vm1"]
+
+
+def test_only_get_metrics_and_hostile_clients_do_not_hold_the_guests(
+    agent: MetricsAgent,
+) -> None:
+    assert scrape(agent.port, "/")[0] == 404
+    assert scrape(agent.port, "/metrics", method="POST")[0] == 405
+    assert scrape(agent.port, "/metrics", method="HEAD")[0] == 200
+    # Clients that connect and say nothing take every slot...
+    idle = [socket.create_connection(("127.0.0.1", agent.port)) for _ in range(8)]
+    try:
+        assert wait_for(lambda: scrape(agent.port)[0] == 503, 10)
+        # ...and guests are served all the same: the loop never waits on the endpoint
+        for _ in range(20):
+            assert power(agent.hosts["vm1.0"], Unit.SCALE_MAX, 0) == ACK
+    finally:
+        for conn in idle:
+            conn.close()
+    assert wait_for(lambda: scrape(agent.port)[0] == 200, 30)
+
+
+def test_one_shot_read_of_an_interval_signal_prints_nan(agent: MetricsAgent) -> None:
+    for signal, domain, index in (("CPU_POWER", "package", "0"), ("VM_ENERGY", "vm", "vm1")):
+        done = subprocess.run(
+            [*VMPOWER, "--socket", str(agent.socket), "read", signal, domain, index],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, "nan\n", ""), signal
+
+
+def test_metrics_off_by_default_and_listen_is_checked() -> None:
+    assert config_from_dict({}).metrics.listen == ""
+    assert config_from_dict({"metrics": {"listen": "[::1]:9814"}}).metrics.listen == "[::1]:9814"
+    for bad, reason in [
+        ("9814", "host:port"),
+        ("::1:9814", "in brackets"),
+        ("127.0.0.1:70000", "1-65535"),
+        (9814, "host:port"),
+    ]:
+        with pytest.raises(ConfigError, match=reason) as info:
+            config_from_dict({"metrics": {"listen": bad}}, "f.toml")
+        assert "metrics.listen" in str(info.value)
