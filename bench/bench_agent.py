@@ -98,14 +98,16 @@ class Node:
 # -- building ---------------------------------------------------------------------------
 
 
-def build_programs(build_dir: Path = BUILD_DIR) -> dict[str, Path]:
+def build_programs(
+    build_dir: Path = BUILD_DIR, names: tuple[str, ...] = PROGRAMS
+) -> dict[str, Path]:
     """gcc -O2 each bench/c/<name>.c into ``build_dir`` when the source is newer."""
     build_dir.mkdir(parents=True, exist_ok=True)
     gcc = shutil.which("gcc")
     if gcc is None:
         raise RuntimeError("gcc not found: the agent bench builds its C load generator with it")
     built = {}
-    for name in PROGRAMS:
+    for name in names:
         source = C_SOURCES / f"{name}.c"
         binary = build_dir / name
         if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:

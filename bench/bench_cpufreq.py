@@ -8,7 +8,7 @@ pays a dictionary lookup. Figures: µs per step (p50, mean) and steps per second
 the floor: one bare ``Sysfs.write`` (acpi-cpufreq writes one file per step, the
 min/max drivers two).
 
-``hosts``: the same on trees of recorded real hosts (tests/data/cpufreq/), stepping
+``hosts``: the same on trees of recorded real hosts (tests/data/real-hosts/), stepping
 between the turbo ceiling and the non-turbo maximum with turbo on: on an AMD
 acpi-cpufreq host (milan0) each such step also switches the policy's ``boost``.
 """
@@ -28,7 +28,7 @@ from vmpower.sysfs import Sysfs
 
 STEPS = 4000
 WARMUP = 200
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "data" / "cpufreq"
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "data" / "real-hosts"
 HOSTS = ("spr1", "bdwep0", "icxd0", "milan0", "turin0")
 
 

@@ -407,15 +407,3 @@ def test_every_driver_serves_the_same_requests(tmp_path: Path, driver: str) -> N
         assert agent.stop() == 0
     finally:
         agent.close()
-
-
-def test_cpu_unplugged_while_running_is_refused_then_served_again(agent: RunningAgent) -> None:
-    from vmpower.cpufreq.simulate import set_cpu_online
-
-    vm1 = agent.hosts["vm1.0"]
-    assert power(vm1, Unit.SCALE_MIN, 1) == ACK  # vCPU1 → host CPU 3
-    set_cpu_online(agent.sysfs_root, 3, False)
-    assert wait_for(lambda: power(vm1, Unit.SCALE_MAX, 1) == NACK, 10)
-    assert "offline" in agent.log()
-    set_cpu_online(agent.sysfs_root, 3, True)
-    assert wait_for(lambda: power(vm1, Unit.SCALE_MIN, 1) == ACK, 10)

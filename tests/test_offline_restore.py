@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from agent_support import RunningAgent
 
-from vmpower import daemon, offline
-
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[RunningAgent]:
@@ -57,7 +55,3 @@ def test_restore_after_kill_9_puts_every_setting_back(agent: RunningAgent) -> No
     again = restore("--json", "--config", str(agent.config_path))
     assert again.returncode == 0
     assert json.loads(again.stdout)["restored"] == []
-
-
-def test_the_lock_is_the_daemons() -> None:
-    assert offline.LOCK_NAME == daemon.LOCK_NAME

@@ -1,4 +1,4 @@
-"""vmpower on the cpufreq trees of real hosts (tests/data/cpufreq/*.json).
+"""vmpower on the cpufreq trees of real hosts (tests/data/real-hosts/*.json).
 
 The fixtures are distilled from sysfs recorded on real machines (intel/pepc's
 emulation data, a linux-pm mailing-list dump; provenance in each file). The trees are
@@ -24,7 +24,7 @@ from vmpower.devtools import ChannelHost, make_request
 from vmpower.errors import CpufreqError
 from vmpower.protocol import Command, ReplyCode, Unit
 
-FIXTURES = Path(__file__).resolve().parent / "data" / "cpufreq"
+FIXTURES = Path(__file__).resolve().parent / "data" / "real-hosts"
 CPU = "devices/system/cpu"
 ACK = int(ReplyCode.ACK)
 

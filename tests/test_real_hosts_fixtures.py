@@ -24,17 +24,31 @@ def read(root: Path, rel: str) -> str:
 def test_every_family_has_a_fixture_and_every_fixture_names_its_source():
     families = {load(n)["family"] for n in HOSTS}
     assert set(FAMILIES) <= families
+    assert len(HOSTS) == 47  # pepc's 46 hosts and one linux-pm mailing-list dump
     for name in HOSTS:
         path = real_hosts.DATA / f"{name}.json"
         assert path.stat().st_size < 200_000, name
         prov = load(name)["provenance"]
+        if name == "imx8qxp-mek":  # transcribed by hand from a post to linux-pm
+            assert "linux-pm" in prov["source"] and "Message-ID" in prov["source"]
+            continue
         assert prov["repo"] == "https://github.com/intel/pepc"
         assert prov["commit"] and prov["path"] == f"tests/emul-data/{name}/sys/inlinefiles.txt"
+
+
+def test_one_fixture_directory():
+    """Issue #18: one copy of each recorded host, one format, read by every test and by
+    `vmpower simulate-sysfs --fixture`."""
+    data = real_hosts.DATA.parent
+    assert sorted(p.name for p in data.iterdir() if p.is_dir()) == ["real-hosts"]
+    assert [p.name for p in data.rglob("distill.py")] == ["distill.py"]
 
 
 def test_unknown_host_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="no real-host fixture 'nosuch'"):
         load("nosuch")
+    with pytest.raises(ValueError, match="format None, expected 'vmpower-real-host/1'"):
+        real_hosts.load_fixture(real_hosts.DATA.parent / "dpdk-22.11-guest.json")
 
 
 @pytest.mark.parametrize("name", HOSTS)

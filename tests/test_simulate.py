@@ -322,9 +322,9 @@ def test_snapshot_lists_each_file_once(sim_sysfs):
     assert files[f"{CPU}/present"] == "0-1\n"
 
 
-# -- the simulation against real hosts (tests/data/cpufreq/*.json) -----------------------
+# -- the simulation against real hosts (tests/data/real-hosts/*.json) --------------------
 
-FIXTURES = Path(__file__).resolve().parent / "data" / "cpufreq"
+FIXTURES = Path(__file__).resolve().parent / "data" / "real-hosts"
 # Each recorded host and the build_tree arguments that simulate its driver.
 SHAPES = {
     "spr1": ("intel_pstate", {}),
@@ -383,7 +383,7 @@ def shape(text: str) -> str:
 def test_every_fixture_names_its_source_and_builds(tmp_path):
     for path in sorted(FIXTURES.glob("*.json")):
         fixture = load_fixture(path)
-        assert "recorded" in fixture["provenance"] or "posted" in fixture["provenance"]
+        assert fixture["provenance"].get("repo") or fixture["provenance"].get("source")
         build_from_fixture(tmp_path / path.stem, path, max_cpus=4)
         assert (tmp_path / path.stem / CPU / "cpu0" / "cpufreq" / "scaling_driver").exists()
 
@@ -512,18 +512,22 @@ def test_booted_no_turbo_shows_the_base_and_accepts_turbo_back(tmp_path):
     ("where", "evil"),
     [
         ("global", {"../../../etc/x": "1"}),
+        ("core_types", {"../../x": "0"}),
         ("files", {"../escape": "1"}),
         ("files", {"scaling_governor": "a\nb"}),
-        ("per_policy", {"related_cpus": {"0": "0 ../1"}}),
+        ("cpu_lists", {"related_cpus": {"form": "explicit", "values": {"0": "0 ../1"}}}),
         ("acpi_cppc", {"../x": "1"}),
+        ("volatile_files", ["../x"]),
     ],
 )
 def test_a_fixture_cannot_name_a_path_of_its_choosing(tmp_path, where, evil):
     fixture = load_fixture(FIXTURES / "milan0.json")
-    if where == "global":
-        fixture["global"] = evil
+    if where in ("global", "core_types", "cpu_lists"):
+        fixture[where] = evil
+    elif where == "volatile_files":
+        fixture["shapes"][0][where] = evil
     else:
-        fixture["groups"][0].setdefault(where, {}).update(evil)
+        fixture["shapes"][0][where].update(evil)
     with pytest.raises(ValueError, match="fixture milan0"):
         build_from_fixture(tmp_path / "sys", fixture, max_cpus=2)
     assert not (tmp_path / "escape").exists() and not (tmp_path / "x").exists()

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from vmpower import __version__
-from vmpower.channels import ChannelRegistry, ChannelState
+from vmpower.channels import ChannelRegistry
 from vmpower.control import Command, PeerCred
 from vmpower.cpufreq import CpuFreq
 from vmpower.cpuset import format_cpu_list, parse_cpu_list
+from vmpower.energy import EnergyAccount
 from vmpower.errors import ControlError, CpuListError, VmpowerError
 from vmpower.hypervisor import Hypervisor, VmInfo, VmState
 from vmpower.lifecycle import VmLifecycle
+from vmpower.monitor import LoopStats
 from vmpower.policies import PolicyRecord
 from vmpower.power import PowerManager
 from vmpower.protocol import UNIT_BY_OP
@@ -45,6 +48,9 @@ class AdminCommands:
         lifecycle: VmLifecycle,
         journal: RestoreJournal,
         started_at: float,
+        energy: EnergyAccount | None = None,
+        loop: LoopStats | None = None,
+        conflicts: Callable[[], list[dict[str, object]]] | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.power = power
@@ -53,8 +59,14 @@ class AdminCommands:
         self.lifecycle = lifecycle
         self.journal = journal
         self.started_at = started_at
-        # list_vms: id(VmInfo) → (that VmInfo, its host CPUs as a list), from the last call
-        self._pcpu_text: dict[int, tuple[VmInfo, str]] = {}
+        self.energy = energy  # show_vm's energy_j (None: no intel-rapl zone)
+        self.loop = loop  # status's "loop": how long turns and commands hold the loop
+        # status's "conflicts": other power managers running (vmpower.conflicts)
+        self.conflicts = conflicts
+        # list_vms: each VM's row with what it was built from; rebuilt only when that
+        # changed (issue #16: ~5 us a row built anew, 4000 rows per call).
+        self._rows: dict[str, tuple[tuple[object, ...], dict[str, Any]]] = {}
+        self.rows_built = 0  # list_vms rows built since start (tests/test_scale.py)
 
     def commands(self) -> dict[str, Command]:
         return {
@@ -112,15 +124,15 @@ class AdminCommands:
 
     def cmd_status(self, _req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
         stats = self.power.stats
-        vm_channels = self.channels.vm_channels.values()
+        tally = self.channels.tally  # counted as channels change: no walk of 16 000
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "libvirt": self.hypervisor.status(),
-            "vms": len(self.hypervisor.vms()),
-            "channels": len(vm_channels),
-            "channels_connected": sum(1 for c in vm_channels if c.state is ChannelState.CONNECTED),
+            "vms": self.hypervisor.vm_count(),
+            "channels": len(self.channels.vm_channels),
+            "channels_connected": tally.connected,
             "fifos": sorted(self.channels.fifos),
             "requests": stats.requests,
             "acks": stats.acks,
@@ -130,46 +142,46 @@ class AdminCommands:
             "write_failures": stats.write_failures,
             "pending_restore": self.journal.pending_count(),
             "reserved_cpus": format_cpu_list(self.power.reserved_cpus),
+            "loop": None if self.loop is None else self.loop.report(),
+            # other power managers writing cpufreq too (issue #13): [] when none
+            "conflicts": [] if self.conflicts is None else self.conflicts(),
+            # features unsupported on this host, each with its reason (per CPU: show_cpus)
+            "unsupported": self.cpufreq.unsupported(),
         }
 
     def cmd_list_vms(self, _req: dict[str, Any], _cred: PeerCred) -> list[dict[str, Any]]:
-        # One pass over the channels, not one per VM (issue #16: quadratic, 1.8 s at 4000
-        # VMs on the monitor thread). The CPU list of a VM is formatted once per VmInfo
-        # (a new map is a new VmInfo).
-        counts: dict[str, list[int]] = {}
-        connected_state = ChannelState.CONNECTED
-        for (name, _), channel in self.channels.vm_channels.items():
-            pair = counts.get(name)
-            if pair is None:
-                pair = counts[name] = [0, 0]
-            pair[0] += 1
-            if channel.state is connected_state:
-                pair[1] += 1
-        pcpu_text = self._pcpu_text
-        fresh: dict[int, tuple[VmInfo, str]] = {}
+        # Each row is kept with what it shows (state, vCPUs and their pins, channel counts,
+        # query) and built again only when that changed: at 4000 VMs a call builds no row
+        # when nothing moved (issue #16: a whole rebuild held the loop 20-50 ms). The
+        # channel counts are kept by ChannelRegistry as channels change, not walked.
+        per_vm = self.channels.tally.per_vm
         query = self.power.query_allowed
-        tracked = self.hypervisor.tracked
+        cache = self._rows
+        fresh: dict[str, tuple[tuple[object, ...], dict[str, Any]]] = {}
         rows = []
-        no_channels = [0, 0]
+        no_channels = (0, 0)
         for name, vm in sorted(self.hypervisor.vms().items()):
-            cached = pcpu_text.get(id(vm))
-            if cached is None or cached[0] is not vm:
-                cached = (vm, format_cpu_list(vm.pcpus()))
-            fresh[id(vm)] = cached
-            channels, connected = counts.get(name, no_channels)
-            rows.append(
-                {
-                    "name": name,
-                    "state": vm.state.name.lower(),
-                    "vcpus": vm.vcpu_count,
-                    "pcpus": cached[1],
-                    "tracked": tracked(name),
-                    "channels": channels,
-                    "connected": connected,
-                    "query": name in query,
-                }
-            )
-        self._pcpu_text = fresh
+            channels, connected = per_vm.get(name, no_channels)
+            key = (vm.state, vm.vcpu_count, vm.vcpu_pcpus, channels, connected, name in query)
+            kept = cache.get(name)
+            if kept is None or kept[0] != key:
+                self.rows_built += 1
+                kept = (
+                    key,
+                    {
+                        "name": name,
+                        "state": vm.state.name.lower(),
+                        "vcpus": vm.vcpu_count,
+                        "pcpus": format_cpu_list(vm.pcpus()),
+                        "tracked": True,  # every VM Hypervisor.vms() returns is tracked
+                        "channels": channels,
+                        "connected": connected,
+                        "query": key[5],
+                    },
+                )
+            fresh[name] = kept
+            rows.append(kept[1])
+        self._rows = fresh
         return rows
 
     def cmd_show_vm(self, req: dict[str, Any], _cred: PeerCred) -> dict[str, Any]:
@@ -209,6 +221,9 @@ class AdminCommands:
             "channels": channels,
             "query": vm.name in self.power.query_allowed,
             "policy": policy_row(policy) if policy else None,
+            # Its share of the packages' energy since vmpowerd started (vmpower.energy);
+            # null on a host without intel-rapl zones.
+            "energy_j": None if self.energy is None else self.energy.vm_energy_j(vm.name),
         }
 
     def cmd_show_cpus(self, req: dict[str, Any], _cred: PeerCred) -> list[dict[str, Any]]:
@@ -222,9 +237,11 @@ class AdminCommands:
         rows = []
         for cpu in cpus:
             if not self.cpufreq.online(cpu):
-                rows.append({"cpu": cpu, "online": False})
+                rows.append({"cpu": cpu, "online": False, "policy": self.cpufreq.policy_name(cpu)})
                 continue
             row = self.power.cpu_report(cpu)
+            # What it cannot do and why: no turbo, no EPP, a policy shared with others, ...
+            row["unsupported"] = self.cpufreq.unsupported_on(cpu)
             try:
                 # e.g. hybrid LP E-cores whose base_frequency is their minimum
                 note = self.cpufreq.note(cpu)

@@ -12,7 +12,9 @@ Choices (``log.level``) are accepted in any case.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +146,20 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = field(
+        default="",
+        metadata={
+            "kind": "listen",
+            "doc": 'Prometheus endpoint host:port, e.g. "127.0.0.1:9814" (empty: off)',
+        },
+    )
+    energy_period_s: float = _opt(
+        1.0, "per-VM energy accounting period (intel-rapl, vCPU times)", minimum=0.1
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     channels: ChannelsConfig = field(default_factory=ChannelsConfig)
@@ -153,6 +169,40 @@ class Config:
     policies: PoliciesConfig = field(default_factory=PoliciesConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """``metrics.listen``: "host:port" or "[v6]:port" → (host, port); "" → None (off).
+
+    Any address is allowed (a fleet's Prometheus scrapes from elsewhere); the unit file
+    lets only loopback through until a drop-in opens more (config/vmpowerd.service).
+    Raises ValueError with the reason.
+    """
+    if text == "":
+        return None
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep or ":" not in host:
+            raise ValueError(f'an IPv6 address is written "[::1]:9814", got {text!r}')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f'must be "host:port" like "127.0.0.1:9814", got {text!r}')
+        if ":" in host:
+            raise ValueError(f'an IPv6 address goes in brackets: "[{host}]:{port_text}"')
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{host!r} is not an IPv4 address or a host name")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
 
 
 def load_config(path: str | Path) -> Config:
@@ -218,6 +268,14 @@ def _build_section(
 
 
 def _convert(hint: Any, meta: Any, raw: Any, dotted: str, file: str, base: Path | None) -> Any:
+    if meta.get("kind") == "listen":
+        if not isinstance(raw, str):
+            raise ConfigError(file, dotted, f'must be a "host:port" string, got {raw!r}')
+        try:
+            parse_listen(raw)
+        except ValueError as exc:
+            raise ConfigError(file, dotted, str(exc)) from None
+        return raw
     if meta.get("kind") == "cpus":
         if isinstance(raw, list) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in raw

@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +300,7 @@ class ControlServer:
         command = self.commands.get(name)
         if command is None:
             raise _Failure("unknown command", _clip(f"unknown command {name!r}"))
+        started = time.perf_counter()
         try:
             result = command.handler(request, cred)
         except (ControlError, VmpowerError) as exc:
@@ -309,6 +311,9 @@ class ControlServer:
             kind = f"{name} failed: {type(exc).__name__}"
             self._trace_once(name, exc, cred)
             raise _Failure(kind, _clip(f"internal error in {name}: {exc}")) from None
+        finally:
+            # How long the command held the loop (issue #16: at most 5 ms): ``status``.loop
+            self.monitor.stats.command(name, time.perf_counter() - started)
         if command.changes:
             args = {k: v for k, v in request.items() if k != "cmd"}
             log.info("control %s %s by %s", name, _clip(json.dumps(args, sort_keys=True)), cred)

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import fcntl
 import logging
-import os
 import signal
 import sys
 import time
@@ -50,15 +47,20 @@ from vmpower.config import (
     default_config_path,
     load_config,
 )
+from vmpower.conflicts import ConflictWatch
 from vmpower.control import ControlServer
 from vmpower.cpufreq import CpuFreq, open_cpufreq
 from vmpower.cpuset import format_cpu_list
+from vmpower.energy import EnergyAccount
 from vmpower.errors import ConfigError, VmpowerError
 from vmpower.events import EventQueue
+from vmpower.hotplug import CpuEventSource, CpuHotplug, KernelCpuEvents
 from vmpower.hypervisor import Hypervisor
+from vmpower.instancelock import InstanceLock
 from vmpower.lifecycle import VmLifecycle
 from vmpower.logbook import KindLog
 from vmpower.logsetup import setup_logging
+from vmpower.metrics import MetricsExporter, SnapshotBuilder
 from vmpower.monitor import Monitor
 from vmpower.notify import Notifier
 from vmpower.policies import PolicyEngine
@@ -71,7 +73,7 @@ log = logging.getLogger("vmpower.daemon")
 
 RECONNECT_PERIOD_S = 1.0
 HYPERVISOR_CHECK_S = 0.5  # liveness check of the libvirt connection when nothing happens
-LOCK_NAME = "vmpowerd.lock"
+WARM_CPUS = 8  # CPUs read ahead per turn after start (about 2 ms of the loop)
 # Exit status (vmpowerd --help lists them).
 EXIT_OK = 0  # a clean stop: every setting restored
 EXIT_FAILURE = 1  # cannot start, or settings left unrestored (kept in the journal)
@@ -85,47 +87,6 @@ exit status:
   0  clean stop: every setting restored
   1  cannot start, or settings left unrestored (kept in the journal for the next start)
   2  bad configuration (every problem is listed)"""
-
-
-class InstanceLock:
-    """An exclusive flock in state.dir: one vmpowerd per host (channels connect once)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / LOCK_NAME
-        self.fd = -1
-
-    def acquire(self) -> None:
-        """Take the lock (creating state.dir); an unusable state.dir is one clear error."""
-        state_dir = self.path.parent
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise VmpowerError(_state_dir_problem(state_dir, self.path, exc)) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise VmpowerError(
-                    f"another vmpowerd (pid {holder}) is running: it holds {self.path}"
-                ) from None
-            raise
-        try:
-            # Freed and written again: on a full file system this fails here, at the start,
-            # rather than at the journal's first save under a guest's request.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as exc:
-            os.close(fd)
-            raise VmpowerError(_state_dir_problem(state_dir, self.path, exc)) from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 @dataclass(frozen=True)
@@ -152,6 +113,8 @@ class Agent:
         config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
+        cpu_events: Callable[[], CpuEventSource] | None = None,
+        proc_root: str = "/proc",
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -170,6 +133,15 @@ class Agent:
         self._stopped = False
         self._unrestored: list[str] = []  # journal entries shutdown could not restore
         self._kind_logs: list[KindLog] = []
+        # Observability (issue #15): lifetime energy books and the Prometheus endpoint.
+        self.energy: EnergyAccount | None = None
+        self.metrics: MetricsExporter | None = None
+        self._snapshots: SnapshotBuilder | None = None
+        # CPU hotplug from the kernel's uevents (issue #13): the source is passed in, the
+        # kernel's netlink socket by default; and the other power managers under /proc.
+        self._cpu_events = cpu_events if cpu_events is not None else KernelCpuEvents
+        self.hotplug: CpuHotplug | None = None
+        self.conflict_watch = ConflictWatch(self.monitor, proc_root)
 
     @property
     def parts(self) -> Parts:
@@ -272,8 +244,29 @@ class Agent:
         # Batch sessions; start() restores what sessions of a crashed run left.
         # Their control writes are wishes of `power`, the one arbiter (issue #12, point 5).
         batches = BatchService(cfg, self.monitor, cpufreq, hypervisor, power=power)
+        # Energy books for the daemon's lifetime: package energy (intel-rapl under the
+        # sysfs root) shared among VMs by vCPU time; vCPU times come from the libvirt
+        # worker (vmpower.energy). A host without readable zones keeps no books.
+        energy = EnergyAccount(
+            cfg.cpufreq.sysfs_root,
+            hypervisor.read_vcpu_times,
+            self.clock,
+            period_s=cfg.metrics.energy_period_s,
+        )
+        self.energy = energy if energy.enabled else None
+        if self.energy is None:
+            energy.close()
         admin = AdminCommands(
-            hypervisor, power, cpufreq, channels, lifecycle, journal, self.started_at
+            hypervisor,
+            power,
+            cpufreq,
+            channels,
+            lifecycle,
+            journal,
+            self.started_at,
+            energy=self.energy,
+            loop=self.monitor.stats,
+            conflicts=self.conflict_watch.conflicts,
         )
         control = ControlServer(
             cfg.control.socket,
@@ -296,6 +289,9 @@ class Agent:
             parts.channels.open_fifo(cpu)
         parts.lifecycle.sync_all()
         parts.batches.start()
+        # Subscribed to CPU uevents before the control socket exists: once operators
+        # (and tests) can talk to the daemon, no hotplug goes unseen.
+        self._watch_hotplug(parts)
         parts.control.start()
         pump = _HypervisorPump(parts.hypervisor, parts.lifecycle, self.clock, self._libvirt_news)
         self.monitor.add_ticker(pump)
@@ -305,6 +301,9 @@ class Agent:
         self.monitor.add_end_of_turn(pump.end_of_turn)
         self.monitor.add_end_of_turn(parts.power.finish_turn)
         self._schedule_reconnects()
+        self._schedule_warm_up(parts)
+        self.conflict_watch.start()
+        self._start_observability(parts)
         log.info(
             "vmpowerd %s ready: libvirt %s, %d VMs, %d channels",
             __version__,
@@ -312,6 +311,42 @@ class Agent:
             len(parts.hypervisor.vms()),
             len(parts.channels.vm_channels),
         )
+
+    def _start_observability(self, parts: Parts) -> None:
+        """The energy books' timer and, when metrics.listen is set, the endpoint."""
+        cfg = self.config
+        energy = self.energy
+        if energy is not None:
+            period_s = cfg.metrics.energy_period_s
+
+            def tick() -> None:
+                if self._stopped:
+                    return
+                energy.tick()
+                self.monitor.call_later(period_s, tick)
+
+            energy.tick()  # the first vCPU read: shares from the second one on
+            self.monitor.call_later(period_s, tick)
+            log.info(
+                "energy books: intel-rapl packages %s, shared among VMs every %g s",
+                ",".join(map(str, energy.packages())),
+                period_s,
+            )
+        if cfg.metrics.listen:
+            self._snapshots = SnapshotBuilder(
+                power=parts.power,
+                cpufreq=parts.cpufreq,
+                hypervisor=parts.hypervisor,
+                channels=parts.channels,
+                journal=parts.journal,
+                energy=energy,
+                conflicts=self.conflict_watch.conflicts,
+            )
+            # Built on this (monitor) thread only; the HTTP threads ask through the loop.
+            self.metrics = MetricsExporter(
+                cfg.metrics.listen, self._snapshots.build, self.monitor.call_soon_threadsafe
+            )
+            self.metrics.start()
 
     def run(self) -> None:
         self.monitor.run()
@@ -331,12 +366,21 @@ class Agent:
             return not self._unrestored
         self._stopped = True
         parts = self._parts
+        if self.metrics is not None:
+            try:
+                self.metrics.close()
+            except Exception:
+                log.exception("shutdown: closing the metrics endpoint failed; going on")
+        for closer in (self._snapshots, self.energy):
+            if closer is not None:
+                closer.close()
         if parts is not None:
             steps: tuple[tuple[str, Callable[[], object]], ...] = (
                 ("closing the channels", parts.channels.close_all),
                 ("stopping the policies", parts.policies.stop),
                 # each session's server restores its controls first
                 ("closing the batch sessions", parts.batches.close),
+                ("closing the CPU uevents", self._close_hotplug),
                 ("restoring the settings", parts.power.restore_all),
                 ("closing the control socket", parts.control.close),
                 ("closing libvirt", parts.hypervisor.close),
@@ -362,13 +406,49 @@ class Agent:
         log.info("vmpowerd stopped; every setting restored")
         return True
 
+    def _close_hotplug(self) -> None:
+        self.conflict_watch.stop()
+        if self.hotplug is not None:
+            self.hotplug.close()
+            self.hotplug = None
+
+    def _watch_hotplug(self, parts: Parts) -> None:
+        """CPU uevents on the loop: an offline CPU refused, a returning one set again.
+        No uevents (no netlink here): hotplug is not followed, and the log says so."""
+        try:
+            source = self._cpu_events()
+        except Exception as exc:  # pyudev/libudev missing, netlink refused
+            log.warning(
+                "CPU hotplug is not followed (kernel uevents unavailable: %s): a CPU"
+                " going offline fails its requests; one coming back is set at its next"
+                " request",
+                exc,
+            )
+            return
+        self.hotplug = CpuHotplug(
+            self.monitor, source, parts.power.cpus_changed, parts.cpufreq.cpus
+        )
+
+    def _schedule_warm_up(self, parts: Parts) -> None:
+        """Read every CPU's first-request state ahead (PowerManager.warm), WARM_CPUS per
+        turn so no turn holds guests long: the first contact of 256 CPUs then costs
+        their writes only (issue #16)."""
+        cpus = parts.cpufreq.cpus()
+
+        def step(start: int = 0) -> None:
+            if self._stopped or start >= len(cpus):
+                return
+            parts.power.warm(cpus[start : start + WARM_CPUS])
+            self.monitor.call_later(0.0, lambda: step(start + WARM_CPUS))
+
+        self.monitor.call_later(0.0, step)
+
     def _schedule_reconnects(self) -> None:
         def tick() -> None:
             if self._stopped:
                 return
             parts = self.parts
             parts.channels.reconnect()
-            parts.power.refresh_cpus()  # CPUs hot-plugged since: refuse or serve them
             self.monitor.call_later(RECONNECT_PERIOD_S, tick)
 
         self.monitor.call_later(RECONNECT_PERIOD_S, tick)
@@ -519,6 +599,8 @@ RELOAD_RESTART = frozenset(
         "control.mode",
         "control.group",
         "policies.msr_root",  # the journal's allowed MSR root
+        "metrics.listen",  # the endpoint's socket is bound at start
+        "metrics.energy_period_s",  # the accounting timer is set up at start
     }
 )
 
@@ -615,18 +697,6 @@ class _HypervisorPump:
             self.check_at = now + HYPERVISOR_CHECK_S
             for event in self.hypervisor.process_events():
                 self.lifecycle.on_event(event)
-
-
-def _state_dir_problem(state_dir: Path, lock: Path, exc: OSError) -> str:
-    """One line for an unusable state.dir: the path and the cause (issue #11 point 10)."""
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        # mkdir says "File exists" for a regular file: what is wrong is its type.
-        for path in (state_dir, *state_dir.parents):
-            if os.path.lexists(path) and not path.is_dir():
-                what = "" if path == state_dir else f"{path} is "
-                return f"state.dir {state_dir}: {what}not a directory"
-    cause = (exc.strerror or str(exc)).lower()
-    return f"state.dir {state_dir}: cannot create or write {lock.name}: {cause}"
 
 
 def _timezone(name: str) -> tzinfo | None:

@@ -56,7 +56,9 @@ def freq_table(sysfs_root: Path) -> dict[int, tuple[str, str]]:
     rows = {}
     for cpu in cpufreq.cpus():
         state = cpufreq.state(cpu)
-        rows[cpu] = (state.governor or "-", str(state.target_khz or state.cur_khz or "-"))
+        # a dynamic governor (schedutil) requests nothing: the current frequency is the
+        # (simulated) hardware's reading, which the follower moves, not a setting
+        rows[cpu] = (state.governor or "-", str(state.target_khz or "-"))
     return rows
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo_dir = Path(tempfile.mkdtemp(prefix="vmpower-demo-"))
     agent: subprocess.Popen[bytes] | None = None
+    follower: subprocess.Popen[bytes] | None = None
     hosts: dict[str, ChannelHost] = {}
     guest_port: PtyChannelHost | None = None
     try:
@@ -125,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         print_table("Host CPUs before the agent starts:", before)
 
         log_path = demo_dir / "vmpowerd.log"
+        # The hardware's part: scaling_cur_freq follows what the agent sets (the agent
+        # writes plain files and does not know they are simulated).
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "vmpower.cpufreq.simulate", str(sysfs_root), "--follow"],
+            stdout=subprocess.DEVNULL,
+        )
         with open(log_path, "wb") as log_file:
             agent = subprocess.Popen(
                 [sys.executable, "-m", "vmpower.daemon", "--config", str(config_path)],
@@ -255,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         if agent is not None and agent.poll() is None:
             agent.kill()
             agent.wait()
+        if follower is not None:
+            follower.terminate()
+            follower.wait()
         for host in hosts.values():
             host.close()
         if guest_port is not None:

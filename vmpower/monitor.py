@@ -32,6 +32,49 @@ _ERRORS = select.EPOLLERR | select.EPOLLHUP
 
 FdCallback = Callable[[int], None]
 
+# Upper bounds (ms) of the turn-duration histogram ``status`` shows; the last is open.
+TURN_BUCKETS_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0)
+
+
+class LoopStats:
+    """How long the loop is held: each turn's work (the epoll wait excluded) in a
+    histogram, the longest turn, and the longest run of each control command.
+
+    Issue #16: no control command may hold the loop more than 5 ms; these figures
+    let an operator (``status``.loop) and the scale bench see whether one does.
+    Bounded: a fixed bucket list, one entry per command name the server knows.
+    """
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(TURN_BUCKETS_MS) + 1)
+        self.longest_turn_s = 0.0
+        self.command_longest_s: dict[str, float] = {}
+
+    def turn(self, seconds: float) -> None:
+        index = 0
+        ms = seconds * 1e3
+        for bound in TURN_BUCKETS_MS:
+            if ms <= bound:
+                break
+            index += 1
+        self.buckets[index] += 1
+        if seconds > self.longest_turn_s:
+            self.longest_turn_s = seconds
+
+    def command(self, name: str, seconds: float) -> None:
+        if seconds > self.command_longest_s.get(name, 0.0):
+            self.command_longest_s[name] = seconds
+
+    def report(self) -> dict[str, object]:
+        labels = [f"le_{b:g}ms" for b in TURN_BUCKETS_MS] + [f"gt_{TURN_BUCKETS_MS[-1]:g}ms"]
+        return {
+            "turns_by_duration": dict(zip(labels, self.buckets, strict=True)),
+            "longest_turn_ms": round(self.longest_turn_s * 1e3, 3),
+            "command_longest_ms": {
+                name: round(s * 1e3, 3) for name, s in sorted(self.command_longest_s.items())
+            },
+        }
+
 
 class Ticker(Protocol):
     """A scheduler the loop drives (the periodic event queue): due time and dispatch."""
@@ -72,6 +115,7 @@ class Monitor:
         self._tickers: list[Ticker] = []
         self._stopping = False
         self.turns = 0
+        self.stats = LoopStats()
 
     # -- fds ---------------------------------------------------------------------------
 
@@ -172,6 +216,7 @@ class Monitor:
             ready = self._epoll.poll(timeout)
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
             ready = []
+        started = time.perf_counter()  # the turn's work, for LoopStats (wait excluded)
         handlers = self._handlers
         for fd, events in ready:
             if fd == self._wake_fd:
@@ -210,6 +255,7 @@ class Monitor:
             except Exception:
                 log.exception("end-of-turn hook failed; the loop goes on")
         self.turns += 1
+        self.stats.turn(time.perf_counter() - started)
 
     def _timeout(self, max_wait_s: float | None) -> float:
         if self._calls:

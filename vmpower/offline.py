@@ -12,44 +12,30 @@ configuration.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
 from pathlib import Path
 from typing import TextIO
 
 from vmpower.config import Config, config_problems, default_config_path, load_config
 from vmpower.errors import ConfigError, VmpowerError
+from vmpower.instancelock import InstanceLock, LockHeld
 from vmpower.restore import RestoreJournal
 
-LOCK_NAME = "vmpowerd.lock"  # in state.dir: vmpowerd's single-instance flock
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-class DaemonRunning(VmpowerError):
-    """vmpowerd holds its instance lock: it restores its own settings when it stops."""
-
-
-def take_instance_lock(state_dir: Path) -> int:
-    """vmpowerd's lock, as vmpowerd takes it (flock, non-blocking); returns its fd."""
-    path = state_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+def _lock(state_dir: Path) -> InstanceLock:
+    """vmpowerd's own instance lock: refused, with what to do, while the daemon runs."""
+    lock = InstanceLock(state_dir)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise DaemonRunning(
-                f"vmpowerd (pid {holder}) is running (it holds {path}): it puts back its"
-                " own settings when it stops (systemctl stop vmpowerd); vmpower restore is"
-                " for a daemon that is not running"
-            ) from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        lock.acquire()
+    except LockHeld as exc:
+        raise VmpowerError(
+            f"vmpowerd (pid {exc.holder}) is running (it holds {exc.path}): it puts back its"
+            " own settings when it stops (systemctl stop vmpowerd); vmpower restore is"
+            " for a daemon that is not running"
+        ) from None
+    return lock
 
 
 def restore(config: Config) -> dict[str, object]:
@@ -63,7 +49,7 @@ def restore(config: Config) -> dict[str, object]:
     }
     if not state_dir.is_dir():
         return result  # vmpowerd never ran with this state.dir: nothing it changed
-    fd = take_instance_lock(state_dir)
+    lock = _lock(state_dir)
     try:
         journal = RestoreJournal(
             state_dir,
@@ -74,7 +60,7 @@ def restore(config: Config) -> dict[str, object]:
         originals = journal.pending()
         report = journal.recover()
     finally:
-        os.close(fd)  # releases the flock
+        lock.release()
     result["restored"] = [{"setting": k, "value": originals.get(k)} for k in report.restored]
     result["failed"] = [{"setting": k, "reason": report.reasons.get(k, "")} for k in report.failed]
     result["refused"] = list(report.refused)

@@ -190,6 +190,10 @@ class RestoreJournal:
         # key → original, in order of first recording: a file's path → its text, or an
         # MSR's (device path, offset) → its bytes
         self._originals: dict[Key, str | bytes] = {}
+        # The same file entries by directory ("…/policy3/" → name → original), so one
+        # CPU's originals (show_cpus) cost its own files, not the whole journal (issue #16:
+        # show_cpus built the whole journal per CPU, 0.1-0.5 s at 256 CPUs).
+        self._by_dir: dict[str, dict[str, str]] = {}
         self._corrupt: RestoreError | None = None
         self._refused: list[str] = []
         # The file open for appends (-1: none, or not in the appendable layout: the next
@@ -281,13 +285,13 @@ class RestoreJournal:
         if not batch:
             return
         for key, original in batch:
-            self._originals[key] = original
+            self._add(key, original)
         try:
             self._append([_row(key, original) for key, original in batch], sync=True)
         except RestoreError:
             # not durable, so not recorded: the caller must not write the file
             for key, _ in batch:
-                del self._originals[key]
+                self._drop(key)
             raise
 
     def _companions(self, path: str) -> list[tuple[Key, str | bytes]]:
@@ -333,6 +337,28 @@ class RestoreJournal:
                 _label(key): value if isinstance(value, str) else value.hex()
                 for key, value in self._originals.items()
             }
+
+    def originals_in(self, directory: str) -> dict[str, str]:
+        """The pending originals of the files directly in ``directory`` (ending in "/"):
+        file name → original, in order of first recording; costs that directory's files."""
+        with self._lock:
+            return dict(self._by_dir.get(directory, ()))
+
+    def _add(self, key: Key, original: str | bytes) -> None:
+        self._originals[key] = original
+        if isinstance(key, str) and isinstance(original, str):
+            directory, _, name = key.rpartition("/")
+            self._by_dir.setdefault(directory + "/", {})[name] = original
+
+    def _drop(self, key: Key) -> None:
+        del self._originals[key]
+        if isinstance(key, str):
+            directory, _, name = key.rpartition("/")
+            files = self._by_dir.get(directory + "/")
+            if files is not None:
+                files.pop(name, None)
+                if not files:
+                    del self._by_dir[directory + "/"]
 
     def recover(self) -> RestoreReport:
         """Start-up: restore what a previous (crashed) run left in the journal.
@@ -391,7 +417,7 @@ class RestoreJournal:
                         reason,
                     )
             for key in done:
-                del self._originals[key]
+                self._drop(key)
                 report.restored.append(_label(key))
             try:
                 self._forget(done, everything=select is None)
@@ -526,7 +552,7 @@ class RestoreJournal:
             else:
                 inside = _under(key[0], self._msr_roots)
             if inside:
-                self._originals[key] = original
+                self._add(key, original)
             else:
                 refused.append((key, original))
         if refused:

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ HISTORY_ENV = "VMPOWER_HISTORY"
 HISTORY_NAME = ".vmpower_history"
 HISTORY_LENGTH = 1000
 TABLE_WIDTH = 80
+CPUS_TABLE_WIDTH = 100  # show_cpus: one row per CPU with its wishers
 TESTING_HELP = (
     "testing commands (for developers, not operators):\n"
     "  simulate-sysfs DIR --driver NAME --cpus N   build a simulated cpufreq tree"
@@ -296,11 +298,24 @@ def _restore_to(original: dict[str, str]) -> str:
 
 
 def format_cpus(rows: list[dict[str, Any]]) -> str:
+    """One row per CPU; under a row, indented, the sessions' limits on it and its note
+    (e.g. hybrid LP E-cores without a usable base frequency), one line each."""
     table = []
+    below: dict[int, list[str]] = {}  # row index → its extra lines
     for r in rows:
         if not r.get("online", True):
-            table.append((r["cpu"], "offline", "", None, None, None, None, ""))
+            table.append(
+                (r["cpu"], r.get("policy") or "", "offline", None, None, None, None, "", "")
+            )
             continue
+        extra = [
+            f"limits {owner}: {_khz(b.get('min_khz'))}..{_khz(b.get('max_khz'))} kHz"
+            for owner, b in sorted((r.get("limits") or {}).items())
+        ]
+        if r.get("note"):
+            extra.append(f"note: {r['note']}")
+        if extra:
+            below[len(table)] = extra
         turbo = r.get("turbo_enabled")
         vms = ",".join(r.get("vms") or [])
         if r.get("reserved"):
@@ -308,17 +323,34 @@ def format_cpus(rows: list[dict[str, Any]]) -> str:
         table.append(
             (
                 r["cpu"],
-                r.get("driver"),
+                # the cpufreq policy: CPUs sharing one run at the highest wish of them all
+                # (it took the DRIVER column's place: one driver per host, in --json)
+                r.get("policy") or "",
                 r.get("governor"),
                 _khz(r.get("cur_khz")),
                 _khz(r.get("desired_khz")),
                 "-" if turbo is None else ("on" if turbo else "off"),
                 _restore_to(r.get("original") or {}),
                 vms or "-",
+                # everyone with a wish or a limit on it: VMs, FIFOs, policies, operator,
+                # session:<key>
+                ",".join(r.get("wishers") or []) or "-",
             )
         )
-    headers = ("CPU", "DRIVER", "GOVERNOR", "CUR kHz", "WANT kHz", "TURBO", "RESTORE TO", "VMS")
-    return render_table(headers, table, right=(0, 3, 4))
+    headers = (
+        *("CPU", "POLICY", "GOVERNOR", "CUR kHz", "WANT kHz", "TURBO", "RESTORE TO"),
+        *("VMS", "WISHERS"),
+    )
+    # nine columns do not fit 80: this table may take up to CPUS_TABLE_WIDTH
+    lines = render_table(headers, table, right=(0, 3, 4), width=CPUS_TABLE_WIDTH).split("\n")
+    out = lines[:1]
+    for i, line in enumerate(lines[1:]):
+        out.append(line)
+        for text in below.get(i, []):
+            out.extend(
+                textwrap.wrap(text, TABLE_WIDTH, initial_indent="    ", subsequent_indent="      ")
+            )
+    return "\n".join(out)
 
 
 def format_cpu_freq(rows: list[dict[str, Any]]) -> str:

@@ -6,7 +6,7 @@ journal records the original governor) and writing ``scaling_setspeed``, which t
 kernel accepts only under that governor (cpufreq.rst, "userspace").
 
 Turbo comes in two shapes (both seen on hosts recorded by intel/pepc,
-tests/data/cpufreq/):
+tests/data/real-hosts/):
 
 * Intel: by the ACPI ``_PSS`` convention the whole turbo range is a single entry 1 MHz
   (1000 kHz) above the highest non-turbo P-state (intel_pstate.rst, "intel_pstate vs
@@ -26,7 +26,7 @@ own ``boost`` (cpufreq.c): turbo is usable while both are on.
 
 from __future__ import annotations
 
-from vmpower.cpufreq.backend import BOOST, Backend, Report, policy_dir
+from vmpower.cpufreq.backend import BOOST, Backend, Report
 from vmpower.cpufreq.model import CpuInfo, make_info
 from vmpower.errors import SysfsError
 from vmpower.sysfs import Sysfs
@@ -47,7 +47,7 @@ class SetspeedBackend(Backend):
         self._p0: dict[int, int] = {}
 
     def probe(self, cpu: int, priority: bool) -> CpuInfo:
-        d = policy_dir(cpu)
+        d = self.dir(cpu)
         rel = f"{d}/scaling_available_frequencies"
         try:
             text = self.sysfs.read(rel)
@@ -92,7 +92,7 @@ class SetspeedBackend(Backend):
         return cpu in self._p0
 
     def read_requested(self, cpu: int) -> int | None:
-        d = policy_dir(cpu)
+        d = self.dir(cpu)
         if self.sysfs.read(f"{d}/scaling_governor") != "userspace":
             return None
         text = self.sysfs.read(f"{d}/scaling_setspeed")
@@ -117,7 +117,7 @@ class SetspeedBackend(Backend):
         boost = self._policy_boost(cpu)
         want = "1" if freq_khz > p0 else "0"
         if boost is not None and boost != want:
-            self.sysfs.write(f"{policy_dir(cpu)}/boost", want)
+            self.sysfs.write(f"{self.dir(cpu)}/boost", want)
         self.sysfs.write(self._setspeed[cpu], min(freq_khz, p0))
 
     def forget(self, cpu: int) -> None:
@@ -125,12 +125,12 @@ class SetspeedBackend(Backend):
 
     def _policy_boost(self, cpu: int) -> str | None:
         try:
-            return self.sysfs.read(f"{policy_dir(cpu)}/boost")
+            return self.sysfs.read(f"{self.dir(cpu)}/boost")
         except SysfsError:
             return None
 
     def _take_governor(self, cpu: int) -> None:
-        d = policy_dir(cpu)
+        d = self.dir(cpu)
         governor = self.sysfs.read(f"{d}/scaling_governor")
         if governor != "userspace":
             available = self.sysfs.read(f"{d}/scaling_available_governors").split()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vmpower.cpufreq.backend import CPU_DIR, policy_dir
+from vmpower.cpufreq.backend import CPU_DIR
 from vmpower.cpufreq.cppc import CppcBackend, cppc_dir
 
 PREFCORE = f"{CPU_DIR}/amd_pstate/prefcore"
@@ -29,7 +29,7 @@ class AmdPstateBackend(CppcBackend):
     def _turbo_khz(
         self, cpu: int, cpuinfo_max: int, nominal: int, highest: int, nominal_perf: int
     ) -> int:
-        boost_max = self.read_opt_int(f"{policy_dir(cpu)}/amd_pstate_max_freq")
+        boost_max = self.read_opt_int(f"{self.dir(cpu)}/amd_pstate_max_freq")
         if boost_max is not None and boost_max > nominal:
             return boost_max
         return super()._turbo_khz(cpu, cpuinfo_max, nominal, highest, nominal_perf)
@@ -39,7 +39,7 @@ class AmdPstateBackend(CppcBackend):
             return {}
         values = {}
         for cpu in cpus:
-            rank = self.read_opt_int(f"{policy_dir(cpu)}/amd_pstate_prefcore_ranking")
+            rank = self.read_opt_int(f"{self.dir(cpu)}/amd_pstate_prefcore_ranking")
             if rank is None:
                 rank = self.read_opt_int(f"{cppc_dir(cpu)}/highest_perf")
             if rank is not None:

@@ -1,8 +1,10 @@
 """What every cpufreq backend provides, and the helpers they share.
 
-A backend knows one scaling driver's files: how to build a CPU's frequency table and
-turbo facts (``probe``), which switch turns its turbo range on, how to read what is
-requested now, and how to write a new frequency. It keeps the little per-CPU state
+A backend knows one scaling driver's files, per policy (the ``cpu`` it is given is a
+policy's number, ``vmpower.cpufreq.topology``; ``dir(cpu)`` is where its files are):
+how to build a CPU's frequency table and turbo facts (``probe``), which switch turns
+its turbo range on, how to read what is requested now, and how to write a new
+frequency. It keeps the little per-CPU state
 the writes need (whether the governor is already ours, the limits last written);
 ``forget`` drops it when the journal has put the original files back.
 """
@@ -37,6 +39,8 @@ class Backend:
         self.sysfs = sysfs
         self.driver = driver
         self.report = report
+        # cpu → the directory of its policy (``CpuFreq`` hands in its topology's)
+        self.dir: Callable[[int], str] = policy_dir
 
     # -- facts ---------------------------------------------------------------------
 
@@ -91,4 +95,4 @@ class Backend:
         and, on kernels that have it, the policy's own ``boost``. cpufreq.c: a policy
         boosts only while both are on; the policy's file refuses a write (EINVAL) while
         the global one is off, and switching the global one sets every policy's."""
-        return tuple(rel for rel in (BOOST, f"{policy_dir(cpu)}/boost") if self.sysfs.exists(rel))
+        return tuple(rel for rel in (BOOST, f"{self.dir(cpu)}/boost") if self.sysfs.exists(rel))

@@ -8,6 +8,12 @@ turbo switch's state), the files of each CPU (``cpu_path_prefix``,
 features. The per-driver file work is delegated to a backend (see
 ``vmpower.cpufreq.detect``).
 
+Policies: CPUs sharing one cpufreq policy (``vmpower.cpufreq.topology``) share one set
+of files, so everything here that writes or caches is per policy: a CPU's request is
+its policy's, written through the policy's one directory (so the journal names each
+file once), and the caches of the policy's CPUs are one object. Which of the CPUs'
+wishes wins is the request path's business (``vmpower.power``: the highest).
+
 Which frequency a CPU should run (stepping up and down the table, each requester's
 turbo wish) is decided by the request path, ``vmpower.power``; this facade sets what
 it is told, within the rules.
@@ -34,7 +40,7 @@ import bisect
 import logging
 from typing import cast
 
-from vmpower.cpufreq.backend import CPU_DIR, Backend, policy_dir
+from vmpower.cpufreq.backend import CPU_DIR, Backend
 from vmpower.cpufreq.detect import (
     BACKENDS,
     make_backend,
@@ -44,8 +50,9 @@ from vmpower.cpufreq.detect import (
     system_driver,
 )
 from vmpower.cpufreq.model import Capabilities, CpuInfo, CpuState
+from vmpower.cpufreq.topology import Topology
 from vmpower.cpuset import format_cpu_list
-from vmpower.errors import CpufreqError, SysfsError, UnsupportedError
+from vmpower.errors import CpufreqError, SysfsError, UnsupportedError, VmpowerError
 from vmpower.restore import PLACEHOLDERS
 from vmpower.sysfs import Reader, Sysfs
 
@@ -53,11 +60,15 @@ log = logging.getLogger("vmpower.cpufreq")
 
 
 class _Cpu:
-    """Per-CPU facts and caches (mutable; only the facade touches them)."""
+    """Per-policy facts and caches (mutable; only the facade touches them), kept under
+    the number of every CPU of the policy that asked."""
 
-    __slots__ = ("entries", "info", "last_khz", "switch_on", "switches")
+    __slots__ = ("entries", "info", "last_khz", "leader", "switch_on", "switches")
 
-    def __init__(self, info: CpuInfo, switches: tuple[str, ...], switch_on: bool) -> None:
+    def __init__(
+        self, leader: int, info: CpuInfo, switches: tuple[str, ...], switch_on: bool
+    ) -> None:
+        self.leader = leader  # the policy's number: what the backend is given
         self.info = info
         self.entries = frozenset(info.table_khz)
         self.switches = switches  # the turbo switches' relative paths (empty: none)
@@ -147,9 +158,12 @@ class CpuFreq:
         self._present = present_cpus(sysfs)
         self._present_set = frozenset(self._present)
         self._driver = system_driver(sysfs, self._present)
+        self._topology = Topology(sysfs, self._present)
         self._backend: Backend | None = make_backend(
             writer, self._driver, self._present, self._report
         )
+        if self._backend is not None:
+            self._backend.dir = self._topology.dir
         if self._driver and self._backend is None:
             self._report(
                 f"driver:{self._driver}",
@@ -180,14 +194,56 @@ class CpuFreq:
         return listed is None or cpu in listed
 
     def managed(self, cpu: int) -> bool:
-        """Online, has a cpufreq policy of a supported driver, and not reserved."""
+        """Online, has a cpufreq policy of a supported driver, and neither it nor a CPU
+        sharing its policy is reserved (a write to the policy moves them all)."""
         return (
             cpu in self._present_set
-            and cpu not in self._reserved
+            and not self._reserved_policy(cpu)
             and self._backend is not None
             and self.online(cpu)
-            and self.sysfs.exists(f"{policy_dir(cpu)}/scaling_driver")
+            and self.sysfs.exists(f"{self._topology.dir(cpu)}/scaling_driver")
         )
+
+    # -- policies ----------------------------------------------------------------------
+
+    def policy(self, cpu: int) -> int:
+        """The number of ``cpu``'s cpufreq policy (M of ``policyM``)."""
+        return self._topology.leader(cpu)
+
+    def policy_cpus(self, cpu: int) -> frozenset[int]:
+        """Every CPU sharing ``cpu``'s policy (``related_cpus``), ``cpu`` included."""
+        return self._topology.members(cpu)
+
+    def policy_name(self, cpu: int) -> str:
+        return self._topology.name(cpu)
+
+    def policy_dir(self, cpu: int) -> str:
+        """The directory (relative to the sysfs root) ``cpu``'s policy is written through."""
+        return self._topology.dir(cpu)
+
+    def policy_path_prefixes(self, cpu: int) -> tuple[str, ...]:
+        """Absolute path prefixes of every file of ``cpu``'s policy as a journal may name
+        them: the policy's directory, and each of its CPUs' own directory."""
+        topo = self._topology
+        members = topo.members(cpu)
+        return (
+            self.sysfs.path(f"{topo.dir(cpu)}/"),
+            *(self.cpu_path_prefix(c) for c in sorted(members)),
+        )
+
+    def refresh(self, cpu: int) -> None:
+        """``cpu`` went offline or came back (hotplug): re-read its policy, and drop
+        everything cached about it: the kernel brings a CPU back with its own governor
+        and frequency (cpufreq_online() starts the policy's last governor afresh)."""
+        before = self._topology.members(cpu)
+        self._topology.refresh(cpu)
+        for c in before | self._topology.members(cpu):
+            self._drop(c)
+
+    def _reserved_policy(self, cpu: int) -> bool:
+        if cpu in self._reserved:
+            return True
+        return bool(self._reserved) and not self._reserved.isdisjoint(self._topology.members(cpu))
 
     def driver(self, cpu: int) -> str:
         self._check_present(cpu)
@@ -202,9 +258,9 @@ class CpuFreq:
         return self.sysfs.path(f"{CPU_DIR}/cpu{cpu}/")
 
     def cpufreq_path_prefix(self, cpu: int) -> str:
-        """Absolute path of ``cpu``'s ``cpufreq/`` directory, ending in "/": the prefix
-        of the policy files vmpower writes for it (as the journal records them)."""
-        return self.sysfs.path(f"{policy_dir(cpu)}/")
+        """Absolute path of ``cpu``'s policy directory, ending in "/": the prefix of the
+        policy files vmpower writes for it (as the journal records them)."""
+        return self.sysfs.path(f"{self._topology.dir(cpu)}/")
 
     def close(self) -> None:
         """Close the attributes kept open (at shutdown; reopened on demand)."""
@@ -265,8 +321,8 @@ class CpuFreq:
         off the table (or outside the bounds, where any kHz is settable), and a turbo
         entry while the turbo switch is off (``set_turbo`` first).
         """
-        if cpu in self._reserved:
-            raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        if self._reserved and self._reserved_policy(cpu):
+            raise self._reserved_error(cpu)
         c = self._cpus.get(cpu) or self._cpu(cpu)
         if isinstance(freq_khz, bool) or not isinstance(freq_khz, int):
             raise CpufreqError(f"cpu {cpu}: frequency must be an integer kHz, got {freq_khz!r}")
@@ -292,11 +348,11 @@ class CpuFreq:
         backend = self._backend
         assert backend is not None  # _cpu() raised otherwise
         try:
-            backend.write_khz(cpu, freq_khz)
+            backend.write_khz(c.leader, freq_khz)
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc
         c.last_khz = freq_khz
-        if backend.switch_follows_writes(cpu):
+        if backend.switch_follows_writes(c.leader):
             # It switched the policy's boost itself: on exactly for the turbo entry
             # (the global switch is on then: set_turbo came first).
             c.switch_on = freq_khz > info.nominal_khz
@@ -312,9 +368,9 @@ class CpuFreq:
         backend = self._backend
         assert backend is not None
         try:
-            pinned = backend.read_requested(cpu)
+            pinned = backend.read_requested(c.leader)
             if pinned is None:
-                pinned = self.sysfs.read_int(f"{policy_dir(cpu)}/scaling_cur_freq")
+                pinned = self.sysfs.read_int(f"{self._topology.dir(cpu)}/scaling_cur_freq")
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc
         return _nearest(c.info, pinned)
@@ -328,16 +384,30 @@ class CpuFreq:
         changed = self._reserved ^ frozenset(cpus)
         self._reserved = frozenset(cpus)
         for cpu in changed:
-            self.forget(cpu)
+            if cpu in self._present_set:
+                self.forget(cpu)
 
     def forget(self, cpu: int) -> None:
-        """Drop what vmpower believes about ``cpu``'s requests (its files were restored)."""
-        c = self._cpus.get(cpu)
+        """Drop what vmpower believes about the requests of ``cpu``'s policy (its files
+        were restored, or written beside the backend)."""
+        leader = self._topology.leader(cpu)
+        c = self._cpus.get(cpu) or self._cpus.get(leader)
         if c is not None:
             c.last_khz = None
             c.switch_on = self._read_switches(c.switches)
-        self._changes.drop(f"{policy_dir(cpu)}/")
+        self._changes.drop(f"{self._topology.dir(cpu)}/")
         if self._backend is not None:
+            self._backend.forget(leader)
+
+    def _drop(self, cpu: int) -> None:
+        """Forget everything about ``cpu``'s policy, its static facts included."""
+        leader = self._topology.leader(cpu)
+        for c in self._topology.members(cpu) | {cpu, leader}:
+            self._cpus.pop(c, None)
+        self._changes.drop(f"{self._topology.dir(cpu)}/")
+        self._changes.drop(f"{CPU_DIR}/cpu{cpu}/")
+        if self._backend is not None:
+            self._backend.forget(leader)
             self._backend.forget(cpu)
 
     # -- turbo ---------------------------------------------------------------------------
@@ -358,8 +428,8 @@ class CpuFreq:
         switches turbo off (``enabled=False`` is refused): the switch is system-wide on
         most drivers, and a CPU leaves its turbo range by asking a lower frequency.
         """
-        if cpu in self._reserved:
-            raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        if self._reserved and self._reserved_policy(cpu):
+            raise self._reserved_error(cpu)
         c = self._cpu(cpu)
         if not c.info.has_turbo:
             raise self._report(
@@ -400,9 +470,10 @@ class CpuFreq:
         # may have moved with it (amd-pstate sets scaling_max_freq to the new maximum;
         # intel_pstate brings back a maximum request): a CPU vmpower pinned is pinned
         # again, within this change, so switching turbo on moves no CPU.
-        for num, other in list(self._cpus.items()):
+        for other in list({id(o): o for o in self._cpus.values()}.values()):
             if rel not in other.switches:
                 continue
+            num = other.leader
             other.switch_on = self._read_switches(other.switches)
             if backend.switch_follows_writes(num):
                 continue  # its setspeed did not move; its next write sets its boost
@@ -439,6 +510,39 @@ class CpuFreq:
         show_cpus; "" when the driver's files gave both)."""
         return self._cpu(cpu).info.note
 
+    def unsupported_on(self, cpu: int) -> dict[str, str]:
+        """What ``cpu`` cannot do, feature → why (status and show_cpus report it, as
+        Intel's power-optimization-library does); empty when it can do everything."""
+        if self._reserved and self._reserved_policy(cpu):
+            return {"control": str(self._reserved_error(cpu))}
+        try:
+            info = self._cpu(cpu).info
+        except VmpowerError as exc:
+            return {"control": str(exc)}
+        d = self._topology.dir(cpu)
+        why: dict[str, str] = {}
+        if not info.has_turbo:
+            why["turbo"] = (
+                f"no turbo range: {info.max_khz} kHz, the top of the range, is the nominal"
+                f" frequency ({_NO_TURBO_WHY.get(self._driver, 'the driver shows none above it')})"
+            )
+        if not self.sysfs.exists(f"{d}/energy_performance_preference"):
+            why["epp"] = (
+                f"no EPP: {self._driver} has no energy_performance_preference (EPP needs"
+                " intel_pstate with HWP or amd-pstate-epp)"
+            )
+        if not info.priority and not self._priority:
+            why["priority"] = "no priority cores: every CPU reports the same highest performance"
+        if info.note:
+            why["nominal"] = info.note
+        if self._topology.shared(cpu):
+            others = format_cpu_list(self._topology.members(cpu) - {cpu})
+            why["per_cpu"] = (
+                f"shares {self._topology.name(cpu)} with CPU {others}: the highest wish of"
+                " them all is set for all of them"
+            )
+        return why
+
     def capabilities(self, cpu: int) -> Capabilities:
         info = self._cpu(cpu).info
         return Capabilities(turbo=info.has_turbo, priority=info.priority)
@@ -447,7 +551,7 @@ class CpuFreq:
         """The CPU as the kernel shows it now (files read, caches not consulted)."""
         self._check_present(cpu)
         online = self.online(cpu)
-        d = policy_dir(cpu)
+        d = self._topology.dir(cpu)
         if not online or not self.sysfs.exists(f"{d}/scaling_governor"):
             return CpuState(cpu, self._driver, None, online, None, None, None, None, None, None)
         governor = self._opt(f"{d}/scaling_governor")
@@ -482,10 +586,10 @@ class CpuFreq:
 
     def set_epp(self, cpu: int, preference: str) -> None:
         """Set the EPP hint (intel_pstate with HWP, amd-pstate-epp)."""
-        if cpu in self._reserved:
-            raise CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        if self._reserved and self._reserved_policy(cpu):
+            raise self._reserved_error(cpu)
         self._cpu(cpu)
-        d = policy_dir(cpu)
+        d = self._topology.dir(cpu)
         rel = f"{d}/energy_performance_preference"
         if not self.sysfs.exists(rel):
             raise self._report(
@@ -536,6 +640,15 @@ class CpuFreq:
             log.warning("unsupported: %s", reason)
         return UnsupportedError(message or reason)
 
+    def _reserved_error(self, cpu: int) -> CpufreqError:
+        if cpu in self._reserved:
+            return CpufreqError(f"cpu {cpu} is reserved: vmpower does not touch it")
+        others = format_cpu_list(self._reserved & self._topology.members(cpu))
+        return CpufreqError(
+            f"cpu {cpu} shares {self._topology.name(cpu)} with reserved CPU {others}:"
+            " vmpower does not touch it"
+        )
+
     def _check_present(self, cpu: int) -> None:
         if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu not in self._present_set:
             present = format_cpu_list(self._present) or "none"
@@ -554,24 +667,27 @@ class CpuFreq:
                 f"driver:{self._driver}",
                 f"scaling driver {self._driver!r} is not supported",
             )
-        if not self.sysfs.exists(policy_dir(cpu)):
+        leader = self._topology.leader(cpu)
+        c = self._cpus.get(leader)
+        if c is not None:  # another CPU of the policy asked first
+            self._cpus[cpu] = c
+            return c
+        if not self.sysfs.exists(self._topology.dir(cpu)):
             if not self.online(cpu):
                 raise CpufreqError(f"cpu {cpu} is offline")
             raise CpufreqError(f"cpu {cpu} has no cpufreq policy")
         try:
-            info = backend.probe(cpu, cpu in self._priority)
+            info = backend.probe(leader, leader in self._priority)
         except SysfsError as exc:
             raise CpufreqError(f"cpu {cpu}: cannot read its cpufreq files: {exc}") from exc
-        switches = backend.turbo_switches(cpu)
-        c = _Cpu(info, switches, self._read_switches(switches))
-        self._cpus[cpu] = c
+        switches = backend.turbo_switches(leader)
+        c = _Cpu(leader, info, switches, self._read_switches(switches))
+        self._cpus[cpu] = self._cpus[leader] = c
         return c
 
     def _lost(self, cpu: int, exc: SysfsError) -> CpufreqError:
         """A file access failed: drop the caches; say "offline" when that is why."""
-        self._cpus.pop(cpu, None)
-        if self._backend is not None:
-            self._backend.forget(cpu)
+        self._drop(cpu)
         if not self.online(cpu):
             return CpufreqError(f"cpu {cpu} is offline")
         return CpufreqError(f"cpu {cpu}: {exc}")
@@ -581,6 +697,17 @@ class CpuFreq:
             return self.sysfs.read(rel)
         except SysfsError:
             return None
+
+
+# Why a driver shows no turbo range (for unsupported_on).
+_NO_TURBO_WHY = {
+    "acpi-cpufreq": "no _PSS entry 1 MHz above the rest, and cpuinfo_max_freq not above P0",
+    "intel_pstate": "cpuinfo_max_freq is base_frequency",
+    "intel_cpufreq": "cpuinfo_max_freq is the highest non-turbo P-state",
+    "amd-pstate": "acpi_cppc highest_perf is not above nominal_perf",
+    "amd-pstate-epp": "acpi_cppc highest_perf is not above nominal_perf",
+    "cppc_cpufreq": "acpi_cppc highest_perf is not above nominal_perf",
+}
 
 
 def _int_or_none(text: str | None) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vmpower.cpufreq.backend import BOOST, CPU_DIR, policy_dir
+from vmpower.cpufreq.backend import BOOST, CPU_DIR
 from vmpower.cpufreq.limits import LimitsBackend
 from vmpower.cpufreq.model import CpuInfo, make_info, stepped_table
 
@@ -30,7 +30,7 @@ class CppcBackend(LimitsBackend):
     """cppc_cpufreq; amd-pstate extends it with its own files."""
 
     def probe(self, cpu: int, priority: bool) -> CpuInfo:
-        d = policy_dir(cpu)
+        d = self.dir(cpu)
         low = self.read_int(f"{d}/cpuinfo_min_freq")
         high = self.read_int(f"{d}/cpuinfo_max_freq")
         nominal, turbo_khz = self._nominal_and_turbo(cpu, high)

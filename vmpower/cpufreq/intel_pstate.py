@@ -7,7 +7,7 @@ system-wide switch is ``intel_pstate/no_turbo`` (1 = turbo not allowed); the dri
 no ``boost`` attribute.
 
 Where the facts come from (checked against hosts recorded by intel/pepc,
-tests/data/cpufreq/):
+tests/data/real-hosts/):
 
 * **the turbo ceiling** is ``cpuinfo_max_freq`` — except that since the 2024 rework of
   ``store_no_turbo()`` (intel_pstate_update_max_freq) the kernel shows the non-turbo
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from vmpower.cpufreq.backend import CPU_DIR, policy_dir
+from vmpower.cpufreq.backend import CPU_DIR
 from vmpower.cpufreq.limits import LimitsBackend
 from vmpower.cpufreq.model import STEP_KHZ, CpuInfo, full_range_table, make_info
 
@@ -67,7 +67,7 @@ class IntelPstateBackend(LimitsBackend):
     switch_inverted = True
 
     def probe(self, cpu: int, priority: bool) -> CpuInfo:
-        d = policy_dir(cpu)
+        d = self.dir(cpu)
         low = self.read_int(f"{d}/cpuinfo_min_freq")
         high = self.read_int(f"{d}/cpuinfo_max_freq")
         base = self.read_opt_int(f"{d}/base_frequency")
@@ -123,7 +123,7 @@ class IntelPstateBackend(LimitsBackend):
     def priority_values(self, cpus: Iterable[int]) -> dict[int, int]:
         values = {}
         for cpu in cpus:
-            d = policy_dir(cpu)
+            d = self.dir(cpu)
             base = self.read_opt_int(f"{d}/base_frequency")
             low = self.read_opt_int(f"{d}/cpuinfo_min_freq")
             if base is not None and (low is None or base > low):

@@ -33,17 +33,19 @@ def write_limits(
     max_khz: int,
     current_min_khz: int,
     current_max_khz: int,
+    directory: str | None = None,
 ) -> int:
     """Set ``cpu``'s limits to ``min_khz``..``max_khz``; returns how many files it wrote.
 
     ``current_*_khz`` are the limits in force now (as read from the files, or as last
     written); a limit already at its new value is not written. Writes go through
     ``sysfs`` (and its journal, when one is attached); a ``SysfsError`` from the second
-    write leaves the first one done.
+    write leaves the first one done. ``directory``: the policy's directory when it is
+    not ``cpuN/cpufreq`` (a policy shared by several CPUs, ``vmpower.cpufreq.topology``).
     """
     if min_khz > max_khz:
         raise ValueError(f"cpu {cpu}: minimum {min_khz} kHz above maximum {max_khz} kHz")
-    d = policy_dir(cpu)
+    d = directory or policy_dir(cpu)
     min_first = max_khz < current_min_khz
     written = 0
     if not min_first and max_khz != current_max_khz:
@@ -67,7 +69,7 @@ class LimitsBackend(Backend):
         self._limits: dict[int, tuple[int, int]] = {}
 
     def read_requested(self, cpu: int) -> int | None:
-        d = policy_dir(cpu)
+        d = self.dir(cpu)
         lo = self.read_int(f"{d}/{MIN_FREQ}")
         hi = self.read_int(f"{d}/{MAX_FREQ}")
         return hi if lo == hi else None
@@ -75,12 +77,12 @@ class LimitsBackend(Backend):
     def write_khz(self, cpu: int, freq_khz: int) -> None:
         limits = self._limits.get(cpu)
         if limits is None:
-            d = policy_dir(cpu)
+            d = self.dir(cpu)
             limits = (self.read_int(f"{d}/{MIN_FREQ}"), self.read_int(f"{d}/{MAX_FREQ}"))
         # Until both writes are done the cached limits are unknown: a failure in
         # between leaves nothing cached, so the next call reads the files again.
         self._limits.pop(cpu, None)
-        write_limits(self.sysfs, cpu, freq_khz, freq_khz, limits[0], limits[1])
+        write_limits(self.sysfs, cpu, freq_khz, freq_khz, limits[0], limits[1], self.dir(cpu))
         self._limits[cpu] = (freq_khz, freq_khz)
 
     def forget(self, cpu: int) -> None:

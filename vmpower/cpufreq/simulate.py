@@ -17,7 +17,7 @@ This module owns two things used by tests, the demo and ``vmpower simulate-sysfs
   Plain files accept any write; this class is how tests prove vmpower never asks the
   kernel for something it would refuse.
 * ``build_from_fixture(root, fixture)`` writes the tree of a real host from a fixture
-  distilled from a recording (``tests/data/cpufreq/*.json``), so tests and the demo run
+  distilled from a recording (``tests/data/real-hosts/*.json``), so tests and the demo run
   on real hosts' shapes: hybrid cores, per-policy ``boost``, policies spanning several
   CPUs, a boost range above the ACPI ``_PSS`` table.
 
@@ -34,8 +34,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +94,19 @@ def build_tree(
     priority_cpus: frozenset[int] | Iterable[int] = frozenset(),
     no_turbo: bool = False,
     vendor: str = "intel",
+    packages: int | None = None,
+    cpus_per_policy: int = 1,
 ) -> None:
     """Write a simulated sysfs for ``driver`` with ``cpus`` CPUs under ``root``.
 
+    ``cpus_per_policy``: CPUs sharing one cpufreq policy, in consecutive runs (policyM
+    for CPUs M to M+N-1, as on hosts whose cores share a clock domain): the policy's
+    files once under ``cpufreq/policyM/``, ``related_cpus`` listing the run,
+    ``affected_cpus`` its online CPUs, and each online CPU's ``cpufreq`` linking there.
+
+    ``packages``: the CPUs are split in this many consecutive runs, one per package
+    (``cpuN/topology/physical_package_id``; None: no topology files, as before, which
+    readers take as one package 0); intel-rapl zones: ``add_rapl_zone``.
     ``turbo``: the CPUs have a turbo (boost) range and it is switched on.
     ``offline``: CPUs that are present but offline (online=0, no ``cpuN/cpufreq`` link).
     ``governor``: the initial scaling governor (default: the driver's usual one).
@@ -116,7 +128,17 @@ def build_tree(
         raise ValueError("no_turbo needs intel_pstate or intel_cpufreq with turbo")
     if vendor not in ("intel", "amd") or (vendor == "amd" and driver != "acpi-cpufreq"):
         raise ValueError(f"vendor {vendor!r}: 'intel', or 'amd' with acpi-cpufreq")
+    if isinstance(cpus_per_policy, bool) or not isinstance(cpus_per_policy, int):
+        raise ValueError(f"cpus_per_policy must be an integer, got {cpus_per_policy!r}")
+    if not 1 <= cpus_per_policy <= cpus:
+        raise ValueError(f"cpus_per_policy must be from 1 to {cpus}, got {cpus_per_policy}")
     policies = [_policy(driver, cpu, turbo, governor, priority, vendor) for cpu in range(cpus)]
+    leaders = range(0, cpus, cpus_per_policy)
+    for first in leaders:
+        run = range(first, min(first + cpus_per_policy, cpus))
+        files = policies[first].files
+        files["related_cpus"] = " ".join(map(str, run))
+        files["affected_cpus"] = " ".join(str(c) for c in run if c not in offline_set)
     if driver == "acpi-cpufreq" and cpus % 2 == 0:
         # _PSD HW_ALL domains of SMT siblings (CPU n and n + cpus/2), as on the recorded
         # hosts: freqdomain_cpus lists them, each CPU keeps its own policy.
@@ -140,20 +162,25 @@ def build_tree(
         base.mkdir(exist_ok=True)
         if cpu != 0:  # x86 cannot unplug the boot CPU: cpu0 has no online file
             _put(base / "online", "0" if cpu in offline_set else "1")
-        policy_dir = cpu_dir / "cpufreq" / f"policy{cpu}"
-        policy_dir.mkdir(parents=True, exist_ok=True)
-        for name, value in policy.files.items():
-            _put(policy_dir / name, value)
+        if packages and cpu not in offline_set:  # an offline CPU has no topology/
+            (base / "topology").mkdir(exist_ok=True)
+            _put(base / "topology" / "physical_package_id", str(cpu * packages // cpus))
+        leader = cpu - cpu % cpus_per_policy
+        if cpu == leader:
+            policy_dir = cpu_dir / "cpufreq" / f"policy{cpu}"
+            policy_dir.mkdir(parents=True, exist_ok=True)
+            for name, value in policy.files.items():
+                _put(policy_dir / name, value)
+            _kernel_facts(root_path, driver, cpu, policy, turbo)
         if policy.cppc is not None:
             (base / "acpi_cppc").mkdir(exist_ok=True)
             for name, value in policy.cppc.items():
                 _put(base / "acpi_cppc" / name, value)
-        _link_policy(root_path, cpu, cpu not in offline_set)
-        _kernel_facts(root_path, driver, cpu, policy, turbo)
+        _link_policy(root_path, cpu, cpu not in offline_set, leader)
     _global_files(root_path, driver, turbo, priority)
     _put_kernel(root_path, "turbo_disabled", "0" if turbo else "1")
     if no_turbo:
-        _boot_no_turbo(root_path, range(cpus))
+        _boot_no_turbo(root_path, leaders)
 
 
 def _kernel_facts(root: Path, driver: str, cpu: int, policy: _Policy, turbo: bool) -> None:
@@ -190,6 +217,34 @@ def _put_kernel(root: Path, name: str, value: str) -> None:
     _put(path, value)
 
 
+RAPL_DIR = "devices/virtual/powercap/intel-rapl"
+RAPL_MAX_RANGE_UJ = 262143328850  # a common max_energy_range_uj (2^38 * 61 uJ / 64)
+
+
+def add_rapl_zone(
+    root: str | os.PathLike[str],
+    package: int,
+    energy_uj: int = 0,
+    max_energy_range_uj: int = RAPL_MAX_RANGE_UJ,
+) -> Path:
+    """An intel-rapl package zone under ``root`` as the powercap class shows it
+    (Documentation/power/powercap/powercap.rst): ``intel-rapl:<package>/`` with
+    ``name`` = ``package-<package>``, ``max_energy_range_uj`` and ``energy_uj``, plus
+    a core subzone ``intel-rapl:<package>:0``. Returns the ``energy_uj`` path (write
+    it to make energy flow; it wraps to 0 past ``max_energy_range_uj``)."""
+    zone = Path(root) / RAPL_DIR / f"intel-rapl:{package}"
+    zone.mkdir(parents=True, exist_ok=True)
+    _put(zone / "name", f"package-{package}")
+    _put(zone / "max_energy_range_uj", str(max_energy_range_uj))
+    _put(zone / "energy_uj", str(energy_uj))
+    sub = zone / f"intel-rapl:{package}:0"
+    sub.mkdir(exist_ok=True)
+    _put(sub / "name", "core")
+    _put(sub / "max_energy_range_uj", str(max_energy_range_uj))
+    _put(sub / "energy_uj", "0")
+    return zone / "energy_uj"
+
+
 def set_cpu_online(root: str | os.PathLike[str], cpu: int, online: bool) -> None:
     """Hot-(un)plug ``cpu`` the way the kernel shows it: online file, lists, policy link."""
     cpu_dir = Path(root) / CPU_DIR
@@ -205,7 +260,16 @@ def set_cpu_online(root: str | os.PathLike[str], cpu: int, online: bool) -> None
         now_online.discard(cpu)
     _put(cpu_dir / "online", format_cpu_list(now_online))
     _put(cpu_dir / "offline", format_cpu_list(present - now_online))
-    _link_policy(Path(root), cpu, online)
+    leader = cpu
+    for pol in sorted((cpu_dir / "cpufreq").glob("policy*")):
+        related = pol / "related_cpus"
+        if related.is_file() and str(cpu) in _get(related).split():
+            leader = int(pol.name[len("policy") :])
+            # the policy's online CPUs (cpufreq.c: policy->cpus)
+            affected = [int(c) for c in _get(related).split() if int(c) in now_online]
+            _put(pol / "affected_cpus", " ".join(map(str, affected)))
+            break
+    _link_policy(Path(root), cpu, online, leader)
 
 
 def snapshot(root: str | os.PathLike[str]) -> dict[str, str]:
@@ -250,7 +314,7 @@ def _policy(
     common = {"affected_cpus": str(cpu), "related_cpus": str(cpu), "cpuinfo_avg_freq": "0"}
     if driver == "acpi-cpufreq":
         if vendor == "amd":
-            # An EPYC 7543 (tests/data/cpufreq/milan0.json): three _PSS entries, and the
+            # An EPYC 7543 (tests/data/real-hosts/milan0.json): three _PSS entries, and the
             # boost range above P0 shows only in cpuinfo_max_freq (get_max_boost_ratio).
             table = [2_800_000, 2_100_000, 1_500_000]
             top = 3_739_225 if turbo else table[0]
@@ -288,7 +352,7 @@ def _policy(
             files["cpb"] = "1"  # acpi-cpufreq's legacy AMD boost attribute
         return _Policy(files, None)
     if driver == "intel_cpufreq":
-        # intel_pstate in passive mode without HWP (tests/data/cpufreq/bdwep0.json): no
+        # intel_pstate in passive mode without HWP (tests/data/real-hosts/bdwep0.json): no
         # base_frequency and no EPP; generic governors; the P-state grid is 100 MHz.
         max_khz = 4_700_000 if turbo else 3_000_000
         gov = governor or "schedutil"
@@ -462,12 +526,12 @@ def turbo_pct(min_pstate: int, max_pstate: int, turbo_pstate: int) -> int:
     return 100 - ((turbo_fp * (100 << 8)) >> 8 >> 8)
 
 
-def _link_policy(root: Path, cpu: int, present: bool) -> None:
+def _link_policy(root: Path, cpu: int, present: bool, policy: int | None = None) -> None:
     # The kernel removes cpuN/cpufreq when the CPU goes offline (the policy directory
     # stays, inactive) and adds it back when it returns (cpufreq.rst, "Policy Objects").
     link = root / CPU_DIR / f"cpu{cpu}" / "cpufreq"
     if present and not link.is_symlink():
-        link.symlink_to(f"../cpufreq/policy{cpu}")
+        link.symlink_to(f"../cpufreq/policy{cpu if policy is None else policy}")
     elif not present and link.is_symlink():
         link.unlink()
 
@@ -614,6 +678,36 @@ class KernelSysfs(Sysfs):
             self._boost_changed(pol)
             return
         super().write(rel, text)
+
+    def settle_cur(self, num: int) -> bool:
+        """Set policy ``num``'s scaling_cur_freq where the hardware would settle under
+        its governor and limits (a hardware stand-in calls it after other writers, such
+        as vmpowerd on plain files); True if it changed. userspace: scaling_setspeed;
+        the generic performance/powersave: the maximum/minimum; any other algorithm
+        (schedutil, ondemand, intel_pstate's and amd-pstate-epp's own): the current
+        reading, clamped into scaling_min_freq..scaling_max_freq (cpufreq.rst)."""
+        pol = f"{CPU_DIR}/cpufreq/policy{num}"
+        try:
+            lo = self.read_int(f"{pol}/scaling_min_freq")
+            hi = self.read_int(f"{pol}/scaling_max_freq")
+            cur = self.read_int(f"{pol}/scaling_cur_freq")
+            governor = self.read(f"{pol}/scaling_governor")
+            generic = self.read(f"{pol}/scaling_available_governors").split()
+        except (SysfsError, ValueError):
+            return False  # mid-write by another process, or no such policy: next time
+        want = cur
+        if governor == "userspace":
+            setspeed = self.read(f"{pol}/scaling_setspeed")
+            want = int(setspeed) if setspeed.isdigit() else cur
+        elif governor == "performance" and "userspace" in generic:
+            want = hi
+        elif governor == "powersave" and "userspace" in generic:
+            want = lo
+        want = min(max(want, lo), hi)
+        if want == cur:
+            return False
+        self._raw(f"{pol}/scaling_cur_freq", str(want))
+        return True
 
     def _write_limit(self, rel: str, pol: str, name: str, text: str) -> None:
         khz = self._need_int(rel, text)
@@ -770,19 +864,103 @@ class KernelSysfs(Sysfs):
 
 # -- trees of real hosts ------------------------------------------------------------
 
-_MEASURED_FROM = "scaling_min_freq"  # what a measured file (null in a fixture) shows
+FIXTURE_FORMAT = "vmpower-real-host/1"  # tests/data/real-hosts/README.md describes it
+_FIXTURE_KEYS = (
+    "host",
+    "provenance",
+    "driver",
+    "global",
+    "core_types",
+    "present_cpus",
+    "cpu_online_files",
+    "policy_map",
+    "cpu_lists",
+    "shapes",
+    "volatile_sample",
+)
+_CPU_LIST_FILES = ("related_cpus", "affected_cpus", "freqdomain_cpus")
+# amd-pstate-epp under the performance governor shows only "performance": the firmware's
+# EPP default is then not in the recording; this is the one both drivers usually start at
+_ASSUMED_EPP_DEFAULT = "balance_performance"
 
 
 def load_fixture(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A host fixture (tests/data/cpufreq/*.json), checked for the keys the builder uses."""
+    """A recorded host's fixture (``tests/data/real-hosts/<host>.json``), checked."""
     try:
         fixture = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable fixture: {exc}") from None
-    for key in ("host", "provenance", "driver", "present", "global", "groups"):
+    if not isinstance(fixture, dict) or fixture.get("format") != FIXTURE_FORMAT:
+        found = fixture.get("format") if isinstance(fixture, dict) else None
+        raise ValueError(f"{path}: format {found!r}, expected {FIXTURE_FORMAT!r}")
+    for key in _FIXTURE_KEYS:
         if key not in fixture:
             raise ValueError(f"{path}: fixture lacks {key!r}")
+    _check_fixture(fixture)
     return fixture
+
+
+def fixture_policies(fixture: Mapping[str, Any]) -> dict[int, list[int]]:
+    """Policy number → its CPUs (related_cpus), in policy order."""
+    pmap = fixture["policy_map"]
+    if pmap["form"] == "one-per-cpu":
+        pols = sorted(p for shape in fixture["shapes"] for p in parse_cpu_list(shape["policies"]))
+        return {p: [p] for p in pols}
+    return {
+        int(p): sorted(parse_cpu_list(cpus))
+        for p, cpus in sorted(pmap["policies"].items(), key=lambda kv: int(kv[0]))
+    }
+
+
+def fixture_shape(fixture: Mapping[str, Any], policy: int) -> dict[str, Any]:
+    """The shape (files, acpi_cppc, volatile_files, stats) of one policy."""
+    for shape in fixture["shapes"]:
+        if policy in parse_cpu_list(shape["policies"]):
+            return dict(shape)
+    raise KeyError(f"{fixture['host']}: no policy{policy}")
+
+
+def fixture_cpu_list(fixture: Mapping[str, Any], name: str, policy: int) -> str | None:
+    """What ``policyM/<name>`` (related_cpus, affected_cpus, freqdomain_cpus) reads."""
+    pattern = fixture["cpu_lists"].get(name)
+    if pattern is None:
+        return None
+    if pattern["form"] == "self":
+        return str(policy)
+    if pattern["form"] == "groups":
+        for value in pattern["values"]:
+            if str(policy) in value.split():
+                return str(value)
+        raise KeyError(f"{fixture['host']}: {name} has no group for policy{policy}")
+    return str(pattern["values"][str(policy)])
+
+
+def kept_policies(fixture: Mapping[str, Any], max_cpus: int | None) -> dict[int, list[int]]:
+    """The policies a tree of the first ``max_cpus`` CPUs keeps: every policy with a CPU
+    below it, whole (so the tree may hold a few more CPUs than asked)."""
+    pols = fixture_policies(fixture)
+    if max_cpus is None:
+        return pols
+    if max_cpus < 1:
+        raise ValueError(f"cpus must be at least 1, got {max_cpus}")
+    return {p: c for p, c in pols.items() if min(c) < max_cpus}
+
+
+def nonturbo_candidates_khz(fixture: Mapping[str, Any], policy: int = 0) -> list[int]:
+    """The highest non-turbo frequencies consistent with ``intel_pstate/turbo_pct`` and
+    ``num_pstates`` (100 MHz P-states from ``cpuinfo_min_freq``; intel_pstate.c
+    show_turbo_pct); [] where the host lacks them (hybrid hosts, other drivers)."""
+    glob = fixture["global"]
+    if "intel_pstate/turbo_pct" not in glob or "intel_pstate/num_pstates" not in glob:
+        return []
+    pct = int(glob["intel_pstate/turbo_pct"])
+    total = int(glob["intel_pstate/num_pstates"])
+    low = int(fixture_shape(fixture, policy)["files"]["cpuinfo_min_freq"])
+    return [
+        low + (n - 1) * 100_000
+        for n in range(1, total + 1)
+        if turbo_pct(1, n, total) == pct  # P-states 1..n of 1..total are non-turbo
+    ]
 
 
 def build_from_fixture(
@@ -792,82 +970,100 @@ def build_from_fixture(
     max_cpus: int | None = None,
     no_turbo: bool = False,
 ) -> dict[str, Any]:
-    """Write the sysfs of a recorded host under ``root``; returns the fixture.
+    """Write the sysfs of a recorded host under ``root`` (which plays /sys); returns the
+    fixture (a path is loaded with ``load_fixture``).
 
-    Every policy of the fixture gets its recorded files (measured ones show
-    ``scaling_min_freq``), ``cpuN/cpufreq`` links to the policy that lists it in
-    ``related_cpus``, ``cpuN/acpi_cppc/`` where recorded, and the global files.
-    ``max_cpus``: keep only CPUs below it (policies whose first CPU is kept).
+    Written: the recorded global files (``online``/``present`` shrunk to the kept CPUs),
+    the hybrid core types' ``devices/cpu_*/cpus``, ``cpufreq/policyM/`` with the
+    policy's recorded files (values followed by a newline as the kernel prints them,
+    trailing spaces kept), its CPU lists, its volatile readings (policy 0's recorded
+    sample clamped into the policy's limits), ``cpuN/online`` where the host has one,
+    ``cpuN/acpi_cppc/*`` where recorded, and ``cpuN/cpufreq`` as a relative symlink to
+    the policy for every online CPU (cpufreq.c, ``cpufreq_add_dev_interface``). Files
+    the recording lacks (``possible``, ``offline``, ``kernel_max``, ``stats/``) are not
+    invented. ``max_cpus``: keep only the policies with a CPU below it, whole.
     ``no_turbo``: an intel_pstate host booted with ``no_turbo=1`` (see build_tree).
     """
     if not isinstance(fixture, Mapping):
         fixture = load_fixture(fixture)
-    _check_fixture(fixture)
+    else:
+        _check_fixture(fixture)
+    host = fixture["host"]
     root_path = Path(root)
-    present = sorted(parse_cpu_list(fixture["present"]))
-    if max_cpus is not None:
-        present = [c for c in present if c < max_cpus]
-    if not present:
-        raise ValueError(f"{fixture['host']}: no CPU left below {max_cpus}")
-    _check_args(root_path, "acpi-cpufreq", max(present) + 1, frozenset(), frozenset())
+    pols = kept_policies(fixture, max_cpus)
+    kept = sorted(c for cs in pols.values() for c in cs)
+    if not kept:
+        raise ValueError(f"{host}: no CPU left below {max_cpus}")
+    _check_args(root_path, "acpi-cpufreq", max(kept) + 1, frozenset(), frozenset())
     if no_turbo and fixture["driver"] not in ("intel_pstate", "intel_cpufreq"):
-        raise ValueError(f"{fixture['host']}: no_turbo is an intel_pstate setting")
-    kept = set(present)
+        raise ValueError(f"{host}: no_turbo is an intel_pstate setting")
+    glob = fixture["global"]
+    present = parse_cpu_list(fixture["present_cpus"]) & set(kept)
+    online = parse_cpu_list(glob.get("online", fixture["present_cpus"])) & set(kept)
     cpu_dir = root_path / CPU_DIR
     cpu_dir.mkdir(parents=True, exist_ok=True)
-    listed = format_cpu_list(present)
-    for name, value in (("present", listed), ("possible", listed), ("online", listed)):
-        _put(cpu_dir / name, value)
-    _put(cpu_dir / "offline", "")
-    _put(cpu_dir / "kernel_max", "8191")
-    for cpu in present:
-        (cpu_dir / f"cpu{cpu}").mkdir(exist_ok=True)
-        if cpu != 0:
-            _put(cpu_dir / f"cpu{cpu}" / "online", "1")
-    facts_all = fixture.get("kernel_facts", {})
-    policies: list[int] = []
-    for group in fixture["groups"]:
-        files: dict[str, str | None] = group["files"]
-        per_policy: dict[str, dict[str, str]] = group.get("per_policy", {})
-        for num in sorted(parse_cpu_list(group["policies"])):
-            if num not in kept:
-                continue
-            policies.append(num)
-            pol = cpu_dir / "cpufreq" / f"policy{num}"
-            pol.mkdir(parents=True, exist_ok=True)
-            for name, value in files.items():
-                _put(pol / name, files[_MEASURED_FROM] if value is None else value)  # type: ignore[arg-type]
-            for name, values in per_policy.items():
-                _put(pol / name, values.get(str(num), str(num)))
-            span = [
-                int(c) for c in per_policy.get("related_cpus", {}).get(str(num), str(num)).split()
-            ]
-            for cpu in span:
-                if cpu not in kept:
-                    continue
-                link = cpu_dir / f"cpu{cpu}" / "cpufreq"
-                if not link.is_symlink():
-                    link.symlink_to(f"../cpufreq/policy{num}")
-                if group.get("acpi_cppc"):
-                    (cpu_dir / f"cpu{cpu}" / "acpi_cppc").mkdir(exist_ok=True)
-                    for name, value in group["acpi_cppc"].items():
-                        _put(cpu_dir / f"cpu{cpu}" / "acpi_cppc" / name, value)
-            _fixture_facts(root_path, num, files, group.get("acpi_cppc"), facts_all)
-    for rel, value in fixture["global"].items():
-        path = cpu_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _put(path, value)
+    for rel, value in glob.items():
+        if rel == "online":
+            value = format_cpu_list(online)
+        elif rel == "present":
+            value = format_cpu_list(present)
+        (cpu_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        _put(cpu_dir / rel, value)
+    for core_type, listed in fixture["core_types"].items():
+        (root_path / "devices" / core_type).mkdir(parents=True, exist_ok=True)
+        _put(
+            root_path / "devices" / core_type / "cpus",
+            format_cpu_list(parse_cpu_list(listed) & set(kept)),
+        )
+    online_files = {
+        cpu: value
+        for value, listed in fixture["cpu_online_files"].items()
+        for cpu in parse_cpu_list(listed)
+    }
+    sample = fixture["volatile_sample"].get("files", {})
+    for pol, pol_cpus in pols.items():
+        shape = fixture_shape(fixture, pol)
+        pdir = cpu_dir / "cpufreq" / f"policy{pol}"
+        pdir.mkdir(parents=True, exist_ok=True)
+        for name, value in shape["files"].items():
+            _put(pdir / name, value)
+        for name in _CPU_LIST_FILES:
+            listed = fixture_cpu_list(fixture, name, pol)
+            if listed is not None:
+                _put(pdir / name, listed)
+        for name in shape["volatile_files"]:
+            _put(pdir / name, _clamped_sample(shape["files"], sample.get(name)))
+        for cpu in pol_cpus:
+            base = cpu_dir / f"cpu{cpu}"
+            base.mkdir(exist_ok=True)
+            if cpu in online_files:
+                _put(base / "online", online_files[cpu])
+            if shape.get("acpi_cppc"):
+                (base / "acpi_cppc").mkdir(exist_ok=True)
+                for name, value in shape["acpi_cppc"].items():
+                    _put(base / "acpi_cppc" / name, value)
+            if cpu in online:
+                (base / "cpufreq").symlink_to(f"../cpufreq/policy{pol}")
+        _fixture_facts(root_path, fixture, pol, shape)
     _put_kernel(root_path, "turbo_disabled", "0")
     if no_turbo:
-        _boot_no_turbo(root_path, policies)
+        _boot_no_turbo(root_path, pols)
     return dict(fixture)
+
+
+def _clamped_sample(files: Mapping[str, str], sample: str | None) -> str:
+    lo = int(files["scaling_min_freq"])
+    hi = int(files["scaling_max_freq"])
+    value = int(sample) if isinstance(sample, str) and sample.isdigit() else lo
+    return str(min(max(value, lo), hi))
 
 
 _FIXTURE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _FIXTURE_GLOBAL = re.compile(
-    r"^(?:cpufreq/boost|(?:intel_pstate|amd_pstate)/[a-z][a-z0-9_]{0,63})$"
+    r"^(?:online|present|cpufreq/boost|cpufreq/[a-z]{1,32}/[a-z][a-z0-9_]{0,63}"
+    r"|(?:intel_pstate|amd_pstate)/[a-z][a-z0-9_]{0,63})$"
 )
-_FIXTURE_PER_POLICY = frozenset({"affected_cpus", "related_cpus", "freqdomain_cpus"})
+_FIXTURE_CORE_TYPE = re.compile(r"^cpu_[a-z]{1,32}$")
 _FIXTURE_VALUE_MAX = 4096
 
 
@@ -880,73 +1076,139 @@ def _check_fixture(fixture: Mapping[str, Any]) -> None:
     def bad(where: str, why: str) -> ValueError:
         return ValueError(f"fixture {host}: {where}: {why}")
 
-    def value(where: str, text: object, nullable: bool = False) -> None:
-        if text is None and nullable:
-            return
+    def value(where: str, text: object) -> None:
         if not isinstance(text, str) or len(text) > _FIXTURE_VALUE_MAX or "\n" in text:
             raise bad(where, "not a one-line string")
         if "\0" in text:
             raise bad(where, "contains NUL")
 
-    if not isinstance(fixture.get("global"), Mapping) or not isinstance(
-        fixture.get("groups"), list
-    ):
-        raise bad("global/groups", "wrong type")
-    for rel, text in fixture["global"].items():
+    def cpus(where: str, text: object) -> None:
+        value(where, text)
+        try:
+            parse_cpu_list(str(text))
+        except CpuListError as exc:
+            raise bad(where, str(exc)) from None
+
+    def words(where: str, text: object) -> None:
+        value(where, text)
+        if not all(w.isdigit() for w in str(text).split()):
+            raise bad(where, "not a list of CPU numbers")
+
+    def mapping(where: str, obj: object) -> Mapping[str, Any]:
+        if not isinstance(obj, Mapping):
+            raise bad(where, "wrong type")
+        return obj
+
+    for rel, text in mapping("global", fixture.get("global")).items():
         if not isinstance(rel, str) or not _FIXTURE_GLOBAL.match(rel):
             raise bad(f"global {rel!r}", "not a cpufreq, intel_pstate or amd_pstate file")
-        value(f"global {rel}", text)
-    for n, group in enumerate(fixture["groups"]):
-        if not isinstance(group, Mapping) or not isinstance(group.get("files"), Mapping):
-            raise bad(f"group {n}", "needs a files mapping")
-        try:
-            parse_cpu_list(str(group.get("policies", "")))
-        except CpuListError as exc:
-            raise bad(f"group {n} policies", str(exc)) from None
-        files = group["files"]
+        (cpus if rel in ("online", "present") else value)(f"global {rel}", text)
+    for name, text in mapping("core_types", fixture.get("core_types")).items():
+        if not isinstance(name, str) or not _FIXTURE_CORE_TYPE.match(name):
+            raise bad(f"core_types {name!r}", "not a cpu_<type> directory")
+        cpus(f"core_types {name}", text)
+    cpus("present_cpus", fixture.get("present_cpus"))
+    for flag, text in mapping("cpu_online_files", fixture.get("cpu_online_files")).items():
+        if flag not in ("0", "1"):
+            raise bad(f"cpu_online_files {flag!r}", "not 0 or 1")
+        cpus(f"cpu_online_files {flag}", text)
+    pmap = mapping("policy_map", fixture.get("policy_map"))
+    if pmap.get("form") != "one-per-cpu":
+        for num, text in mapping("policy_map policies", pmap.get("policies")).items():
+            if not str(num).isdigit():
+                raise bad(f"policy_map {num!r}", "not a policy number")
+            cpus(f"policy_map {num}", text)
+    for name, pattern in mapping("cpu_lists", fixture.get("cpu_lists")).items():
+        if name not in _CPU_LIST_FILES:
+            raise bad(f"cpu_lists {name!r}", "not a CPU list attribute")
+        form = mapping(f"cpu_lists {name}", pattern).get("form")
+        listed = pattern.get("values")
+        if form == "groups" and isinstance(listed, list):
+            for text in listed:
+                words(f"cpu_lists {name}", text)
+        elif form == "explicit" and isinstance(listed, Mapping):
+            for num, text in listed.items():
+                if not str(num).isdigit():
+                    raise bad(f"cpu_lists {name} {num!r}", "not a policy number")
+                words(f"cpu_lists {name}[{num}]", text)
+        elif form != "self":
+            raise bad(f"cpu_lists {name}", f"unknown form {form!r}")
+    shapes = fixture.get("shapes")
+    if not isinstance(shapes, list) or not shapes:
+        raise bad("shapes", "needs a list of shapes")
+    for n, shape in enumerate(shapes):
+        shape = mapping(f"shape {n}", shape)
+        cpus(f"shape {n} policies", shape.get("policies"))
+        files = mapping(f"shape {n} files", shape.get("files"))
         for name, text in files.items():
             if not isinstance(name, str) or not _FIXTURE_NAME.match(name):
-                raise bad(f"group {n} file {name!r}", "not a plain attribute name")
-            value(f"group {n} {name}", text, nullable=True)
-        if any(v is None for v in files.values()) and not isinstance(
-            files.get(_MEASURED_FROM), str
-        ):
-            raise bad(f"group {n}", f"measured files need {_MEASURED_FROM}")
-        for name, text in (group.get("acpi_cppc") or {}).items():
+                raise bad(f"shape {n} file {name!r}", "not a plain attribute name")
+            value(f"shape {n} {name}", text)
+        for name in ("scaling_min_freq", "scaling_max_freq", "cpuinfo_max_freq"):
+            if not str(files.get(name, "")).isdigit():
+                raise bad(f"shape {n}", f"needs {name} in kHz")
+        for name, text in mapping(f"shape {n} acpi_cppc", shape.get("acpi_cppc") or {}).items():
             if not isinstance(name, str) or not _FIXTURE_NAME.match(name):
-                raise bad(f"group {n} acpi_cppc {name!r}", "not a plain attribute name")
-            value(f"group {n} acpi_cppc {name}", text)
-        for name, values in (group.get("per_policy") or {}).items():
-            if name not in _FIXTURE_PER_POLICY or not isinstance(values, Mapping):
-                raise bad(f"group {n} per_policy {name!r}", "not a CPU list attribute")
-            for num, text in values.items():
-                value(f"group {n} {name}[{num}]", text)
-                if not str(num).isdigit() or not all(w.isdigit() for w in text.split()):
-                    raise bad(f"group {n} {name}[{num}]", "not a list of CPU numbers")
+                raise bad(f"shape {n} acpi_cppc {name!r}", "not a plain attribute name")
+            value(f"shape {n} acpi_cppc {name}", text)
+        volatile = shape.get("volatile_files")
+        if not isinstance(volatile, list) or not all(
+            isinstance(v, str) and _FIXTURE_NAME.match(v) for v in volatile
+        ):
+            raise bad(f"shape {n} volatile_files", "not a list of attribute names")
+    # volatile_sample: only its plain numbers are ever written (_clamped_sample)
+    sample = mapping("volatile_sample", fixture.get("volatile_sample"))
+    mapping("volatile_sample files", sample.get("files", {}))
 
 
 def _fixture_facts(
-    root: Path,
-    num: int,
-    files: Mapping[str, str | None],
-    cppc: Mapping[str, str] | None,
-    facts: Mapping[str, Any],
+    root: Path, fixture: Mapping[str, Any], num: int, shape: Mapping[str, Any]
 ) -> None:
-    """The hidden facts of one recorded policy: from the recording, or the fixture's
-    ``kernel_facts`` where the recording cannot show them."""
-    top = int(files["cpuinfo_max_freq"])  # type: ignore[arg-type]
-    nonturbo = facts.get("nonturbo_max_freq")
-    if nonturbo is None and files.get("base_frequency"):
-        nonturbo = int(files["base_frequency"])  # type: ignore[arg-type]
+    """What the kernel knows of one recorded policy but sysfs does not show (see
+    KERNEL_DIR), from the recording: the non-turbo maximum is ``base_frequency`` (HWP),
+    else the one ``turbo_pct``/``num_pstates`` give (intel_cpufreq), else the top
+    ``_PSS`` entry (acpi-cpufreq), else CPPC's ``nominal_freq``."""
+    files = shape["files"]
+    cppc = shape.get("acpi_cppc") or {}
+    top = int(files["cpuinfo_max_freq"])
+    nonturbo: int | None = None
+    if files.get("base_frequency"):
+        nonturbo = int(files["base_frequency"])
+    if nonturbo is None:
+        candidates = nonturbo_candidates_khz(fixture, num)
+        nonturbo = candidates[0] if len(candidates) == 1 else None
     if nonturbo is None and files.get("scaling_available_frequencies"):
-        nonturbo = max(int(f) for f in files["scaling_available_frequencies"].split())  # type: ignore[union-attr]
-    if nonturbo is None and cppc and cppc.get("nominal_freq", "0") != "0":
+        nonturbo = max(int(f) for f in files["scaling_available_frequencies"].split())
+    if nonturbo is None and cppc.get("nominal_freq", "0") != "0":
         nonturbo = int(cppc["nominal_freq"]) * 1000
     _put_kernel(root, f"policy{num}/turbo_max_freq", str(top))
     _put_kernel(root, f"policy{num}/nonturbo_max_freq", str(nonturbo or top))
     if "energy_performance_preference" in files:
-        default = facts.get("epp_default") or files["energy_performance_preference"]
-        _put_kernel(root, f"policy{num}/epp_default", str(default))
+        default = files["energy_performance_preference"]
+        if files.get("scaling_governor") == "performance":
+            default = _ASSUMED_EPP_DEFAULT  # the recording shows the governor's forced EPP
+        _put_kernel(root, f"policy{num}/epp_default", default)
+
+
+# -- a stand-in for the hardware ------------------------------------------------------
+
+FOLLOW_PERIOD_S = 0.05
+
+
+def follow(
+    root: str | os.PathLike[str],
+    period_s: float = FOLLOW_PERIOD_S,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> None:
+    """Play the hardware of a simulated tree that other processes write as plain files
+    (vmpowerd does not know its tree is simulated): every ``period_s``, each policy's
+    scaling_cur_freq goes where its governor and limits put it (``settle_cur``).
+    Returns when ``keep_going`` says so."""
+    sysfs = KernelSysfs(root)
+    while keep_going():
+        for num in sysfs._policies():
+            sysfs.settle_cur(num)
+        time.sleep(period_s)
 
 
 # -- command line ---------------------------------------------------------------------
@@ -966,8 +1228,8 @@ def main(argv: list[str]) -> int:
         "--fixture",
         type=Path,
         metavar="FILE",
-        help="build a recorded host's tree (tests/data/cpufreq/*.json) instead of"
-        " --driver/--cpus; --cpus then keeps only the CPUs below it",
+        help="build a recorded host's tree (tests/data/real-hosts/*.json) instead of"
+        " --driver/--cpus; --cpus then keeps only the policies of the CPUs below it",
     )
     parser.add_argument(
         "--no-turbo-at-boot",
@@ -988,8 +1250,28 @@ def main(argv: list[str]) -> int:
         help="CPUs that can run faster than the others (priority cores)",
     )
     parser.add_argument("--governor", default=None, help="initial scaling governor")
+    parser.add_argument(
+        "--cpus-per-policy",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPUs sharing one cpufreq policy, in consecutive runs (policyM for CPUs M"
+        " to M+N-1, cpuN/cpufreq linking to it), as the kernel lays them out",
+    )
     parser.add_argument("--force", action="store_true", help="write into a non-empty DIR")
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="alone: play the hardware of the tree in DIR until SIGTERM/SIGINT, each"
+        " policy's scaling_cur_freq following its governor, setspeed and limits",
+    )
     args = parser.parse_args(argv)
+    if args.follow:
+        if args.driver or args.fixture or args.cpus:
+            parser.error("--follow follows an existing tree: build it first")
+        if not (args.dir / CPU_DIR / "cpufreq").is_dir():
+            parser.error(f"{args.dir} holds no simulated cpufreq tree")
+        return _follow_until_signalled(args.dir)
     try:
         offline = parse_cpu_list(args.offline)
         priority = parse_cpu_list(args.priority)
@@ -1014,8 +1296,8 @@ def main(argv: list[str]) -> int:
                 target, args.fixture, max_cpus=args.cpus, no_turbo=args.no_turbo_at_boot
             )
             print(
-                f"simulated {fixture['host']} ({fixture['driver']}, {fixture['cpu_model']})"
-                f" in {target}"
+                f"simulated {fixture['host']} ({fixture['driver']},"
+                f" {fixture.get('cpu', {}).get('model_name', '?')}) in {target}"
             )
             return 0
         build_tree(
@@ -1028,6 +1310,7 @@ def main(argv: list[str]) -> int:
             priority_cpus=priority,
             no_turbo=args.no_turbo_at_boot,
             vendor=args.vendor,
+            cpus_per_policy=args.cpus_per_policy,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -1035,6 +1318,19 @@ def main(argv: list[str]) -> int:
         print(f"vmpower simulate-sysfs: cannot write {target}: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"simulated {args.driver} sysfs with {args.cpus} CPUs in {target}")
+    return 0
+
+
+def _follow_until_signalled(root: Path) -> int:
+    stop: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    print(f"following {root}: scaling_cur_freq follows what is set", flush=True)
+    follow(root, keep_going=lambda: not stop)
     return 0
 
 

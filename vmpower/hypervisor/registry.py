@@ -43,7 +43,13 @@ from vmpower.hypervisor.libvirt_events import (
     lifecycle_kind,
 )
 from vmpower.hypervisor.model import VmEvent, VmInfo, VmState
-from vmpower.hypervisor.session import ConnectionLost, LibvirtSession, Opened, VmRead
+from vmpower.hypervisor.session import (
+    ConnectionLost,
+    LibvirtSession,
+    Opened,
+    VcpuTimes,
+    VmRead,
+)
 from vmpower.hypervisor.worker import Job, LibvirtWorker, Post
 
 log = logging.getLogger(__name__)
@@ -246,7 +252,7 @@ class Hypervisor:
             raise HypervisorError(
                 f"libvirt is not responding (no answer for {stalled_s:.1f} s); try again"
             )
-        job = self._worker.submit(call, done)
+        job = self._worker.submit(call, done, urgent=True)
         if job is None:
             raise HypervisorError(
                 f"libvirt is not responding ({self._worker.queued()} calls waiting); try again"
@@ -520,6 +526,10 @@ class Hypervisor:
         with self._lock:
             return dict(self._vms)
 
+    def vm_count(self) -> int:
+        """How many VMs are tracked (``len(vms())`` without copying the registry)."""
+        return len(self._vms)
+
     def vm(self, name: str) -> VmInfo:
         with self._lock:
             return self._get(name)
@@ -762,6 +772,39 @@ class Hypervisor:
             if isinstance(stats, HypervisorError):
                 raise stats
             return stats
+
+    def read_vcpu_times(self, done: Callable[[VcpuTimes | None], None]) -> bool:
+        """Ask for every running VM's vCPU times and placement, off the owner's thread.
+
+        ``done`` gets the ``VcpuTimes`` (None when the read failed) on the owner thread.
+        False when nothing was asked: disconnected, or the previous read still queued
+        (one at a time: a slow libvirtd never gets a backlog of these).
+        """
+        with self._lock:
+            if self._generation is None:
+                return False
+            generation = self._generation
+            names = [name for name, info in self._vms.items() if info.active]
+        job = self._worker.submit(
+            functools.partial(self._session.vcpu_times, names),
+            functools.partial(self._after_vcpu_times, generation, done),
+            key="vcpu_times",
+        )
+        return job is not None
+
+    def _after_vcpu_times(
+        self, generation: int, done: Callable[[VcpuTimes | None], None], job: Job
+    ) -> None:
+        try:
+            times = job.outcome()
+        except ConnectionLost as exc:
+            with self._lock:
+                if generation == self._generation:
+                    self._lose(str(exc))
+            times = None
+        except HypervisorError:
+            times = None
+        done(times)
 
     def _after_stats(self, generation: int, vm: str, job: Job) -> None:
         with self._lock:

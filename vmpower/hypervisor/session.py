@@ -54,6 +54,14 @@ class VmRead:
 
 
 @dataclass(frozen=True)
+class VcpuTimes:
+    """Per running VM, per vCPU: (CPU time used in s, host CPU); read at ``read_at`` s."""
+
+    vms: dict[str, tuple[tuple[float, int], ...]]
+    read_at: float
+
+
+@dataclass(frozen=True)
 class Opened:
     """What a successful ``open()`` read: the connection's generation, host size, VMs."""
 
@@ -318,6 +326,26 @@ class LibvirtSession:
         if not pcpus:  # could not read it back: trust what libvirt accepted
             pcpus = tuple(wanted if i == vcpu else s for i, s in enumerate(info.vcpu_pcpus))
         return pcpus
+
+    def vcpu_times(self, names: Iterable[str]) -> VcpuTimes:
+        """Each named running VM's vCPUs: (CPU time used in s, host CPU it runs on now).
+
+        virDomainGetVcpus (virVcpuInfo: number, state, cpuTime in ns, cpu); a VM that
+        stopped or went away meanwhile is left out. ``read_at`` is taken after the reads
+        (the owner's clock): the energy account's interval ends there (vmpower.energy).
+        """
+        self._require()
+        times: dict[str, tuple[tuple[float, int], ...]] = {}
+        for name in names:
+            try:
+                infos, _maps = self._domain(name).vcpus()
+            except UnknownVmError:
+                continue
+            except libvirt.libvirtError as exc:
+                self._raise_if_lost(exc)
+                continue  # not running (any more): it used no vCPU time
+            times[name] = tuple((ns / 1e9, cpu) for _n, _state, ns, cpu in infos)
+        return VcpuTimes(times, self._clock())
 
     def interface_stats(self, name: str, nics: tuple[str, ...]) -> tuple[int, int]:
         """(rx_packets, tx_packets) summed over ``nics`` of the VM."""

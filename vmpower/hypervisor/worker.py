@@ -113,9 +113,18 @@ class LibvirtWorker:
         return self._post is not None
 
     def submit(
-        self, call: Callable[[], Any], done: Callable[[Job], None], key: str | None = None
+        self,
+        call: Callable[[], Any],
+        done: Callable[[Job], None],
+        key: str | None = None,
+        urgent: bool = False,
     ) -> Job | None:
-        """Queue ``call``; None when not queued (same ``key`` waiting, queue full, closed)."""
+        """Queue ``call``; None when not queued (same ``key`` waiting, queue full, closed).
+
+        ``urgent``: ahead of the queued jobs (an operator's call, which the monitor thread
+        waits for, must not wait behind up to MAX_QUEUED background map re-reads: issue
+        #16, add_vm p99 under guest traffic).
+        """
         if self._post is None:
             job = Job(call, done, key, waitable=False)
             job.run()
@@ -133,7 +142,10 @@ class LibvirtWorker:
             if len(self._queue) >= self._max_queued:
                 return None
             job = Job(call, done, key, waitable=True)
-            self._queue.append(job)
+            if urgent:
+                self._queue.appendleft(job)
+            else:
+                self._queue.append(job)
             if key is not None:
                 self._keys.add(key)
             if self._thread is None:

@@ -4,8 +4,10 @@ Layout under ``telemetry.access_dir`` (GEOPM's service layout)::
 
     0.DEFAULT_ACCESS/allowed_signals     everyone
     0.DEFAULT_ACCESS/allowed_controls
+    0.DEFAULT_ACCESS/allowed_controls_on_vm_cpus
     <group>/allowed_signals              members of Unix group <group>
     <group>/allowed_controls
+    <group>/allowed_controls_on_vm_cpus
 
 One name per line; ``#`` starts a comment; blank lines are ignored. A name the catalogue
 does not know is an error naming the file and line (an access list is not guessed at).
@@ -13,10 +15,13 @@ does not know is an error naming the file and line (an access list is not guesse
 The effective rights of a client are the default lists plus the lists of every group it
 belongs to (its primary group from the socket's credentials and its supplementary
 groups from the group database). Every allowed control is also a readable signal.
-Root gets everything. Defaults when a default list is missing: writing is root-only (no
-control), and every signal may be read except the sensitive ones (energy: the kernel
-made RAPL counters root-only after CVE-2020-8694). Lists are read when a session starts,
-so its rights are fixed for its whole life.
+``allowed_controls_on_vm_cpus`` names the controls that may also be written on host CPUs
+a running VM is pinned to (issue #12 point 5: a session must not take a VM's CPUs
+unless granted); each is also an allowed control. Root gets everything. Defaults when
+a default list is missing: writing is root-only (no control, none on VM CPUs), and
+every signal may be read except the sensitive ones (energy: the kernel made RAPL
+counters root-only after CVE-2020-8694). Lists are read when a session starts, so its
+rights are fixed for its whole life.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from vmpower.telemetry.catalog import CATALOG, Request
 DEFAULT_GROUP = "0.DEFAULT_ACCESS"
 SIGNALS_FILE = "allowed_signals"
 CONTROLS_FILE = "allowed_controls"
+VM_CPU_CONTROLS_FILE = "allowed_controls_on_vm_cpus"
 
 GroupsOf = Callable[[int, int], list[str]]
 
@@ -62,12 +68,17 @@ class Rights:
     signals: frozenset[str]
     controls: frozenset[str]
     everything: bool = False
+    # the controls it may write on host CPUs a running VM is pinned to, too
+    vm_cpu_controls: frozenset[str] = frozenset()
 
     def may_read(self, name: str) -> bool:
         return self.everything or name in self.signals or name in self.controls
 
     def may_write(self, name: str) -> bool:
         return self.everything or name in self.controls
+
+    def may_write_on_vm_cpus(self, name: str) -> bool:
+        return self.everything or name in self.vm_cpu_controls
 
 
 class AccessLists:
@@ -104,13 +115,16 @@ class AccessLists:
         if signals is None:
             signals = frozenset(n for n, i in CATALOG.items() if not i.sensitive)
         controls = self._read(default_dir / CONTROLS_FILE) or frozenset()
+        on_vm_cpus = self._read(default_dir / VM_CPU_CONTROLS_FILE) or frozenset()
         for group in self._groups_of(uid, gid):
             if group == DEFAULT_GROUP or "/" in group or group.startswith("."):
                 continue
             group_dir = self.access_dir / group
             signals |= self._read(group_dir / SIGNALS_FILE) or frozenset()
             controls |= self._read(group_dir / CONTROLS_FILE) or frozenset()
-        return Rights(signals | controls, controls)
+            on_vm_cpus |= self._read(group_dir / VM_CPU_CONTROLS_FILE) or frozenset()
+        controls |= on_vm_cpus
+        return Rights(signals | controls, controls, vm_cpu_controls=on_vm_cpus)
 
     def check(
         self, uid: int, gid: int, signals: Iterable[Request], controls: Iterable[Request]

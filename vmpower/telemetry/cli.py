@@ -234,10 +234,18 @@ def _signals(socket_path: Path, out: TextIO, as_json: bool = False) -> int:
     return EXIT_OK
 
 
+# Signals that are a difference between two samples: a one-shot read has none.
+INTERVAL_SIGNALS = frozenset({"CPU_POWER", "VM_ENERGY"})
+
+
 def _read(socket_path: Path, args: argparse.Namespace, out: TextIO, as_json: bool = False) -> int:
     request = _request(args)
     with BatchClient(socket_path, signals=[request]) as batch:
         (value,) = batch.read()
+    if request[0] in INTERVAL_SIGNALS:
+        # One read has no interval to measure power or to share energy over: what the
+        # session says then is 0 for "nothing measured yet", which is not a value.
+        value = math.nan
     if as_json:
         shown = None if math.isnan(value) else value  # JSON has no NaN
         print(json.dumps({"request": request, "value": shown}), file=out)

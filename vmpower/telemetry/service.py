@@ -42,7 +42,7 @@ from vmpower.control import Command, PeerCred
 from vmpower.errors import RestoreError, TelemetryError, VmpowerError
 from vmpower.restore import RestoreJournal, RestoreReport
 from vmpower.sysfs import Sysfs
-from vmpower.telemetry.access import AccessLists
+from vmpower.telemetry.access import AccessLists, Rights
 from vmpower.telemetry.catalog import CATALOG, Request, Topology, parse_requests
 from vmpower.telemetry.session import (
     SESSIONS_DIR,
@@ -80,9 +80,9 @@ class Session:
     pidfd: int
     cpus: tuple[int, ...]
     started_at: float
-    # Whether its limits may go on host CPUs a VM is pinned to (root's sessions only:
-    # rights are fixed when the session starts).
-    vm_cpus_allowed: bool = False
+    # What it may write on host CPUs a running VM is pinned to (issue #12 point 5):
+    # the client's rights from the access lists, fixed when the session starts.
+    rights: Rights = Rights(frozenset(), frozenset())
 
     @property
     def owner(self) -> str:
@@ -343,9 +343,7 @@ class BatchService:
             barrier.destroy()
             finish_session(session_dir)
             raise TelemetryError(f"cannot watch the batch server: {exc}") from None
-        session = Session(
-            spec, session_dir, proc, barrier, pidfd, cpus, self.clock(), rights.everything
-        )
+        session = Session(spec, session_dir, proc, barrier, pidfd, cpus, self.clock(), rights)
         self.sessions[key] = session
         self.monitor.add_reader(pidfd, lambda _fd, k=key: self._reap(k))
         self._forget(cpus)
@@ -394,19 +392,34 @@ class BatchService:
         if self.power is None:
             raise TelemetryError("this daemon applies no controls")
         limits = _parse_limits(req.get("limits"), session.cpus)
-        if not session.vm_cpus_allowed and self.hypervisor is not None:
-            for name, vm in sorted(self.hypervisor.vms().items()):
-                taken = sorted(set(limits) & vm.pcpus()) if vm.active else []
-                if taken:
-                    raise TelemetryError(
-                        f"host CPU {', '.join(map(str, taken))} belongs to VM {name}: only"
-                        " root's sessions may set limits on a VM's CPUs"
-                    )
+        self._check_vm_cpus(session, limits)
         try:
             self.power.set_limits(session.owner, limits)
         except VmpowerError as exc:
             raise TelemetryError(str(exc)) from None
         return {"server_key": key, "cpus": sorted(limits)}
+
+    def _check_vm_cpus(
+        self, session: Session, limits: dict[int, tuple[int | None, int | None]]
+    ) -> None:
+        """A limit on a host CPU a running VM is pinned to needs its control granted by
+        the access lists' allowed_controls_on_vm_cpus (issue #12 point 5); checked at
+        each write, since VMs start, stop and are re-pinned while a session runs."""
+        if self.hypervisor is None:
+            return
+        rights = session.rights
+        for name, vm in sorted(self.hypervisor.vms().items()):
+            if not vm.active:
+                continue
+            for cpu in sorted(set(limits) & vm.pcpus()):
+                for control, khz in zip(_LIMIT_CONTROLS, limits[cpu], strict=True):
+                    if khz is not None and not rights.may_write_on_vm_cpus(control):
+                        raise TelemetryError(
+                            f"host CPU {cpu} belongs to VM {name}: uid"
+                            f" {session.spec.client_uid} may not write {control} there"
+                            f" (allowed_controls_on_vm_cpus in {self.access.access_dir}"
+                            " grants it)"
+                        )
 
     def cmd_list_batches(self, _req: dict[str, Any], cred: PeerCred) -> list[dict[str, Any]]:
         # A server that just exited may not have been reaped yet (its pidfd is handled
@@ -504,6 +517,10 @@ def _period(value: Any) -> float | None:
 
 
 MAX_LIMIT_KHZ = 1 << 40  # far above any CPU: a bigger number is a bad request
+
+
+# The control behind each side of a limit (minimum, maximum): telemetry/sources.py
+_LIMIT_CONTROLS = ("CPU_FREQUENCY_MIN_CONTROL", "CPU_FREQUENCY_MAX_CONTROL")
 
 
 def _parse_limits(value: Any, cpus: tuple[int, ...]) -> dict[int, tuple[int | None, int | None]]:

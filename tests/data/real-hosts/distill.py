@@ -4,7 +4,7 @@ pepc (https://github.com/intel/pepc, BSD-3-Clause) keeps, per recorded host,
 ``tests/emul-data/<host>/sys/inlinefiles.txt``: lines ``ro|/sys/...path...|value`` or
 ``rw|...`` (the first field is pepc's emulation mode, not the file's permission; a file
 with several lines of content has one line per content line). This script keeps only
-the hardware facts vmpower's cpufreq code depends on, in the form ``tests/real_hosts.py``
+the hardware facts vmpower's cpufreq code depends on, in the form ``vmpower.cpufreq.simulate``
 reads (see README.md beside this file):
 
 * the global files under ``devices/system/cpu/`` (online, present, ``cpufreq/boost``,

@@ -1,0 +1,62 @@
+"""Bench only: libvirt's test driver presenting a large host (bench/bench_scale.py).
+
+The test driver reports 8 host CPUs whatever its node XML says, and keeps vCPU pins
+within them. bench_scale puts this directory first on the daemon's PYTHONPATH, so
+Python imports this module at start-up; it wraps three libvirt calls, each still made
+for real underneath (their cost stays in the figures):
+
+* ``virConnect.getCPUMap``: the CPU count is $VMPOWER_BENCH_HOST_CPUS;
+* ``virDomain.vcpuPinInfo``: each vCPU's pins from $VMPOWER_BENCH_PINS (a JSON file,
+  VM name -> one host CPU per vCPU);
+* ``libvirt.open``: its duration (the test driver parsing the node XML, a cost a real
+  libvirtd does not have at connect) appended to $VMPOWER_BENCH_OPEN_LOG.
+
+Nothing happens unless $VMPOWER_BENCH_HOST_CPUS is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+def _install() -> None:
+    cpus = int(os.environ["VMPOWER_BENCH_HOST_CPUS"])
+    with open(os.environ["VMPOWER_BENCH_PINS"]) as f:
+        pins: dict[str, list[int]] = json.load(f)
+    open_log = os.environ.get("VMPOWER_BENCH_OPEN_LOG")
+
+    import libvirt
+
+    rows = {c: tuple(i == c for i in range(cpus)) for c in range(cpus)}
+    real_map = libvirt.virConnect.getCPUMap
+    real_pins = libvirt.virDomain.vcpuPinInfo
+    real_open = libvirt.open
+
+    def get_cpu_map(self, flags=0):
+        real_map(self, flags)
+        return (cpus, tuple(True for _ in range(cpus)), cpus)
+
+    def vcpu_pin_info(self, flags):
+        real = real_pins(self, flags)
+        mine = pins.get(self.name())
+        if mine is None:
+            return real
+        return [rows[c] for c in mine]
+
+    def open_(name=None):
+        t0 = time.monotonic()
+        conn = real_open(name)
+        if open_log:
+            with open(open_log, "a") as f:
+                f.write(f"{t0:.6f} {time.monotonic():.6f}\n")
+        return conn
+
+    libvirt.virConnect.getCPUMap = get_cpu_map
+    libvirt.virDomain.vcpuPinInfo = vcpu_pin_info
+    libvirt.open = open_
+
+
+if os.environ.get("VMPOWER_BENCH_HOST_CPUS"):
+    _install()
