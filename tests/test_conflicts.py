@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def test_real_daemon_warns_about_a_running_tuned_and_lists_it(
         conflicts = agent.control("status")["conflicts"]
         mine = [c for c in conflicts if c["name"] == "tuned"]
         assert mine and tuned.pid in mine[0]["pids"], conflicts
+        # The operator's plain `vmpower status` says it too.
+        shown = subprocess.run(
+            [sys.executable, "-m", "vmpower.shell", "--socket", str(agent.socket), "status"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert any(
+            x.startswith("CONFLICT") and f"tuned runs (pid {tuned.pid}" in x
+            for x in shown.splitlines()
+        ), shown
         assert agent.stop() == 0
     finally:
         agent.close()

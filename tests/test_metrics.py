@@ -11,9 +11,9 @@ import http.client
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,10 +21,12 @@ from agent_support import RunningAgent
 from prometheus_client.parser import text_string_to_metric_families
 
 from vmpower import protocol
+from vmpower.channels import ChannelState
 from vmpower.config import config_from_dict
 from vmpower.cpufreq.simulate import RAPL_DIR, add_rapl_zone
 from vmpower.devtools import ChannelHost, make_request, wait_for
 from vmpower.errors import ConfigError
+from vmpower.metrics import REFRESH_S, REFRESH_WAIT_S, Renderer, Snapshot, render
 from vmpower.protocol import Command, CoreType, ReplyCode, Unit
 
 ACK, NACK = int(ReplyCode.ACK), int(ReplyCode.NACK)
@@ -96,7 +98,7 @@ class MetricsAgent(RunningAgent):
         # A package zone that wraps at 2000 J: a 100 W test crosses it.
         self.max_uj = 2_000_000_000
         self.energy_file = add_rapl_zone(
-            self.sysfs_root, 0, energy_uj=self.max_uj - 150_000_000, max_energy_range_uj=self.max_uj
+            self.sysfs_root, 0, energy_uj=self.max_uj - 300_000_000, max_energy_range_uj=self.max_uj
         )
 
     def start(self, accept: bool = True, env: dict[str, str] | None = None) -> MetricsAgent:
@@ -142,6 +144,15 @@ def test_every_family_with_its_labels_and_the_exact_counts(agent: MetricsAgent) 
     sent["nack"] += 4
     assert power(vm2, Unit.SCALE_MAX, 1) == ACK
 
+    # A scrape may be served a snapshot up to REFRESH_S old (the start-up one, here):
+    # within a bounded wait the counts are exactly what was sent.
+    def counted() -> bool:
+        found = agent.metrics()
+        return ("vm2", "ack", 1.0) in [
+            (lab.get("vm"), lab.get("result"), v) for lab, v in found["vmpower_requests_total"]
+        ]
+
+    assert wait_for(counted, 30)
     found = agent.metrics()
     for family, (kind, labels) in FAMILIES.items():
         name = f"{family}_total" if kind == "counter" else family
@@ -170,25 +181,38 @@ def test_every_family_with_its_labels_and_the_exact_counts(agent: MetricsAgent) 
 
 
 def test_energy_at_100_watts_with_a_wrap_and_balanced_books(agent: MetricsAgent) -> None:
-    start_uj = agent.max_uj - 150_000_000
-    stop = threading.Event()
-
-    def hundred_watts() -> None:  # the package counter advances as at 100 W, and wraps
-        t0 = time.monotonic()
-        while not stop.is_set():
-            spent_uj = int((time.monotonic() - t0) * 100e6)
-            agent.energy_file.write_text(f"{(start_uj + spent_uj) % (agent.max_uj + 1)}\n")
-            time.sleep(0.01)
-
-    writer = threading.Thread(target=hundred_watts, daemon=True)
-    writer.start()
+    start_uj = agent.max_uj - 300_000_000
+    # The package counter advances as at 100 W, and wraps. A process of its own plays
+    # the hardware: a thread of this test process could be starved for hundreds of ms
+    # by the other threads a long test run leaves behind, and skew the rate.
+    hundred_watts = (
+        "import sys, time\n"
+        "path, start, top = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+        "t0 = time.monotonic()\n"
+        "while True:\n"
+        "    spent = int((time.monotonic() - t0) * 100e6)\n"
+        "    with open(path, 'w') as f:\n"
+        "        f.write(f'{(start + spent) % (top + 1)}\\n')\n"
+        "    time.sleep(0.005)\n"
+    )
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            hundred_watts,
+            str(agent.energy_file),
+            str(start_uj),
+            str(agent.max_uj),
+        ]
+    )
     try:
+        time.sleep(0.2)  # the writer is running
         first = agent.metrics()
-        time.sleep(4.0)  # the counter wraps past max_energy_range_uj meanwhile
+        time.sleep(8.0)  # the counter wraps past max_energy_range_uj meanwhile
         second = agent.metrics()
     finally:
-        stop.set()
-        writer.join()
+        writer.kill()
+        writer.wait()
 
     def books(found: dict[str, list[tuple[dict[str, str], float]]]) -> tuple[float, float]:
         package = sum(v for _l, v in found["vmpower_package_energy_joules_total"])
@@ -231,6 +255,126 @@ def test_only_get_metrics_and_hostile_clients_do_not_hold_the_guests(
         for conn in idle:
             conn.close()
     assert wait_for(lambda: scrape(agent.port)[0] == 200, 30)
+
+
+def test_scrapes_close_together_share_one_snapshot_and_later_ones_see_new_counts(
+    agent: MetricsAgent,
+) -> None:
+    """A scrape within REFRESH_S of a snapshot is served it (no wait for the loop); one
+    later gets a fresh one with the replies sent meanwhile."""
+    assert wait_for(lambda: agent.metrics() is not None, 10)
+    first = agent.metrics()
+    second = agent.metrics()
+    stamps = [value(f, "vmpower_snapshot_timestamp_seconds") for f in (first, second)]
+    # Both in one REFRESH_S (0.5 s) unless the machine stalled between them: then two
+    # snapshots, each newer; never a second one taken within REFRESH_S of the first.
+    assert stamps[1] == stamps[0] or stamps[1] - stamps[0] >= REFRESH_S * 0.9
+    build_s = value(first, "vmpower_snapshot_build_seconds")
+    assert 0 < build_s < REFRESH_WAIT_S
+    assert power(agent.hosts["vm1.0"], Unit.SCALE_MAX, 0) == ACK
+
+    def seen() -> bool:
+        return value(agent.metrics(), "vmpower_requests_total", vm="vm1", result="ack") == 1
+
+    assert wait_for(seen, 30)
+
+
+def _fleet_snapshot(vms: int, **changes: object) -> Snapshot:
+    """A snapshot as SnapshotBuilder makes it: VMs vm0..vmN-1, 4 channels each."""
+    names = [f"vm{i}" for i in range(vms)]
+    keys = tuple((vm, index) for vm in names for index in range(4))
+    snap = Snapshot(
+        taken_at=1.0,
+        libvirt_connected=True,
+        restore_pending=0,
+        cpus_driven=0,
+        acks_by={("vm", vm): 10 for vm in names} | {("fifo", "fifo0"): 5},
+        nacks_by={("vm", vm, "not pinned"): 1 for vm in names},
+        channel_keys=keys,
+        channel_states=tuple(ChannelState.CONNECTED for _ in keys),
+        vm_uuids={vm: f"6a1c5a0e-00c0-4c1e-9a5e-{i:012d}" for i, vm in enumerate(names)},
+        cpu_hz=((0, 2_000_000_000),),
+        target_hz=(),
+        package_j=((0, 10.0),),
+        host_j=((0, 10.0),),
+        vm_j={},
+        departed_j=0.0,
+    )
+    return replace(snap, **changes)  # type: ignore[arg-type]
+
+
+def test_a_scrape_formats_only_the_lines_of_vms_that_changed() -> None:
+    """Issue #15 point 3: most VMs are idle between two scrapes; their lines are kept, so a
+    scrape at 1000 VMs formats a handful of lines, and the text is what a fresh render
+    of the same snapshot gives."""
+    renderer = Renderer()
+    snap = _fleet_snapshot(1000)
+    text = renderer.render(snap)
+    # requests (2) + refusals (1) + channels (4) + vm_info (1) + energy (1) per VM
+    assert renderer.vm_lines_formatted == 9 * 1000
+    assert text == render(snap)
+    found = samples(text)
+    assert value(found, "vmpower_requests_total", vm="vm7", result="ack") == 10
+
+    # Nothing changed (new copies, equal values): nothing formatted.
+    same = _fleet_snapshot(1000, taken_at=2.0)
+    assert renderer.render(same) == render(same)
+    assert renderer.vm_lines_formatted == 0
+
+    # vm7 answered once more: its two request lines, nothing else.
+    acks = dict(same.acks_by)
+    acks[("vm", "vm7")] = 11
+    one = replace(same, acks_by=acks)
+    text = renderer.render(one)
+    assert renderer.vm_lines_formatted == 2
+    assert text == render(one)
+    assert value(samples(text), "vmpower_requests_total", vm="vm7", result="ack") == 11
+
+    # vm8 refused for a new reason: its request lines and its refusal lines (2 reasons).
+    nacks = dict(one.nacks_by)
+    nacks[("vm", "vm8", "rate limit")] = 1
+    two = replace(one, nacks_by=nacks)
+    assert renderer.render(two) == render(two)
+    assert renderer.vm_lines_formatted == 2 + 2
+
+    # One of vm9's channels disconnected: its four channel lines.
+    states = list(two.channel_states)
+    states[9 * 4 + 1] = ChannelState.DISCONNECTED
+    three = replace(two, channel_states=tuple(states))
+    text = renderer.render(three)
+    assert renderer.vm_lines_formatted == 4
+    assert text == render(three)
+    assert value(samples(text), "vmpower_channels", vm="vm9", state="disconnected") == 1
+
+    # vm5 used energy: one line.
+    four = replace(three, vm_j={"vm5": 1.5})
+    assert renderer.render(four) == render(four)
+    assert renderer.vm_lines_formatted == 1
+
+    # vm8's rate-limit count forgotten (PowerManager.forget_counts): its lines again.
+    forgot = replace(
+        four, nacks_by={k: n for k, n in four.nacks_by.items() if k != ("vm", "vm8", "rate limit")}
+    )
+    assert renderer.render(forgot) == render(forgot)
+    assert renderer.vm_lines_formatted == 2 + 1
+
+    # vm3 left libvirt and its channels: its lines go, nothing is formatted.
+    gone = replace(
+        forgot,
+        acks_by={k: n for k, n in forgot.acks_by.items() if k[1] != "vm3"},
+        nacks_by={k: n for k, n in forgot.nacks_by.items() if k[1] != "vm3"},
+        channel_keys=tuple(k for k in forgot.channel_keys if k[0] != "vm3"),
+        channel_states=tuple(
+            s
+            for k, s in zip(forgot.channel_keys, forgot.channel_states, strict=True)
+            if k[0] != "vm3"
+        ),
+        vm_uuids={vm: u for vm, u in forgot.vm_uuids.items() if vm != "vm3"},
+    )
+    text = renderer.render(gone)
+    assert renderer.vm_lines_formatted == 0
+    assert text == render(gone)
+    assert 'vm="vm3"' not in text
 
 
 def test_one_shot_read_of_an_interval_signal_prints_nan(agent: MetricsAgent) -> None:

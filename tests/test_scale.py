@@ -5,6 +5,7 @@ is held."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Iterator
@@ -341,3 +342,47 @@ def test_a_warmed_cpus_first_request_reads_only_what_it_writes(parts: Parts) -> 
     probe_reads = [name for name in seen if name in ("scaling_available_frequencies", "online")]
     assert probe_reads == [], f"{len(probe_reads)} probe reads at first contact"
     assert len(seen) <= 4 * len(cpus)  # governor take-over, journal originals, setspeed
+
+
+def test_background_map_re_reads_are_capped_across_vms(tmp_path: Path) -> None:
+    """Each request finding its VM's map older than map_refresh_s asked libvirt for it:
+    1000 busy VMs were 1000 calls a second on the worker, all due together at first
+    contact. Now at most MAP_REREAD_BURST at once, MAP_REREADS_PER_S a second after."""
+    from agent_support import render_node
+
+    from vmpower.hypervisor import Hypervisor
+    from vmpower.hypervisor import registry as hv_registry
+
+    now = [1000.0]
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    hv = Hypervisor(
+        f"test://{render_node(tmp_path, channels)}",
+        channels,
+        clock=lambda: now[0],
+        map_refresh_s=0.5,
+    )
+    hv.connect()
+    try:
+        calls = [0]
+        real = hv._session.read_map
+
+        def read_map(info):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            return real(info)
+
+        hv._session.read_map = read_map  # type: ignore[method-assign]
+        names = [n for n, vm in hv.vms().items() if vm.active]
+        for _ in range(1000):  # 1000 requests per VM in one instant, every map stale
+            for name in names:
+                assert hv.ensure_fresh(name).name == name  # the last known map serves
+                hv._vms[name] = dataclasses.replace(hv._vms[name], map_read_at=0.0)
+        burst = int(hv_registry.MAP_REREAD_BURST)
+        assert calls[0] == burst, f"{calls[0]} libvirt map reads in one instant"
+        now[0] += 1.0  # a second later: the rate's worth more
+        for name in names * 1000:
+            hv.ensure_fresh(name)
+            hv._vms[name] = dataclasses.replace(hv._vms[name], map_read_at=0.0)
+        assert calls[0] == burst + burst  # refilled to the burst, no more
+    finally:
+        hv.close()

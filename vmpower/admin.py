@@ -145,8 +145,8 @@ class AdminCommands:
             "loop": None if self.loop is None else self.loop.report(),
             # other power managers writing cpufreq too (issue #13): [] when none
             "conflicts": [] if self.conflicts is None else self.conflicts(),
-            # features unsupported on this host, each with its reason (per CPU: show_cpus)
-            "unsupported": self.cpufreq.unsupported(),
+            # features some CPU cannot use: those CPUs and why (per CPU: show_cpus)
+            "unsupported": self.cpufreq.unsupported_summary(),
         }
 
     def cmd_list_vms(self, _req: dict[str, Any], _cred: PeerCred) -> list[dict[str, Any]]:
@@ -236,10 +236,12 @@ class AdminCommands:
                     holders.setdefault(cpu, []).append(name)
         rows = []
         for cpu in cpus:
-            if not self.cpufreq.online(cpu):
-                rows.append({"cpu": cpu, "online": False, "policy": self.cpufreq.policy_name(cpu)})
-                continue
+            # cpu_report reads the online file once (CpuFreq.state): not read here again,
+            # a sysfs read of each CPU fewer (issue #16: show_cpus is its reads).
             row = self.power.cpu_report(cpu)
+            if not row["online"]:
+                rows.append({"cpu": cpu, "online": False, "policy": row["policy"]})
+                continue
             # What it cannot do and why: no turbo, no EPP, a policy shared with others, ...
             row["unsupported"] = self.cpufreq.unsupported_on(cpu)
             try:

@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from vmpower import __version__, preflight, trust
 from vmpower.admin import AdminCommands
-from vmpower.channels import ChannelLogs, ChannelRegistry, ChannelState
+from vmpower.channels import ChannelLogs, ChannelRegistry
 from vmpower.config import (
     CONFIG_ENV,
     Config,
@@ -74,6 +74,7 @@ log = logging.getLogger("vmpower.daemon")
 RECONNECT_PERIOD_S = 1.0
 HYPERVISOR_CHECK_S = 0.5  # liveness check of the libvirt connection when nothing happens
 WARM_CPUS = 8  # CPUs read ahead per turn after start (about 2 ms of the loop)
+LOOP_SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval: see main()
 # Exit status (vmpowerd --help lists them).
 EXIT_OK = 0  # a clean stop: every setting restored
 EXIT_FAILURE = 1  # cannot start, or settings left unrestored (kept in the journal)
@@ -743,10 +744,12 @@ class _SystemdReports:
         monitor.call_later(period_s, tick)
 
     def status_line(self) -> str:
-        channels = self.agent.parts.channels.vm_channels
-        vms = {name for name, _index in channels}
-        connected = sum(1 for c in channels.values() if c.state is ChannelState.CONNECTED)
-        return f"serving {len(vms)} VMs on {len(channels)} channels ({connected} connected)"
+        channels = self.agent.parts.channels
+        tally = channels.tally  # counts kept as channels change: no walk each second
+        return (
+            f"serving {len(tally.per_vm)} VMs on {len(channels.vm_channels)} channels"
+            f" ({tally.connected} connected)"
+        )
 
     def report_status(self) -> None:
         text = self.status_line()
@@ -838,6 +841,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(args.log_level or config.log.level, sys.stderr)
     notifier = Notifier()
+    # The loop thread shares the interpreter with helpers (libvirt worker and event
+    # threads, conflict scan, metrics): after each system call it waits for the lock up
+    # to the switch interval (5 ms by default) while a helper runs Python, and every
+    # guest waits with it. 1 ms bounds that wait (issue #16: 12-22 ms holds of status
+    # and list_vms during the helpers' work at start).
+    sys.setswitchinterval(LOOP_SWITCH_INTERVAL_S)
     agent = Agent(config, config_path, notifier=notifier)
     # Before anything can change: a SIGTERM during the start is noted, and the loop's
     # first turn stops; the default action would kill a half-done start.

@@ -226,6 +226,15 @@ def format_status(result: dict[str, Any]) -> str:
         ("restore", f"{result.get('pending_restore')} settings to put back on exit"),
         ("reserved", result.get("reserved_cpus") or "none"),
     ]
+    # Other power managers fighting over the same files: the operator must see them.
+    for entry in result.get("conflicts") or []:
+        where = ", ".join(
+            [f"pid {p}" for p in entry.get("pids") or []]
+            + ([f"unit {entry['unit']}"] if entry.get("unit") else [])
+        )
+        rows.append(("CONFLICT", f"{entry.get('name')} runs ({where}): it writes cpufreq too"))
+    for feature, what in sorted((result.get("unsupported") or {}).items()):
+        rows.append(("no " + feature, f"CPU {what.get('cpus')}: {what.get('reason')}"))
     head = (
         f"vmpowerd {result.get('version')} (pid {result.get('pid')}), up {result.get('uptime_s')} s"
     )

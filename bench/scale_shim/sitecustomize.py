@@ -9,7 +9,9 @@ for real underneath (their cost stays in the figures):
 * ``virDomain.vcpuPinInfo``: each vCPU's pins from $VMPOWER_BENCH_PINS (a JSON file,
   VM name -> one host CPU per vCPU);
 * ``libvirt.open``: its duration (the test driver parsing the node XML, a cost a real
-  libvirtd does not have at connect) appended to $VMPOWER_BENCH_OPEN_LOG.
+  libvirtd does not have at connect) and the resident memory it added (the test
+  driver's domains live in this process; libvirtd keeps them in its own) appended to
+  $VMPOWER_BENCH_OPEN_LOG: start, end (monotonic s), RSS before, after (KiB).
 
 Nothing happens unless $VMPOWER_BENCH_HOST_CPUS is set.
 """
@@ -19,6 +21,14 @@ from __future__ import annotations
 import json
 import os
 import time
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 def _install() -> None:
@@ -46,11 +56,13 @@ def _install() -> None:
         return [rows[c] for c in mine]
 
     def open_(name=None):
+        rss0 = _rss_kib()
         t0 = time.monotonic()
         conn = real_open(name)
+        t1 = time.monotonic()
         if open_log:
             with open(open_log, "a") as f:
-                f.write(f"{t0:.6f} {time.monotonic():.6f}\n")
+                f.write(f"{t0:.6f} {t1:.6f} {rss0} {_rss_kib()}\n")
         return conn
 
     libvirt.virConnect.getCPUMap = get_cpu_map

@@ -155,6 +155,9 @@ class CpuFreq:
         writer = cast(Sysfs, self._changes)
         self._reserved = frozenset(reserved_cpus)
         self._reasons: dict[str, str] = {}
+        # status's host-wide view of unsupported_on(): built on demand, dropped whenever
+        # a CPU's state or the reserved set changes (hotplug, reload).
+        self._summary: dict[str, dict[str, str]] | None = None
         self._present = present_cpus(sysfs)
         self._present_set = frozenset(self._present)
         self._driver = system_driver(sysfs, self._present)
@@ -235,6 +238,7 @@ class CpuFreq:
         """``cpu`` went offline or came back (hotplug): re-read its policy, and drop
         everything cached about it: the kernel brings a CPU back with its own governor
         and frequency (cpufreq_online() starts the policy's last governor afresh)."""
+        self._summary = None
         before = self._topology.members(cpu)
         self._topology.refresh(cpu)
         for c in before | self._topology.members(cpu):
@@ -381,6 +385,7 @@ class CpuFreq:
         What is cached about a CPU changing sides is dropped; the caller restores the
         newly reserved CPUs' files first (``PowerManager.reserved_cpus``).
         """
+        self._summary = None
         changed = self._reserved ^ frozenset(cpus)
         self._reserved = frozenset(cpus)
         for cpu in changed:
@@ -542,6 +547,21 @@ class CpuFreq:
                 " them all is set for all of them"
             )
         return why
+
+    def unsupported_summary(self) -> dict[str, dict[str, str]]:
+        """Host-wide: each feature some online CPU cannot use → those CPUs and a reason."""
+        if self._summary is None:
+            by_feature: dict[str, tuple[list[int], str]] = {}
+            for cpu in self.cpus():
+                if not self.online(cpu):
+                    continue
+                for feature, why in self.unsupported_on(cpu).items():
+                    by_feature.setdefault(feature, ([], why))[0].append(cpu)
+            self._summary = {
+                feature: {"cpus": format_cpu_list(cpus), "reason": reason}
+                for feature, (cpus, reason) in sorted(by_feature.items())
+            }
+        return self._summary
 
     def capabilities(self, cpu: int) -> Capabilities:
         info = self._cpu(cpu).info

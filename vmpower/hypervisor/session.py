@@ -14,6 +14,7 @@ Errors: a failed call raises ``HypervisorError`` with libvirt's message, or
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,7 +80,10 @@ def _message(exc: libvirt.libvirtError) -> str:
 
 
 def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
-    return frozenset(i for i, on in enumerate(cpumap) if on)
+    # itertools.compress: at C speed (a generator was ~11 us per vCPU on a 256-CPU
+    # host, 0.2 s of start-up at 4000 VMs and a cost of every map re-read: issue #16).
+    flags = tuple(cpumap)
+    return frozenset(itertools.compress(range(len(flags)), flags))
 
 
 class LibvirtSession:
