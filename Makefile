@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vmpower-installed
 PYTEST_ARGS ?=
 
-.PHONY: all deps test run bench lint clean help guest-pyz
+.PHONY: all deps test run bench lint clean help completions guest-pyz
 
 help:
 	@echo "make run    - demo: vmpowerd on libvirt's test driver + simulated cpufreq, with guest traffic"
@@ -47,3 +47,8 @@ lint: deps
 
 clean:
 	rm -rf $(VENV) bench/results bench/build build .pytest_cache .ruff_cache
+
+# Shell completion files shipped with the package, generated from vmpower's parser.
+completions: deps
+	$(VENV)/bin/vmpower completion bash > share/bash-completion/completions/vmpower
+	$(VENV)/bin/vmpower completion zsh > share/zsh/site-functions/_vmpower
