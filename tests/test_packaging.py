@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_the_demo_runs_from_a_built_wheel(tmp_path: Path) -> None:
     shutil.copytree(
         REPO / "vmpower", source / "vmpower", ignore=shutil.ignore_patterns("__pycache__")
     )
+    shutil.copytree(REPO / "share", source / "share")  # the shell completion files
     wheels = tmp_path / "wheels"
     built = run(
         [
@@ -57,6 +59,14 @@ def test_the_demo_runs_from_a_built_wheel(tmp_path: Path) -> None:
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("vmpower-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    # Installed where bash-completion and zsh look, under the install prefix.
+    data = {name.split(".data/data/", 1)[1] for name in names if ".data/data/" in name}
+    assert {
+        "share/bash-completion/completions/vmpower",
+        "share/zsh/site-functions/_vmpower",
+    } <= data, sorted(data)
 
     venv = tmp_path / "venv"
     made = run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)

@@ -53,6 +53,8 @@ from vmpower.hypervisor.session import (
 from vmpower.hypervisor.worker import Job, LibvirtWorker, Post
 
 log = logging.getLogger(__name__)
+# A libvirt job that failed (its error handled by Hypervisor._result).
+_FAILED: Any = object()
 
 # A libvirt call waiting longer than this means libvirt is not responding (status, and
 # operator commands are refused at once). Local libvirtd calls take milliseconds.
@@ -413,13 +415,8 @@ class Hypervisor:
             self._reading = False
             if generation != self._generation:
                 return  # that connection is gone; the reconnect's diff reports what changed
-            try:
-                reads: dict[str, VmRead | str | None] = job.outcome()
-            except ConnectionLost as exc:
-                self._lose(str(exc))
-                return
-            except HypervisorError as exc:
-                self._last_error = str(exc)
+            reads = self._result(job)
+            if reads is _FAILED:
                 return
             events = [e for e in lifecycle if e.vm is not None and self._wants(e.vm)]
             for name in names:
@@ -455,12 +452,7 @@ class Hypervisor:
         with self._lock:
             if generation != self._generation:
                 return
-            try:
-                job.outcome()
-            except ConnectionLost as exc:
-                self._lose(str(exc))
-            except HypervisorError as exc:
-                self._last_error = str(exc)
+            self._result(job)
 
     def _after_reconnect(self, job: Job) -> None:
         with self._lock:
@@ -585,18 +577,29 @@ class Hypervisor:
                 raise UnknownVmError(f"VM {name!r} no longer exists")
             return info_now
 
+    def _result(self, job: Job, *, note_error: bool = True) -> Any:
+        """A finished libvirt job's result, or _FAILED (the lock held).
+
+        A lost connection is handled here (every VM's state is then re-read on the
+        reconnect); any other libvirt error is kept for ``status`` unless the caller
+        reports it itself (an operator's command raises it to the operator).
+        """
+        try:
+            return job.outcome()
+        except ConnectionLost as exc:
+            self._lose(str(exc))
+        except HypervisorError as exc:
+            if note_error:
+                self._last_error = str(exc)
+        return _FAILED
+
     def _after_map(self, generation: int, name: str, job: Job) -> None:
         with self._lock:
             info = self._vms.get(name)
             if generation != self._generation or info is None:
                 return
-            try:
-                result = job.outcome()
-            except ConnectionLost as exc:
-                self._lose(str(exc))
-                return
-            except HypervisorError as exc:
-                self._last_error = str(exc)
+            result = self._result(job)
+            if result is _FAILED:
                 return
             if isinstance(result, str):
                 self._last_error = result
@@ -630,13 +633,8 @@ class Hypervisor:
         with self._lock:
             if generation != self._generation:
                 return
-            try:
-                vms: dict[str, VmRead] = job.outcome()
-            except ConnectionLost as exc:
-                self._lose(str(exc))
-                return
-            except HypervisorError as exc:
-                self._last_error = str(exc)
+            vms = self._result(job)
+            if vms is _FAILED:
                 return
             for gone in set(self._vms) - set(vms):
                 self._drop(gone)
@@ -647,14 +645,10 @@ class Hypervisor:
         with self._lock:
             if generation != self._generation or not self._wants(name):
                 return
-            try:
-                read = job.outcome()[name]
-            except ConnectionLost as exc:
-                self._lose(str(exc))
+            outcome = self._result(job)
+            if outcome is _FAILED:
                 return
-            except HypervisorError as exc:
-                self._last_error = str(exc)
-                return
+            read = outcome[name]
             if read is None:
                 self._drop(name)
             elif isinstance(read, str):
@@ -686,13 +680,10 @@ class Hypervisor:
         with self._lock:
             if generation != self._generation:
                 return
-            try:
-                read = job.outcome()[name]
-            except ConnectionLost as exc:
-                self._lose(str(exc))
+            outcome = self._result(job, note_error=False)
+            if outcome is _FAILED:
                 return
-            except HypervisorError:
-                return
+            read = outcome[name]
             if not isinstance(read, VmRead):
                 return
             self._ignored.discard(name)
@@ -755,12 +746,8 @@ class Hypervisor:
             info = self._vms.get(vm)
             if generation != self._generation or info is None:
                 return
-            try:
-                pcpus = job.outcome()
-            except ConnectionLost as exc:
-                self._lose(str(exc))
-                return
-            except HypervisorError:
+            pcpus = self._result(job, note_error=False)
+            if pcpus is _FAILED:
                 return
             self._vms[vm] = dataclasses.replace(info, vcpu_pcpus=pcpus, map_read_at=self._clock())
             self._queue_pinning(vm, "set_pcpu")
