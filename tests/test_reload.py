@@ -18,7 +18,7 @@ from agent_support import RunningAgent, to_toml
 
 from vmpower import protocol
 from vmpower.config import Config
-from vmpower.daemon import RELOAD_LIVE, RELOAD_RESTART
+from vmpower.config_reload import RELOAD_LIVE, RELOAD_RESTART
 from vmpower.devtools import ChannelHost, make_request, wait_for
 from vmpower.protocol import Command, ReplyCode, Unit
 

@@ -24,7 +24,6 @@ STATUS= line saying whether it was applied, and STOPPING=1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
@@ -47,6 +46,7 @@ from vmpower.config import (
     default_config_path,
     load_config,
 )
+from vmpower.config_reload import RELOAD_LIVE, changed_keys, merge, value
 from vmpower.conflicts import ConflictWatch
 from vmpower.control import ControlServer
 from vmpower.cpufreq import CpuFreq, open_cpufreq
@@ -62,7 +62,7 @@ from vmpower.logbook import KindLog
 from vmpower.logsetup import setup_logging
 from vmpower.metrics import MetricsExporter, SnapshotBuilder
 from vmpower.monitor import Monitor
-from vmpower.notify import Notifier
+from vmpower.notify import Notifier, SystemdReports, one_line
 from vmpower.policies import PolicyEngine
 from vmpower.power import PowerLogs, PowerManager
 from vmpower.restore import RestoreJournal
@@ -79,7 +79,6 @@ LOOP_SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval: see main()
 EXIT_OK = 0  # a clean stop: every setting restored
 EXIT_FAILURE = 1  # cannot start, or settings left unrestored (kept in the journal)
 EXIT_CONFIG = 2  # bad configuration
-STATUS_PERIOD_S = 1.0  # systemd STATUS= lines: at most one per second, only on change
 EXIT_STATUS_HELP = """signals:
   SIGTERM, SIGINT  stop: restore every setting changed, then exit
   SIGHUP           reload the configuration file (what cannot change live is logged)
@@ -143,6 +142,11 @@ class Agent:
         self._cpu_events = cpu_events if cpu_events is not None else KernelCpuEvents
         self.hotplug: CpuHotplug | None = None
         self.conflict_watch = ConflictWatch(self.monitor, proc_root)
+
+    @property
+    def stopped(self) -> bool:
+        """True once shutdown() began: timers stop re-arming."""
+        return self._stopped
 
     @property
     def parts(self) -> Parts:
@@ -492,7 +496,7 @@ class Agent:
             text = "reload NOT applied, running configuration kept" + (
                 f": {summary}" if summary else ""
             )
-        self.notifier.ready(_one_line(text))
+        self.notifier.ready(one_line(text))
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the configuration file: every changed key is applied live or named as
@@ -517,11 +521,11 @@ class Agent:
             log.warning(
                 "SIGHUP: %s changed (%r → %r): needs a restart to take effect",
                 key,
-                _value(old, key),
-                _value(new, key),
+                value(old, key),
+                value(new, key),
             )
         # What needs a restart keeps its running value: the running config stays whole.
-        effective = _merge(old, new, live)
+        effective = merge(old, new, live)
         try:
             self._apply_live(old, effective)
         except VmpowerError as exc:
@@ -561,78 +565,6 @@ class Agent:
         )
         # telemetry.*: read by each start_batch (sessions running keep what they got).
         parts.batches.reconfigure(new)
-
-
-# Every configuration key is in exactly one of these (tests/test_reload.py walks them).
-RELOAD_LIVE = frozenset(
-    {
-        "libvirt.map_refresh_s",
-        "channels.fifo_cpus",
-        "channels.rate_per_s",
-        "channels.burst",
-        "channels.send_queue_max",
-        "cpufreq.reserved_cpus",
-        "policies.period_s",
-        "policies.branch_period_s",
-        "policies.branch_threshold",
-        "policies.timezone",
-        "telemetry.proc_root",
-        "telemetry.powercap_root",
-        "telemetry.access_dir",
-        "telemetry.shm_dir",
-        "telemetry.start_timeout_s",
-        "telemetry.max_sessions",
-        "log.level",
-        "log.summary_interval_s",
-    }
-)
-RELOAD_RESTART = frozenset(
-    {
-        "libvirt.uri",  # the connection, its event callbacks, the registry
-        "libvirt.reconnect_min_s",
-        "libvirt.reconnect_max_s",
-        "libvirt.track_all",  # which VMs the registry holds: read at connect
-        "channels.dir",  # checked for trust at start; the channel paths come from it
-        "channels.qemu_user",  # part of that trust check
-        "cpufreq.sysfs_root",  # the files, the journal's allowed roots
-        "state.dir",  # the journal and the instance lock
-        "control.socket",  # bound at start (a second socket would need the lock's care)
-        "control.mode",
-        "control.group",
-        "policies.msr_root",  # the journal's allowed MSR root
-        "metrics.listen",  # the endpoint's socket is bound at start
-        "metrics.energy_period_s",  # the accounting timer is set up at start
-    }
-)
-
-
-def changed_keys(old: Config, new: Config) -> list[str]:
-    """Every "section.key" whose value differs, in the configuration's order."""
-    keys = []
-    for section in dataclasses.fields(old):
-        a, b = getattr(old, section.name), getattr(new, section.name)
-        for key in dataclasses.fields(a):
-            if getattr(a, key.name) != getattr(b, key.name):
-                keys.append(f"{section.name}.{key.name}")
-    return keys
-
-
-def _value(config: Config, dotted: str) -> object:
-    section, key = dotted.split(".", 1)
-    return getattr(getattr(config, section), key)
-
-
-def _merge(old: Config, new: Config, live: list[str]) -> Config:
-    """``old`` with the ``live`` keys taken from ``new``."""
-    sections = {}
-    for section in dataclasses.fields(old):
-        values = {
-            key.split(".", 1)[1]: _value(new, key)
-            for key in live
-            if key.startswith(f"{section.name}.")
-        }
-        sections[section.name] = dataclasses.replace(getattr(old, section.name), **values)
-    return dataclasses.replace(old, **sections)
 
 
 class _NewsFlag:
@@ -710,57 +642,14 @@ def _timezone(name: str) -> tzinfo | None:
         raise VmpowerError(f"policies.timezone: unknown time zone {name!r}") from None
 
 
-class _SystemdReports:
-    """WATCHDOG=1 and STATUS= lines for systemd, sent from timers on the monitor loop.
-
-    WATCHDOG=1 every WATCHDOG_USEC/2 (when systemd watches this process): the loop that
-    runs the timer is the loop that must not hang. STATUS= says what is served, checked
-    every STATUS_PERIOD_S and sent only when it changed (bounded: one a second at most).
-    """
-
-    def __init__(self, agent: Agent, notifier: Notifier) -> None:
-        self.agent = agent
-        self.notifier = notifier
-        self.last_status = ""
-
-    def start(self) -> None:
-        if not self.notifier.enabled:
-            return
-        period_s = self.notifier.watchdog_period_s()
-        if period_s is not None:
-            self._every(period_s, self.notifier.watchdog)
-            log.info("systemd watchdog: WATCHDOG=1 every %.3g s", period_s)
-        self._every(STATUS_PERIOD_S, self.report_status)
-
-    def _every(self, period_s: float, action: Callable[[], None]) -> None:
-        monitor = self.agent.monitor
-
-        def tick() -> None:
-            if self.agent._stopped:
-                return
-            action()
-            monitor.call_later(period_s, tick)
-
-        monitor.call_later(period_s, tick)
-
-    def status_line(self) -> str:
-        channels = self.agent.parts.channels
-        tally = channels.tally  # counts kept as channels change: no walk each second
-        return (
-            f"serving {len(tally.per_vm)} VMs on {len(channels.vm_channels)} channels"
-            f" ({tally.connected} connected)"
-        )
-
-    def report_status(self) -> None:
-        text = self.status_line()
-        if text != self.last_status:
-            self.last_status = text
-            self.notifier.status(text)
-
-
-def _one_line(text: str) -> str:
-    """A STATUS= value: sd_notify lines end at a newline."""
-    return " ".join(text.split())
+def _status_line(agent: Agent) -> str:
+    """systemd's STATUS=: what is served (counts kept as channels change, no walk)."""
+    channels = agent.parts.channels
+    tally = channels.tally
+    return (
+        f"serving {len(tally.per_vm)} VMs on {len(channels.vm_channels)} channels"
+        f" ({tally.connected} connected)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -859,9 +748,14 @@ def main(argv: list[str] | None = None) -> int:
         agent.start()
     except (VmpowerError, OSError) as exc:  # one line naming the cause, no traceback
         log.error("cannot start: %s", exc)
-        notifier.status(_one_line(f"cannot start: {exc}"))
+        notifier.status(one_line(f"cannot start: {exc}"))
         return EXIT_FAILURE
-    reports = _SystemdReports(agent, notifier)
+    reports = SystemdReports(
+        agent.monitor,
+        notifier,
+        status_line=lambda: _status_line(agent),
+        running=lambda: not agent.stopped,
+    )
     reports.last_status = reports.status_line()
     notifier.ready(reports.last_status)
     reports.start()

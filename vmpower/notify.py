@@ -14,7 +14,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmpower.monitor import Monitor
 
 log = logging.getLogger("vmpower.notify")
 
@@ -85,3 +89,57 @@ def _watchdog_usec(env: Mapping[str, str], pid: int) -> int | None:
     if owner and (not owner.isdigit() or int(owner) != pid):
         return None  # a parent's watchdog, inherited through the environment
     return int(text)
+
+
+STATUS_PERIOD_S = 1.0  # STATUS= lines: at most one per second, and only on change
+
+
+def one_line(text: str) -> str:
+    """A STATUS= value: sd_notify lines end at a newline."""
+    return " ".join(text.split())
+
+
+class SystemdReports:
+    """WATCHDOG=1 and STATUS= lines for systemd, sent from timers on the monitor loop.
+
+    WATCHDOG=1 every WATCHDOG_USEC/2 (when systemd watches this process): the loop that
+    runs the timer is the loop that must not hang. STATUS= says what is served, checked
+    every STATUS_PERIOD_S and sent only when it changed.
+    """
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        notifier: Notifier,
+        status_line: Callable[[], str],
+        running: Callable[[], bool],
+    ) -> None:
+        self.monitor = monitor
+        self.notifier = notifier
+        self.status_line = status_line
+        self.running = running
+        self.last_status = ""
+
+    def start(self) -> None:
+        if not self.notifier.enabled:
+            return
+        period_s = self.notifier.watchdog_period_s()
+        if period_s is not None:
+            self._every(period_s, self.notifier.watchdog)
+            log.info("systemd watchdog: WATCHDOG=1 every %.3g s", period_s)
+        self._every(STATUS_PERIOD_S, self.report_status)
+
+    def _every(self, period_s: float, action: Callable[[], None]) -> None:
+        def tick() -> None:
+            if not self.running():
+                return
+            action()
+            self.monitor.call_later(period_s, tick)
+
+        self.monitor.call_later(period_s, tick)
+
+    def report_status(self) -> None:
+        text = one_line(self.status_line())
+        if text != self.last_status:
+            self.last_status = text
+            self.notifier.status(text)
