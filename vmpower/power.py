@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from vmpower import protocol
 from vmpower.cpufreq import CpuFreq
-from vmpower.cpufreq.limits import MAX_FREQ, MIN_FREQ, write_limits
 from vmpower.errors import ProtocolError, UnknownVmError, VmpowerError
 from vmpower.logbook import DEFAULT_INTERVAL_S, KindLog
 from vmpower.policies import PolicyRecord, PolicySpec
@@ -769,7 +768,7 @@ class PowerManager:
                 # begin_turn); one that cannot be saved fails its CPU in _apply, as before.
                 wished = [c for c in dirty if self.wishes.get(c)]
                 try:
-                    journal.begin_turn([self.cpufreq.cpufreq_path_prefix(c) for c in wished])
+                    journal.begin_turn([self.cpufreq.policy_path_prefix(c) for c in wished])
                 except VmpowerError as exc:
                     log.debug("journal ahead of the turn's writes: %s", exc)
             try:
@@ -922,38 +921,21 @@ class PowerManager:
         if self._mode.get(policy) == "freq":
             self._restore_cpu(cpu, keep_wishes=True)  # the frequency's files go back first
         self._mode[policy] = "limits"
-        sysfs = cpufreq.sysfs  # the same Sysfs, so the same restore journal
-        d = cpufreq.policy_dir(cpu)
-        cur_min = cur_max = -1
+        originals = (
+            self.journal.originals_in(cpufreq.policy_path_prefix(cpu))
+            if self.journal is not None
+            else {}
+        )
         try:
-            cur_min = sysfs.read_int(f"{d}/{MIN_FREQ}")
-            cur_max = sysfs.read_int(f"{d}/{MAX_FREQ}")
-            original = self.journal.pending() if self.journal is not None else {}
-            lo, hi = bounds
-            if lo is None:
-                lo = _int_or(original.get(sysfs.path(f"{d}/{MIN_FREQ}")), cur_min)
-            if hi is None:
-                hi = _int_or(original.get(sysfs.path(f"{d}/{MAX_FREQ}")), cur_max)
-            lo = min(lo, hi)
-            written = write_limits(sysfs, cpu, lo, hi, cur_min, cur_max, d)
-        except (VmpowerError, OSError, ValueError) as exc:
+            written = cpufreq.set_limits(cpu, *bounds, originals)
+        except (VmpowerError, OSError) as exc:
             self.stats.write_failures += 1
-            source = self._cpu_name(cpu)
-            self.logs.failures.note(source, "write failed", f"cannot set limits: {exc}")
-            if cur_min >= 0 and cur_max >= 0:  # one of the two may be written: put it back
-                try:
-                    now_min = sysfs.read_int(f"{d}/{MIN_FREQ}")
-                    now_max = sysfs.read_int(f"{d}/{MAX_FREQ}")
-                    write_limits(sysfs, cpu, cur_min, cur_max, now_min, now_max, d)
-                except (VmpowerError, OSError) as again:
-                    self.logs.failures.note(source, "not put back", f"limits: {again}")
-            cpufreq.forget(cpu)
+            self.logs.failures.note(self._cpu_name(cpu), "write failed", str(exc))
             return False
-        # Written beside the backend: nothing it remembers about this CPU holds now.
-        cpufreq.forget(cpu)
-        self._forget_tables(cpu)
+        self._forget_tables(cpu)  # written beside the backend: its tables are re-read
         if written:
             self.stats.writes += 1
+            lo, hi = bounds
             self.logs.changes.note(self._cpu_name(cpu), "limits", f"limits {lo}-{hi} kHz")
         else:
             self.stats.writes_skipped += 1
@@ -1226,7 +1208,7 @@ class PowerManager:
         if self.journal is not None:
             # Only this CPU's policy directory: the whole journal per CPU was 0.1-0.5 s
             # of show_cpus at 256 CPUs (issue #16).
-            original = self.journal.originals_in(self.cpufreq.cpufreq_path_prefix(cpu))
+            original = self.journal.originals_in(self.cpufreq.policy_path_prefix(cpu))
         policy_wishes = self._policy_wishes(cpu) or {}
         return {
             "cpu": cpu,
@@ -1254,13 +1236,6 @@ class PowerManager:
             },
             "original": original,
         }
-
-
-def _int_or(text: str | None, default: int) -> int:
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
 
 
 def _nearest_index(table: tuple[int, ...], freq_khz: int) -> int:

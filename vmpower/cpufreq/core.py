@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Mapping
 from typing import cast
 
 from vmpower.cpufreq.backend import CPU_DIR, Backend
@@ -49,6 +50,7 @@ from vmpower.cpufreq.detect import (
     read_cpu_list,
     system_driver,
 )
+from vmpower.cpufreq.limits import MAX_FREQ, MIN_FREQ, write_limits
 from vmpower.cpufreq.model import Capabilities, CpuInfo, CpuState
 from vmpower.cpufreq.topology import Topology
 from vmpower.cpuset import format_cpu_list
@@ -227,10 +229,9 @@ class CpuFreq:
     def policy_path_prefixes(self, cpu: int) -> tuple[str, ...]:
         """Absolute path prefixes of every file of ``cpu``'s policy as a journal may name
         them: the policy's directory, and each of its CPUs' own directory."""
-        topo = self._topology
-        members = topo.members(cpu)
+        members = self._topology.members(cpu)
         return (
-            self.sysfs.path(f"{topo.dir(cpu)}/"),
+            self.policy_path_prefix(cpu),
             *(self.cpu_path_prefix(c) for c in sorted(members)),
         )
 
@@ -270,6 +271,47 @@ class CpuFreq:
         """Close the attributes kept open (at shutdown; reopened on demand)."""
         self._changes.close()
         self.sysfs.close()
+
+    # -- limits (telemetry sessions' wishes) ---------------------------------------------
+
+    def set_limits(
+        self,
+        cpu: int,
+        min_khz: int | None,
+        max_khz: int | None,
+        originals: Mapping[str, str],
+    ) -> bool:
+        """Set ``cpu``'s policy limits (scaling_min_freq, scaling_max_freq).
+
+        A side given as None goes back to its original (``originals``: file name → the
+        value the restore journal holds for this policy's directory), or keeps its value.
+        One change, all or nothing (``undo_change`` when a write fails), in the order the
+        kernel needs (``limits.write_limits``). Written beside the backend, so nothing
+        cached about the CPU holds afterwards. True when a file was written.
+        """
+        d = self.policy_dir(cpu)
+        cur_min = self.sysfs.read_int(f"{d}/{MIN_FREQ}")
+        cur_max = self.sysfs.read_int(f"{d}/{MAX_FREQ}")
+        lo = min_khz if min_khz is not None else _int_or(originals.get(MIN_FREQ), cur_min)
+        hi = max_khz if max_khz is not None else _int_or(originals.get(MAX_FREQ), cur_max)
+        self.begin_change()
+        try:
+            written = write_limits(
+                cast(Sysfs, self._changes), cpu, min(lo, hi), hi, cur_min, cur_max, d
+            )
+        except (VmpowerError, OSError) as exc:
+            unrestored = self.undo_change(cpu)
+            self.forget(cpu)
+            left = f" (not put back: {'; '.join(unrestored)})" if unrestored else ""
+            raise CpufreqError(f"cpu {cpu}: cannot set limits: {exc}{left}") from exc
+        self.end_change()
+        self.forget(cpu)
+        return bool(written)
+
+    def policy_path_prefix(self, cpu: int) -> str:
+        """The absolute path of ``cpu``'s policy directory, ending in "/" (the restore
+        journal's ``originals_in`` takes it)."""
+        return self.sysfs.path(self.policy_dir(cpu)) + "/"
 
     # -- changes: all or nothing ---------------------------------------------------------
 
@@ -743,3 +785,10 @@ def _nearest(info: CpuInfo, freq_khz: int) -> int:
         return asc[-1]
     below, above = asc[i - 1], asc[i]
     return above if above - freq_khz <= freq_khz - below else below
+
+
+def _int_or(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
