@@ -4,7 +4,11 @@ Wall-clock figures on a shared 2-core machine move by a factor of 2 from run to 
 instruction count does not. ``bench/hotpath_driver.py`` pushes N CPU_POWER requests
 through ``PowerManager`` in process on real parts; running it for two N under
 ``valgrind --tool=callgrind`` and dividing the difference gives instructions per
-request, start-up excluded. With ``VMPOWER_BASELINE=/path/to/other/checkout`` the
+request, start-up excluded. Three shapes: 16 requests per read (throughput), one per
+read (a flush per request, the latency case), and ``bench/turn_driver.py``: one request
+per monitor turn through a whole in-process ``daemon.Agent`` (epoll, recv, timers,
+the write, send; the driver's own peer side is counted too, the same on both sides).
+With ``VMPOWER_BASELINE=/path/to/other/checkout`` the
 same driver also runs against that checkout, and the ratio is reported: this is the
 "no regression beyond 5 %" check of a refactoring.
 """
@@ -21,10 +25,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "hotpath_driver.py"
+TURN_DRIVER = HERE / "turn_driver.py"
 SMALL, LARGE = 4_000, 20_000
 
 
-def _instructions(pythonpath: Path, count: int) -> int:
+def _instructions(pythonpath: Path, count: int, per_read: int) -> int:
+    """Instructions of one driver run; ``per_read`` 0 is the whole-daemon turn driver."""
+    driver = [str(TURN_DRIVER), str(count)]
+    if per_read:
+        driver = [str(DRIVER), str(count), str(per_read)]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         run = subprocess.run(
@@ -33,8 +42,7 @@ def _instructions(pythonpath: Path, count: int) -> int:
                 "--tool=callgrind",
                 f"--callgrind-out-file={out}",
                 sys.executable,
-                str(DRIVER),
-                str(count),
+                *driver,
             ],
             capture_output=True,
             text=True,
@@ -48,21 +56,28 @@ def _instructions(pythonpath: Path, count: int) -> int:
     return int(match.group(1))
 
 
-def per_request(pythonpath: Path) -> float:
-    small = _instructions(pythonpath, SMALL)
-    large = _instructions(pythonpath, LARGE)
+def per_request(pythonpath: Path, per_read: int) -> float:
+    small = _instructions(pythonpath, SMALL, per_read)
+    large = _instructions(pythonpath, LARGE, per_read)
     return (large - small) / (LARGE - SMALL)
 
 
 def run() -> dict[str, object]:
     if shutil.which("valgrind") is None:
         return {"skipped": "valgrind is not installed"}
-    here = per_request(HERE.parent)
-    figures: dict[str, object] = {"instructions_per_request": round(here)}
     baseline = os.environ.get("VMPOWER_BASELINE")
+    figures: dict[str, object] = {}
     if baseline:
-        base = per_request(Path(baseline))
         figures["baseline"] = baseline
-        figures["baseline_instructions_per_request"] = round(base)
-        figures["ratio_to_baseline"] = round(here / base, 4)
+    # 16 requests per read is the throughput shape; 1 per read (a flush per request)
+    # is the latency shape, where the per-turn cost is the request's cost; the daemon
+    # turn is the latency shape through the whole agent (epoll, recv, send, timers).
+    shapes = (("", 16), ("one_per_turn_", 1), ("daemon_turn_", 0))
+    for shape, per_read in shapes:
+        here = per_request(HERE.parent, per_read)
+        figures[f"{shape}instructions_per_request"] = round(here)
+        if baseline:
+            base = per_request(Path(baseline), per_read)
+            figures[f"{shape}baseline_instructions_per_request"] = round(base)
+            figures[f"{shape}ratio_to_baseline"] = round(here / base, 4)
     return figures

@@ -1,8 +1,9 @@
 """The request path in process, for instruction counts (callgrind) old vs new.
 
-``python bench/hotpath_driver.py N`` builds real parts (libvirt's test driver with
+``python bench/hotpath_driver.py N [PER_READ]`` builds real parts (libvirt's test driver with
 tests/data/node.xml, a simulated acpi-cpufreq tree, the restore journal, a VmChannel)
-and pushes N CPU_POWER requests (UP/DOWN alternating, 16 per read, one flush per read)
+and pushes N CPU_POWER requests (UP/DOWN alternating, PER_READ per read, one flush per
+read: 16 by default, the throughput shape; 1 is the latency shape, one packet per turn)
 through ``PowerManager.handle_vm_packets`` + ``flush``. Run it under
 ``valgrind --tool=callgrind`` for two values of N: the difference divided by the
 difference in N is the instructions per request, whatever the machine's load.
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PER_READ = 16
 
 
-def main(count: int) -> None:
+def main(count: int, per_read: int = PER_READ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         channels_dir = root / "channels"
@@ -52,8 +53,10 @@ def main(count: int) -> None:
         channel = VmChannel("vm1", 0, str(channels_dir / "vm1.0"), bucket, 1 << 30)
         up = make_request(Command.CPU_POWER, Unit.SCALE_UP, 0)
         down = make_request(Command.CPU_POWER, Unit.SCALE_DOWN, 0)
-        read = [up, down] * (PER_READ // 2)
-        for _ in range(count // PER_READ):
+        read = ([up, down] * per_read)[:per_read]
+        # one per read alternates UP and DOWN across reads, so every flush writes
+        reads = [[up], [down]] * (count // 2) if per_read == 1 else [read] * (count // per_read)
+        for read in reads:
             power.handle_vm_packets(channel, read)
             power.flush()
             channel._tx.clear()  # nobody reads: keep the queue from growing
@@ -63,4 +66,4 @@ def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else PER_READ)

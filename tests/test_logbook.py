@@ -158,3 +158,30 @@ def test_the_level_is_the_logs(clock: FakeClock, caplog: pytest.LogCaptureFixtur
     assert records[0].getMessage() == (
         "host CPU 3: 1 frequency changes in the last 10 s: now 2200000 kHz"
     )
+
+
+def test_logs_driven_as_one_ticker_are_each_summarized_when_due(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    logger = logging.getLogger(LOGGER)
+    changes = KindLog(logger, "frequency changes", interval_s=10.0, clock=clock)
+    drops = KindLog(logger, "replies dropped", interval_s=30.0, clock=clock)
+    group = logbook.KindLogs((changes, drops))
+    assert group.next_due() is None  # nothing counted: the loop may sleep
+    changes.note("host CPU 2", "set", "now 2400000 kHz")  # logged at once
+    drops.note("vm1.0", "not reading")
+    assert group.next_due() is None
+    changes.note("host CPU 2", "set", "now 2300000 kHz")  # counted
+    assert group.next_due() == 110.0
+    drops.note("vm1.0", "not reading")
+    assert group.next_due() == 110.0  # the earlier of the two
+    clock.now = 110.0
+    assert group.run_due() == 1  # only the changes' window has ended
+    assert lines(caplog)[-1] == (
+        "host CPU 2: 1 frequency changes in the last 10 s: now 2300000 kHz"
+    )
+    assert group.next_due() == 130.0
+    clock.now = 130.0
+    assert group.run_due() == 1
+    assert group.next_due() is None

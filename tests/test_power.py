@@ -21,6 +21,7 @@ The node (tests/data/node.xml): vm1's vCPUs 0, 1 run on host CPUs 2, 3; vm2's on
 
 from __future__ import annotations
 
+import os
 import select
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from vmpower.hypervisor import Hypervisor
 from vmpower.power import PowerManager
 from vmpower.protocol import Command, CoreType, ReplyCode, Unit
 from vmpower.restore import RestoreJournal
+from vmpower.sysfs import Sysfs
 
 POLICY = "devices/system/cpu/cpufreq/policy"
 HOST_CPUS = 8
@@ -190,7 +192,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
     """Factory (one call per test): ``make_rig(governor=None)`` → a ``Rig`` on fresh parts."""
     rigs: list[Rig] = []
 
-    def make(governor: str | None = None) -> Rig:
+    def make(governor: str | None = None, kernel: bool = True) -> Rig:
         channels = tmp_path / "channels"
         channels.mkdir()  # one rig per test
         node = render_node(tmp_path, channels)
@@ -202,7 +204,9 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
         # The journal restores through the simulated kernel too, so a restore the kernel
         # would refuse fails here as it would on a host.
         journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
-        cpufreq = open_cpufreq(KernelSysfs(root, journal))
+        # kernel=False: a plain Sysfs, for counting vmpower's own syscalls (the simulated
+        # kernel reads files to apply its rules).
+        cpufreq = open_cpufreq(KernelSysfs(root, journal) if kernel else Sysfs(root, journal))
         pm = PowerManager(cpufreq, hv, journal, clock=clock)
         rig = Rig(root, clock, hv, journal, cpufreq, pm, _settings(root))
         rigs.append(rig)
@@ -379,6 +383,35 @@ def test_past_the_channel_rate_the_rest_of_a_read_is_refused_in_order(rig: Rig) 
     stats = rig.pm.stats
     assert (stats.requests, stats.acks, stats.nacks) == (13, 5, 8)
     assert guest.channel.rate_limited == 8
+
+
+def test_a_cpu_written_before_costs_one_write_and_no_read(
+    make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The latency case (issue #16): one request, one turn. Once vmpower holds the CPU,
+    a turn that moves it writes scaling_setspeed and reads nothing: the value to put
+    back if the change failed is the one vmpower wrote last, not read again."""
+    rig = make_rig(kernel=False)
+    down = cpu_power(Unit.SCALE_DOWN, 0, "vm1")  # host CPU 2
+    up = cpu_power(Unit.SCALE_UP, 0, "vm1")
+    assert rig.exchange("vm1", down) == [ack(down)]  # takes the governor, journals
+    calls: list[str] = []
+    for name in ("pread", "read", "pwrite", "write", "open"):
+        real = getattr(os, name)
+
+        def counted(*args: object, _name: str = name, _real: object = real) -> object:
+            calls.append(_name)
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(os, name, counted)
+    for packet in (up, down, up, down):
+        assert rig.exchange("vm1", packet) == [ack(packet)]
+    monkeypatch.undo()
+    # the guest side of the test reads its replies with socket calls, not these
+    assert calls == ["pwrite"] * 4, calls
+    assert rig.setspeed(2) == START_KHZ - STEP_KHZ
+    rig.pm.restore_all()
+    rig.assert_restored()
 
 
 # -- 4. a failed write is a NACK and leaves the wishes as they were -------------------------

@@ -58,7 +58,7 @@ from vmpower.hotplug import CpuEventSource, CpuHotplug, KernelCpuEvents
 from vmpower.hypervisor import Hypervisor
 from vmpower.instancelock import InstanceLock
 from vmpower.lifecycle import VmLifecycle
-from vmpower.logbook import KindLog
+from vmpower.logbook import KindLog, KindLogs
 from vmpower.logsetup import setup_logging
 from vmpower.metrics import MetricsExporter, SnapshotBuilder
 from vmpower.monitor import Monitor
@@ -217,9 +217,9 @@ class Agent:
         # one summary line per source per interval, driven as monitor tickers.
         power_logs = PowerLogs.build(cfg.log.summary_interval_s, self.clock)
         channel_logs = ChannelLogs.build(cfg.log.summary_interval_s, self.clock)
-        for kind_log in (*power_logs.all(), *channel_logs.all()):
-            self.monitor.add_ticker(kind_log)
-            self._kind_logs.append(kind_log)  # log.summary_interval_s applies on reload
+        kind_logs = (*power_logs.all(), *channel_logs.all())
+        self.monitor.add_ticker(KindLogs(kind_logs))
+        self._kind_logs.extend(kind_logs)  # log.summary_interval_s applies on reload
         power = PowerManager(
             cpufreq, hypervisor, journal, cfg.cpufreq.reserved_cpus, self.clock, logs=power_logs
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 DEFAULT_INTERVAL_S = 10.0
 # Sources remembered at once (channels, CPUs, clients). Past it, sources with nothing
@@ -59,6 +59,12 @@ class KindLog:
         self.clock = clock
         self._sources: dict[str, _Source] = {}
         self._due: float | None = None  # earliest window end with counts waiting
+        self.group: KindLogs | None = None  # the ticker driving this log with others
+
+    def enabled(self) -> bool:
+        """Whether this log's level reaches the logger (a caller may skip building a
+        detail nobody will read)."""
+        return self.logger.isEnabledFor(self.level)
 
     def note(self, source: str, reason: str, detail: str = "", count: int = 1) -> None:
         """``count`` events of kind ``reason`` from ``source``; ``detail`` says which."""
@@ -85,6 +91,9 @@ class KindLog:
                 entry.window_end = now + self.interval_s
             if self._due is None or entry.window_end < self._due:
                 self._due = entry.window_end
+                group = self.group
+                if group is not None and (group.due is None or self._due < group.due):
+                    group.due = self._due
         counts[reason] = counts.get(reason, 0) + count
         if detail:
             entry.details[reason] = detail
@@ -156,3 +165,36 @@ class KindLog:
             max(span_s, 0.0),
             parts,
         )
+
+
+class KindLogs:
+    """Several KindLogs driven as one monitor ticker.
+
+    The loop asks every ticker when it is due twice a turn; a daemon has a log per kind
+    of event (refusals, changes, failures, dropped replies, ...), and asking each was
+    a tenth of a one-request turn. Each log tells the group when it has something due,
+    so the group's answer is one attribute.
+    """
+
+    def __init__(self, logs: Iterable[KindLog]) -> None:
+        self.logs = tuple(logs)
+        self.due: float | None = None
+        for kind_log in self.logs:
+            kind_log.group = self
+        self._recompute()
+
+    def _recompute(self) -> None:
+        dues = [d for d in (kind_log.next_due() for kind_log in self.logs) if d is not None]
+        self.due = min(dues) if dues else None
+
+    def next_due(self) -> float | None:
+        return self.due
+
+    def run_due(self) -> int:
+        lines = 0
+        for kind_log in self.logs:
+            due = kind_log.next_due()
+            if due is not None and due <= kind_log.clock():
+                lines += kind_log.run_due()
+        self._recompute()
+        return lines

@@ -217,7 +217,8 @@ class PowerManager:
         self._pending: list[_Pending] = []
         # Each CPU's wishes as they were before this turn first touched them, so a failed
         # write puts them back (and its requests get NACK).
-        self._snapshot: dict[int, dict[str, Wish]] = {}
+        # cpu → its wishes as (freq_khz, turbo) before this turn's first move (_revert)
+        self._snapshot: dict[int, dict[str, tuple[int, bool]]] = {}
         self._packet_cache: dict[bytes, _KnownPacket] = {}
         self._table_cache: dict[int, tuple[tuple[int, ...], dict[int, int], int]] = {}
         # Whether each host CPU may be controlled (online, cpufreq, not reserved): reading
@@ -545,7 +546,7 @@ class PowerManager:
             per_cpu = self.wishes[cpu] = {}
         if cpu not in self._dirty:
             self._dirty.add(cpu)
-            self._snapshot[cpu] = {o: Wish(w.freq_khz, w.turbo) for o, w in per_cpu.items()}
+            self._snapshot[cpu] = {o: (w.freq_khz, w.turbo) for o, w in per_cpu.items()}
         return per_cpu
 
     def _table(self, cpu: int) -> tuple[tuple[int, ...], dict[int, int], int]:
@@ -772,9 +773,12 @@ class PowerManager:
                 except VmpowerError as exc:
                     log.debug("journal ahead of the turn's writes: %s", exc)
             try:
-                # One write per policy: CPUs sharing one are applied together.
-                policy_of = self.cpufreq.policy
-                for cpu in sorted({policy_of(c): c for c in sorted(dirty)}.values()):
+                # One write per policy: CPUs sharing one are applied together (a turn
+                # with one CPU, the latency case, has nothing to group).
+                if len(dirty) > 1:
+                    policy_of = self.cpufreq.policy
+                    dirty = sorted({policy_of(c): c for c in sorted(dirty)}.values())
+                for cpu in dirty:
                     try:
                         applied = self._apply(cpu)
                     except Exception as exc:  # a bug: this CPU's requests get NACK, not silence
@@ -797,6 +801,10 @@ class PowerManager:
         # run's replies as one chunk.
         run_channel: Endpoint | None = None
         run: list[bytes] = []
+        # ACKs are counted per run of one channel's items (the metrics' per-VM counter
+        # is a dict update: once per read, not once per request).
+        acks = 0
+        ack_channel: Endpoint | None = None
         for channel, packet, cpus, reply, conditional in self._pending:
             if conditional:
                 if failed and cpus & failed:
@@ -806,9 +814,14 @@ class PowerManager:
                     reply = nack(packet) if packet else None
                     self._note_unapplied(channel, cpus & failed)
                 else:
-                    stats.acks += 1
-                    key = (channel.kind, channel.owner)
-                    acks_by[key] = acks_by.get(key, 0) + 1
+                    if channel is not ack_channel:
+                        if acks:
+                            key = (ack_channel.kind, ack_channel.owner)  # type: ignore[union-attr]
+                            acks_by[key] = acks_by.get(key, 0) + acks
+                            stats.acks += acks
+                            acks = 0
+                        ack_channel = channel
+                    acks += 1
             if reply is None:
                 continue  # FIFO messages have no reply
             if channel is not run_channel:
@@ -820,6 +833,10 @@ class PowerManager:
             run.append(reply)
         if run:
             run_channel.queue_replies(run)  # type: ignore[union-attr]
+        if acks:
+            key = (ack_channel.kind, ack_channel.owner)  # type: ignore[union-attr]
+            acks_by[key] = acks_by.get(key, 0) + acks
+            stats.acks += acks
         self._pending.clear()
         return channels
 
@@ -840,21 +857,28 @@ class PowerManager:
         per_cpu = self._policy_wishes(cpu)
         if per_cpu is None:
             return True  # its policy is offline: the wishes and originals wait for it
-        bounds = self._bounds(cpu)
+        bounds = self._bounds(cpu) if self.limits else None
         if not per_cpu:
             if bounds is None:
                 self._restore_cpu(cpu)
                 return True
             return self._apply_limits(cpu, bounds)
-        target = max(w.freq_khz for w in per_cpu.values())
+        target = 0
+        want_turbo = False
+        for wish in per_cpu.values():  # one pass: this runs once per written CPU per turn
+            if wish.freq_khz > target:
+                target = wish.freq_khz
+            if wish.turbo:
+                want_turbo = True
         if bounds is not None:
             target = self._clamp(cpu, target, bounds)
-        want_turbo = any(w.turbo for w in per_cpu.values())
         cpufreq = self.cpufreq
         policy = cpufreq.policy(cpu)
-        if self._mode.get(policy) == "limits":
-            self._restore_cpu(cpu, keep_wishes=True)  # the session's files go back first
-        self._mode[policy] = "freq"
+        mode = self._mode.get(policy)
+        if mode != "freq":
+            if mode == "limits":
+                self._restore_cpu(cpu, keep_wishes=True)  # the session's files go back first
+            self._mode[policy] = "freq"
         # One change, all or nothing: when a write fails, the ones before it in this
         # change are written back (rule 2: a NACK means the CPU is as it was).
         cpufreq.begin_change()
@@ -879,11 +903,14 @@ class PowerManager:
             self.stats.writes_skipped += 1
             return True
         self.stats.writes += 1
-        if log.isEnabledFor(logging.INFO):  # the message's join is not free
-            wishes = ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items()))
-            detail = f"now {target} kHz (wished by {wishes})"
-            log.debug("host CPU %d: %s", cpu, detail)
-            self.logs.changes.note(self._cpu_name(cpu), "set", detail)
+        changes = self.logs.changes
+        if changes.enabled():
+            # Who wished what is DEBUG's (a join per write costs more than the write's
+            # Python path); the summary says where the CPU is, and show_cpus who wishes.
+            if log.isEnabledFor(logging.DEBUG):
+                wishes = ", ".join(f"{o} {w.freq_khz}" for o, w in sorted(per_cpu.items()))
+                log.debug("host CPU %d: now %d kHz (wished by %s)", cpu, target, wishes)
+            changes.note(self._cpu_name(cpu), "set", f"now {target} kHz")
         return True
 
     # -- telemetry sessions' limits ------------------------------------------------------
@@ -1016,7 +1043,7 @@ class PowerManager:
             before = self._snapshot.get(cpu)
             if before is None:
                 continue
-            self.wishes[cpu] = before
+            self.wishes[cpu] = {o: Wish(freq_khz, turbo) for o, (freq_khz, turbo) in before.items()}
             if not before:
                 self._restore_cpu(cpu)  # restores its policy only when nobody else wishes
 

@@ -207,6 +207,10 @@ class RestoreJournal:
         self._turn: frozenset[str] = frozenset()
         self._names: dict[str, None] = {}
         self._ahead: dict[str, tuple[str, ...]] = {}  # directory → its learnt paths
+        # Directories begin_turn found holding every learnt name already: a steady turn
+        # (every CPU written before) costs one subset test, not a walk of each file name.
+        # A new name learnt or an original dropped takes a directory out again.
+        self._complete: set[str] = set()
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -233,7 +237,7 @@ class RestoreJournal:
         (``_record``). So the first writes of many CPUs in one turn share one sync.
         """
         self._turn = turn = frozenset(directories)
-        if not self._names or not turn:
+        if not self._names or not turn or turn <= self._complete:
             return
         originals = self._originals
         missing = [
@@ -245,6 +249,9 @@ class RestoreJournal:
         if missing:
             with self._lock:
                 self._record_batch(self._read_originals(missing))
+        # Names that could not be read in a directory (a file it lacks) are not retried
+        # every turn: a write of one records it then (_record).
+        self._complete |= turn
 
     def end_turn(self) -> None:
         self._turn = frozenset()
@@ -303,6 +310,7 @@ class RestoreJournal:
         if name not in self._names:
             self._names[name] = None
             self._ahead.clear()
+            self._complete.clear()
         others = [
             d + name
             for d in sorted(self._turn)
@@ -354,6 +362,7 @@ class RestoreJournal:
         del self._originals[key]
         if isinstance(key, str):
             directory, _, name = key.rpartition("/")
+            self._complete.discard(directory + "/")
             files = self._by_dir.get(directory + "/")
             if files is not None:
                 files.pop(name, None)

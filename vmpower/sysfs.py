@@ -55,6 +55,28 @@ def open_attribute(path: str, access: int) -> int:
     return fd
 
 
+def sysfs_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
+    """The device numbers of this process's sysfs mounts (empty when none is found)."""
+    devices = set()
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    for line in lines:
+        # "id parent major:minor root mount-point options ... - fstype source options"
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        dash = fields.index("-")
+        if dash + 1 < len(fields) and fields[dash + 1] == "sysfs" and len(fields) > 4:
+            try:
+                devices.add(os.stat(fields[4]).st_dev)
+            except OSError:
+                continue
+    return frozenset(devices)
+
+
 class WriteJournal(Protocol):
     """What Sysfs needs from a restore journal (implemented by restore.RestoreJournal)."""
 
@@ -77,6 +99,11 @@ class Sysfs:
         # Attributes vmpower writes stay open: a frequency step is then one pwrite
         # instead of open, write, close (the request path's largest cost otherwise).
         self._write_fds: dict[str, int] = {}
+        # Kept fds of regular files (a simulated tree): each write is followed by a
+        # truncate. On sysfs itself (kernfs) a write is the whole value and a truncate
+        # is a wasted syscall per request.
+        self._truncated: set[int] = set()
+        self._sysfs_devices: frozenset[int] | None = None
 
     def path(self, rel: str) -> str:
         """Absolute path of ``rel`` (a path relative to the sysfs root)."""
@@ -137,20 +164,29 @@ class Sysfs:
         try:
             fd = self._write_fds.get(path)
             if fd is None:
-                fd = self._write_fds[path] = open_attribute(path, os.O_WRONLY)
+                fd = self._open_for_writes(path)
             # sysfs takes the whole value in one write(2) at offset 0 (kernfs hands the
             # store() callback each write from position 0). Simulated trees are regular
-            # files: the truncate drops what a longer old value left; on sysfs a size
-            # change is ignored, as for `echo > attr`'s O_TRUNC.
+            # files: the truncate drops what a longer old value left.
             os.pwrite(fd, data, 0)
-            os.ftruncate(fd, len(data))
+            if fd in self._truncated:
+                os.ftruncate(fd, len(data))
         except OSError as exc:
             self._drop_fd(path)  # e.g. the CPU went offline and its policy dir vanished
             raise SysfsError(path, f"write {text!r}: {_reason(exc)}") from exc
 
+    def _open_for_writes(self, path: str) -> int:
+        fd = self._write_fds[path] = open_attribute(path, os.O_WRONLY)
+        if self._sysfs_devices is None:
+            self._sysfs_devices = sysfs_devices()
+        if os.fstat(fd).st_dev not in self._sysfs_devices:
+            self._truncated.add(fd)
+        return fd
+
     def _drop_fd(self, path: str) -> None:
         fd = self._write_fds.pop(path, None)
         if fd is not None:
+            self._truncated.discard(fd)
             os.close(fd)
 
     def close(self) -> None:

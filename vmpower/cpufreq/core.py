@@ -83,15 +83,23 @@ class _Cpu:
 # and the daemon's descriptors are limited (often to 1024); past the bound, a file is
 # opened for each read.
 KEPT_READERS_MAX = 128
+# Files whose last written value _ChangeLog remembers: a few per CPU on a 1024-CPU host.
+WRITTEN_KEPT_MAX = 4096
 
 
 class _ChangeLog:
     """The Sysfs the backends write through: it keeps what an open change overwrote.
 
     Everything but ``write`` is the wrapped Sysfs's own. While a change is open, the
-    value a file held before its first write in the change is read first (through an
-    attribute kept open: one ``pread``), whatever the journal already knows: a file
-    written in an earlier turn may have been changed since by someone else.
+    value a file held before its first write in the change is kept, to be written back
+    if a later write of the change fails. A file vmpower wrote before holds what it
+    wrote last (remembered here: no read on the request path, where a turn writes one
+    file of a CPU it wrote before); one it never wrote is read first (through an
+    attribute kept open: one ``pread``). The journal's original is no help: it is the
+    value before vmpower's first write ever, not before this change. Someone writing
+    the file beside vmpower is not seen, as in ``CpuFreq``'s own write skipping; a
+    failed change then puts back vmpower's value, and ``drop`` (the CPU restored,
+    forgotten, or re-read) clears what is remembered.
     """
 
     def __init__(self, sysfs: Sysfs) -> None:
@@ -105,6 +113,7 @@ class _ChangeLog:
         # rel → its value before the change's first write to it, in the order written
         self.change: dict[str, str | None] | None = None
         self._readers: dict[str, Reader] = {}
+        self._written: dict[str, str] = {}  # rel → what vmpower wrote there last
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._sysfs, name)
@@ -113,10 +122,16 @@ class _ChangeLog:
         change = self.change
         if change is not None and rel not in change:
             change[rel] = self._before(rel)
+        self._written.pop(rel, None)  # a write that fails leaves the value unknown
         self._sysfs.write(rel, value)
+        if len(self._written) < WRITTEN_KEPT_MAX:
+            self._written[rel] = str(value)
 
     def _before(self, rel: str) -> str | None:
         """``rel``'s value now, or None when it cannot be read (then nothing to put back)."""
+        written = self._written.get(rel)
+        if written is not None:
+            return written
         reader = self._readers.get(rel)
         try:
             if reader is None:
@@ -136,10 +151,17 @@ class _ChangeLog:
         for rel in [r for r in self._readers if r.startswith(prefix)]:
             self._readers.pop(rel).close()
 
+    def forget_written(self) -> None:
+        """Files were written beside this log (a restore, an undo): re-read them all
+        before their next change. Global files (the turbo switch) are among them, so
+        everything goes, not just one CPU's; it costs one read per file, once."""
+        self._written.clear()
+
     def close(self) -> None:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+        self._written.clear()
 
 
 def open_cpufreq(sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> CpuFreq:
@@ -181,6 +203,9 @@ class CpuFreq:
             else frozenset()
         )
         self._cpus: dict[int, _Cpu] = {}
+        # cpu → policy_path_prefix(cpu): asked once per written CPU per turn; a hotplug
+        # (refresh) may move a CPU to another policy directory, so it drops them all.
+        self._path_prefixes: dict[int, str] = {}
 
     # -- CPUs --------------------------------------------------------------------------
 
@@ -240,6 +265,7 @@ class CpuFreq:
         everything cached about it: the kernel brings a CPU back with its own governor
         and frequency (cpufreq_online() starts the policy's last governor afresh)."""
         self._summary = None
+        self._path_prefixes.clear()
         before = self._topology.members(cpu)
         self._topology.refresh(cpu)
         for c in before | self._topology.members(cpu):
@@ -311,7 +337,10 @@ class CpuFreq:
     def policy_path_prefix(self, cpu: int) -> str:
         """The absolute path of ``cpu``'s policy directory, ending in "/" (the restore
         journal's ``originals_in`` takes it)."""
-        return self.sysfs.path(self.policy_dir(cpu)) + "/"
+        prefix = self._path_prefixes.get(cpu)
+        if prefix is None:
+            prefix = self._path_prefixes[cpu] = self.sysfs.path(self.policy_dir(cpu)) + "/"
+        return prefix
 
     # -- changes: all or nothing ---------------------------------------------------------
 
@@ -443,6 +472,7 @@ class CpuFreq:
             c.last_khz = None
             c.switch_on = self._read_switches(c.switches)
         self._changes.drop(f"{self._topology.dir(cpu)}/")
+        self._changes.forget_written()
         if self._backend is not None:
             self._backend.forget(leader)
 
@@ -451,6 +481,7 @@ class CpuFreq:
         leader = self._topology.leader(cpu)
         for c in self._topology.members(cpu) | {cpu, leader}:
             self._cpus.pop(c, None)
+        self._changes.forget_written()
         self._changes.drop(f"{self._topology.dir(cpu)}/")
         self._changes.drop(f"{CPU_DIR}/cpu{cpu}/")
         if self._backend is not None:
