@@ -197,10 +197,11 @@ class Parts:
         )
 
     def run(self, cmd: str, **args: object) -> object:
-        from vmpower.control import PeerCred
+        from vmpower.control import PeerCred, run_steps
 
         handler = self.admin.commands()[cmd].handler
-        return handler({"cmd": cmd, **args}, PeerCred(os.getpid(), os.getuid(), os.getgid()))
+        cred = PeerCred(os.getpid(), os.getuid(), os.getgid())
+        return run_steps(handler({"cmd": cmd, **args}, cred))  # a sliced one: every step
 
     def close(self) -> None:
         self.channels.close_all()

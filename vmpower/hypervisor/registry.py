@@ -258,6 +258,17 @@ class Hypervisor:
         answer, it does not wait at all. A call that outlives the wait still runs, and its
         outcome is applied when it comes (the registry follows libvirt either way).
         """
+        job = self._submit_now(call, done)
+        if not job.wait(CALL_WAIT_S):
+            raise HypervisorError(
+                f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
+            )
+        job.apply()
+        return job
+
+    def _submit_now(self, call: Callable[[], Any], done: Callable[[Job], None]) -> Job:
+        """Queue an operator's libvirt call ahead of the background ones, or refuse at
+        once while libvirt is not responding."""
         stalled_s = self._worker.stalled_s()
         if stalled_s >= STALL_S:
             raise HypervisorError(
@@ -268,11 +279,6 @@ class Hypervisor:
             raise HypervisorError(
                 f"libvirt is not responding ({self._worker.queued()} calls waiting); try again"
             )
-        if not job.wait(CALL_WAIT_S):
-            raise HypervisorError(
-                f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
-            )
-        job.apply()
         return job
 
     def _outcome(self, job: Job) -> Any:
@@ -660,14 +666,39 @@ class Hypervisor:
 
     def add_vm(self, name: str) -> VmInfo:
         """Track ``name`` again (after ``remove_vm``, or with track_all off)."""
+        job = self.add_vm_start(name)
+        if job is None:
+            return self.vm(name)
+        if not job.wait(CALL_WAIT_S):
+            raise HypervisorError(
+                f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
+            )
+        return self.add_vm_finish(name, job)
+
+    def add_vm_start(self, name: str) -> Job | None:
+        """``add_vm`` without waiting on the owner thread (issue #16: add_vm held the
+        monitor loop while its libvirt call ran): the VM's read is queued ahead of the
+        background re-reads and its Job returned; None when ``name`` is tracked already.
+        Refused at once (HypervisorError) while libvirt is not responding.
+
+        The outcome is posted to the owner thread when the call ends (which wakes the
+        loop); once ``job.wait(0)`` is true, ``add_vm_finish(name, job)`` gives add_vm's
+        answer. A caller that gives up (after CALL_WAIT_S, as add_vm does) leaves the
+        job's outcome to be applied when it comes.
+        """
         with self._lock:
             generation = self._require_connected()
             if name in self._vms:
-                return self._vms[name]
-        job = self._call_now(
+                return None
+        return self._submit_now(
             functools.partial(self._session.read_vms, [name]),
             functools.partial(self._after_add, generation, name),
         )
+
+    def add_vm_finish(self, name: str, job: Job) -> VmInfo:
+        """add_vm's answer from a finished ``add_vm_start`` job (applied now if its posted
+        outcome has not been yet): the VM's info, or why libvirt would not give it."""
+        job.apply()
         read = self._outcome(job)[name]
         with self._lock:
             if name in self._vms:
