@@ -155,3 +155,34 @@ def test_restores_append_records_and_compact_when_dead_ones_pile_up(tmp_path: Pa
     journal.restore()  # exit: everything back, the file gone
     assert not path.exists()
     assert all(p.read_text() == "schedutil\n" for p in paths)
+
+
+def test_a_directory_is_resolved_once_and_a_link_out_of_the_roots_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First contact journals several files per CPU directory: their directory's links
+    are resolved once (realpath is an lstat per component), not once per file."""
+    root = tmp_path / "sys"
+    policy = root / "policy0"
+    policy.mkdir(parents=True)
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    journal = RestoreJournal(tmp_path / "state", file_roots=[root])
+    resolved: list[str] = []
+    real = os.path.realpath
+
+    def counting(path: str, *args: object, **kwargs: object) -> str:
+        resolved.append(str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore.os.path, "realpath", counting)
+    for name in ("scaling_governor", "scaling_setspeed", "scaling_min_freq"):
+        journal.remember(str(policy / name), "x")
+    assert resolved == [str(policy)]
+    for _ in range(2):  # refused, and again from what was kept
+        with pytest.raises(RestoreError, match="lies outside"):
+            journal.remember(str(root / "escape" / "passwd"), "x")
+    assert resolved == [str(policy), str(root / "escape")]
+    assert set(journal.pending()) == {str(policy / n) for n in ("scaling_governor",
+        "scaling_setspeed", "scaling_min_freq")}  # fmt: skip
