@@ -649,11 +649,20 @@ class GuestControl:
         reply = self.request({"argv": list(argv), "timeout_s": timeout_s}, timeout_s + 10)
         return GuestResult(reply["rc"], reply["stdout"], reply["stderr"], reply["elapsed_s"])
 
-    def round_trips(self, vcpu: int, count: int, timeout_s: float = 60) -> list[float]:
-        """``count`` CPU_POWER/SCALE_MAX round trips on the vCPU's port, timed in the guest."""
-        reply = self.request(
-            {"rtt": {"device": POWER_PORT.format(vcpu), "count": count, "vcpu": vcpu}}, timeout_s
-        )
+    def round_trips(
+        self,
+        vcpu: int,
+        count: int,
+        timeout_s: float = 60,
+        units: tuple[str, ...] = ("SCALE_MAX",),
+    ) -> list[float]:
+        """``count`` CPU_POWER round trips on the vCPU's port, timed in the guest.
+
+        The requests take ``units`` (``protocol.Unit`` names) in turn; every reply must
+        be an ACK.
+        """
+        spec = {"device": POWER_PORT.format(vcpu), "count": count, "vcpu": vcpu}
+        reply = self.request({"rtt": {**spec, "units": list(units)}}, timeout_s)
         if "error" in reply:
             raise SetupError(f"round trips in the guest: {reply['error']}")
         if reply["acks"] != count:
@@ -898,10 +907,24 @@ class PtyBridge:
 
 
 class E2eAgent:
-    """vmpowerd as a subprocess, on ``uri`` and a simulated acpi-cpufreq tree."""
+    """vmpowerd as a subprocess, on ``uri`` and a simulated acpi-cpufreq tree.
 
-    def __init__(self, work_dir: Path, uri: str, channels_dir: Path, cpus: int = 8) -> None:
+    ``log_level`` is the daemon's (``debug`` by default: a failing test shows every
+    request); ``host_cpus``, when given, pins it there with taskset (a bench's fixed CPU).
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        uri: str,
+        channels_dir: Path,
+        cpus: int = 8,
+        *,
+        log_level: str = "debug",
+        host_cpus: tuple[int, ...] = (),
+    ) -> None:
         self.work_dir = work_dir
+        self.host_cpus = host_cpus
         self.sysfs_root = work_dir / "sysfs"
         build_tree(self.sysfs_root, "acpi-cpufreq", cpus, turbo=True)
         self.socket = work_dir / "control.sock"
@@ -915,16 +938,19 @@ class E2eAgent:
                     "cpufreq": {"sysfs_root": str(self.sysfs_root)},
                     "state": {"dir": str(work_dir / "state")},
                     "control": {"socket": str(self.socket)},
-                    "log": {"level": "debug"},
+                    "log": {"level": log_level},
                 }
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60) -> E2eAgent:
+        argv = [sys.executable, "-m", "vmpower.daemon", "--config", str(self.config_path)]
+        if self.host_cpus:  # taskset execs the daemon: the PID stays the daemon's
+            argv = ["taskset", "-c", ",".join(map(str, self.host_cpus)), *argv]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmpower.daemon", "--config", str(self.config_path)],
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -10,7 +10,9 @@ separate from the power channels under test. Lines of JSON both ways:
   ``{"id": n, "rc": .., "stdout": .., "stderr": .., "elapsed_s": ..}``;
 * host → guest ``{"id": n, "rtt": {"device": path, "count": N, "vcpu": v}}``: N
   CPU_POWER/SCALE_MAX round trips on a power channel (vmpower's own codec), reply
-  ``{"id": n, "acks": .., "samples_s": [...]}``.
+  ``{"id": n, "acks": .., "samples_s": [...]}``; with ``"units": ["SCALE_UP",
+  "SCALE_DOWN"]`` in the spec the requests take those units in turn (an agent that
+  ACKs only one-step moves, like the bench's C agent, ACKs every one).
 
 Runs on the guest's python3 (Debian's python3.11-minimal); standard library and
 vmpower's guest-side modules only.
@@ -38,6 +40,14 @@ def uptime_s() -> float:
 def boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    # virtio_console takes at most 32 KiB a write (port_fops_write): a long reply (many
+    # round-trip samples) needs several.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def run_argv(request: dict[str, Any]) -> dict[str, Any]:
@@ -81,18 +91,23 @@ def read_exact(fd: int, size: int, timeout_s: float) -> bytes:
 def round_trips(spec: dict[str, Any]) -> dict[str, Any]:
     from vmpower import protocol
 
-    request = protocol.encode_packet(
-        protocol.Packet(
-            command=int(protocol.Command.CPU_POWER),
-            unit=int(protocol.Unit.SCALE_MAX),
-            resource_id=int(spec.get("vcpu", 0)),
+    # Encoded before the clock starts: only the channel's round trip is timed.
+    requests = [
+        protocol.encode_packet(
+            protocol.Packet(
+                command=int(protocol.Command.CPU_POWER),
+                unit=int(protocol.Unit[name]),
+                resource_id=int(spec.get("vcpu", 0)),
+            )
         )
-    )
+        for name in spec.get("units", ["SCALE_MAX"])
+    ]
     samples_s = []
     acks = 0
     fd = os.open(spec["device"], os.O_RDWR | os.O_CLOEXEC)
     try:
-        for _ in range(int(spec["count"])):
+        for i in range(int(spec["count"])):
+            request = requests[i % len(requests)]
             start = time.monotonic()
             os.write(fd, request)
             reply = read_exact(fd, protocol.PACKET_SIZE, 10.0)
@@ -164,7 +179,7 @@ def main() -> int:
                 reply = {"id": None, "error": f"bad request: {exc}"}
             # stdout is the serial console: its log file records the guest's side.
             print(f"vmpower-e2e: {console_line(request, reply)}", flush=True)
-            os.write(fd, (json.dumps(reply) + "\n").encode())
+            write_all(fd, (json.dumps(reply) + "\n").encode())
 
 
 if __name__ == "__main__":
