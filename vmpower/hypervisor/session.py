@@ -105,6 +105,7 @@ class LibvirtSession:
         self._doms: dict[str, libvirt.virDomain] = {}
         self._generation = 0
         self._host_cpus = 0
+        self.state_listings_unsupported = 0  # getAllDomainStats refused: info() per VM
 
     @property
     def conn(self) -> libvirt.virConnect | None:
@@ -188,23 +189,43 @@ class LibvirtSession:
     # -- reading -------------------------------------------------------------------------
 
     def read_all(self, wants: Callable[[str], bool]) -> dict[str, VmRead]:
-        """Every domain ``wants``; raises libvirtError (the caller decides what it means)."""
+        """Every domain ``wants``; raises libvirtError (the caller decides what it means).
+
+        The domains and their states come in one call (``getAllDomainStats``), not one
+        ``info()`` each: a running domain then costs four round trips to libvirtd, not
+        five (vcpuPinInfo, which the bindings make three: host CPU map, info, pins; and
+        XMLDesc). They are CPU-bound (libvirtd's and ours), so reading domains on several
+        threads does not help: fewer calls do (issue #16).
+        """
         conn = self._conn
         assert conn is not None
         vms: dict[str, VmRead] = {}
         sockets = scan_channels_dir(self._channels_dir)
-        for dom in conn.listAllDomains(0):
+        for dom, state_code in self._list_with_states(conn):
             name = dom.name()
             if not wants(name):
                 continue
             try:
-                vms[name] = self._read_domain(dom, name, sockets.get(name, {}))
+                vms[name] = self._read_domain(dom, name, sockets.get(name, {}), state_code)
             except libvirt.libvirtError as exc:
                 if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # undefined while we were listing
                 raise
             self._doms[name] = dom
         return vms
+
+    def _list_with_states(
+        self, conn: libvirt.virConnect
+    ) -> list[tuple[libvirt.virDomain, int | None]]:
+        """Every domain with its state code (None: unknown, each domain asked apart)."""
+        try:
+            stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+        except libvirt.libvirtError as exc:
+            if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                raise
+            self.state_listings_unsupported += 1
+            return [(dom, None) for dom in conn.listAllDomains(0)]
+        return [(dom, fields.get("state.state")) for dom, fields in stats]
 
     def refresh_all(self, wants: Callable[[str], bool]) -> dict[str, VmRead]:
         """``read_all`` for the owner: HypervisorError or ConnectionLost on failure."""
@@ -260,9 +281,17 @@ class LibvirtSession:
         return self.read_vms([info.name])[info.name]
 
     def _read_domain(
-        self, dom: libvirt.virDomain, name: str, dir_sockets: dict[int, str]
+        self,
+        dom: libvirt.virDomain,
+        name: str,
+        dir_sockets: dict[int, str],
+        state_code: int | None = None,
     ) -> VmRead:
-        state_code, _max_mem, _mem, vcpu_count, _cpu_time = dom.info()
+        """One domain; ``state_code`` when already known (``read_all``): no ``info()``
+        then unless no live map gives the vCPU count."""
+        vcpu_count: int | None = None
+        if state_code is None:
+            state_code, _max_mem, _mem, vcpu_count, _cpu_time = dom.info()
         state = _STATES.get(state_code, VmState.OTHER)
         pcpus: tuple[frozenset[int], ...] = ()
         channels: tuple[ChannelInfo, ...] = ()
@@ -274,6 +303,9 @@ class LibvirtSession:
                 # Not active (e.g. crashed and not preserved): no live map to read.
                 if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:
                     raise
+        if vcpu_count is None:
+            # The bindings size vcpuPinInfo's answer by info()'s vCPU count: the same.
+            vcpu_count = len(pcpus) if pcpus else dom.info()[3]
         if pcpus:
             channels, nics = parse_devices(name, dom.XMLDesc(0), dir_sockets)
         info = VmInfo(
@@ -289,10 +321,10 @@ class LibvirtSession:
         return VmRead(info, nics)
 
     @staticmethod
-    def _vcpu_map(dom: libvirt.virDomain, vcpu_count: int) -> tuple[frozenset[int], ...]:
+    def _vcpu_map(dom: libvirt.virDomain, vcpu_count: int | None) -> tuple[frozenset[int], ...]:
         # The live pinning as libvirt keeps it; an unpinned vCPU shows every host CPU.
         # QEMU answers for every possible vCPU (maxvcpus); the guest's online vCPUs are the
-        # first vcpu_count of them when hot-plugged in order.
+        # first vcpu_count of them when hot-plugged in order (None: every map given).
         maps = dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
         return tuple(_cpumap_to_set(m) for m in maps[:vcpu_count])
 
