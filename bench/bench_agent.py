@@ -16,12 +16,16 @@ The same load runs against three agents:
   acpi-cpufreq tree on tmpfs, the restore journal);
 * ``cagent``: bench/c/cagent.c, DPDK's per-request work one packet at a time (read 464
   bytes, one sysfs write, one 464-byte reply): the latency reference;
-* ``cagent_batch``: bench/c/cagent_batch.c, the same work batched per epoll wake (one
-  read of every whole packet waiting on a channel, one sysfs write per CPU per turn,
-  one write of all a channel's replies): the throughput limit.
+* ``cagent_batch_each``: bench/c/cagent_batch.c --write-each, a C agent that batches
+  reads and replies (one read of every whole packet waiting on a channel, one write of
+  all a channel's replies) and makes DPDK's sysfs write per request (throughput only);
+* ``cagent_batch``: the same, its writes also coalesced to one per CPU per turn, as
+  vmpowerd coalesces them: the tightest limit.
 
 The issue's targets (``TARGETS``), reported as measured, met or not: vmpowerd's p50 and
-p99 ≤ 2.0x the per-packet agent's, its throughput ≥ 1.0x the batching agent's.
+p99 ≤ 2.0x the per-packet agent's, its throughput ≥ 1.0x that of "a C agent that batches
+reads and replies" (``cagent_batch_each``). The ratio to ``cagent_batch`` is reported
+beside it, as the limit.
 
 The machine is shared (2 CPUs). The generator and the agent under test run on fixed
 CPUs (``taskset``: the generator on the first CPU this process may use, the agent on the
@@ -57,8 +61,9 @@ REPO = HERE.parent
 C_SOURCES = HERE / "c"
 BUILD_DIR = HERE / "build"
 PROGRAMS = ("loadgen", "cagent", "cagent_batch")
-AGENTS = ("vmpower", "cagent", "cagent_batch")  # the order of each round
+AGENTS = ("vmpower", "cagent", "cagent_batch", "cagent_batch_each")  # each round's order
 MODES = ("latency", "throughput")
+THROUGHPUT_ONLY = frozenset({"cagent_batch_each"})
 
 VMS = 8
 VCPUS_PER_VM = 8  # vCPU i of every VM is pinned to host CPU i: 8 VMs share each CPU
@@ -71,7 +76,7 @@ BATCH_PACKETS = 64  # cagent_batch reads up to this many packets a channel per w
 TARGETS = {
     "p50_ratio_to_cagent_max": 2.0,
     "p99_ratio_to_cagent_max": 2.0,
-    "throughput_ratio_to_cagent_batch_min": 1.0,
+    "throughput_ratio_to_cagent_batch_each_min": 1.0,
 }
 
 AGENT_START_TIMEOUT_S = 60.0
@@ -377,9 +382,11 @@ def _start_agent(
         argv = [sys.executable, "-m", "vmpower.daemon", "--config", str(node.config)]
     else:
         table = node.table_khz()
-        batch = ["--max-batch", str(BATCH_PACKETS)] if kind == "cagent_batch" else []
+        batch = ["--max-batch", str(BATCH_PACKETS)] if kind.startswith("cagent_batch") else []
+        if kind == "cagent_batch_each":
+            batch.append("--write-each")
         argv = [
-            str(programs[kind]),
+            str(programs[kind.removesuffix("_each")]),
             *batch,
             "--sysfs-root", str(node.sysfs_root),
             "--high-khz", str(table[0]),
@@ -517,7 +524,9 @@ def _median(values: list[float], digits: int = 1) -> float:
 def summary(latency: list[dict[str, Any]], throughput: list[dict[str, Any]]) -> dict[str, Any]:
     """One agent's figures: each the median over its rounds (of each round's own figure)."""
 
-    def lat_us(key: str) -> float:
+    def lat_us(key: str) -> float | None:
+        if not latency:
+            return None  # a throughput-only agent
         return _median([r["figures"][key] / 1000 for r in latency])
 
     def med(runs: list[dict[str, Any]], key: str, digits: int = 2) -> float | None:
@@ -561,15 +570,24 @@ def run(load: Load | None = None) -> dict[str, object]:
         for round_no in range(load.rounds):
             for kind in AGENTS:
                 for mode in MODES:
+                    if mode == "latency" and kind in THROUGHPUT_ONLY:
+                        continue
                     name = f"{kind}-{mode}-{round_no}"
                     result = measure(kind, mode, programs, workdir / name, load, pinning)
                     runs.setdefault((kind, mode), []).append(result)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    agents = {kind: summary(runs[(kind, "latency")], runs[(kind, "throughput")]) for kind in AGENTS}
+    agents = {
+        kind: summary(runs.get((kind, "latency"), []), runs[(kind, "throughput")])
+        for kind in AGENTS
+    }
     vm, per_packet, batch = agents["vmpower"], agents["cagent"], agents["cagent_batch"]
+    batch_each = agents["cagent_batch_each"]
     ratios = {
+        "throughput_vmpower_to_cagent_batch_each": _ratio(
+            vm["throughput_per_s"], batch_each["throughput_per_s"]
+        ),
         "p50_vmpower_to_cagent": _ratio(vm["p50_us"], per_packet["p50_us"]),
         "p99_vmpower_to_cagent": _ratio(vm["p99_us"], per_packet["p99_us"]),
         "throughput_vmpower_to_cagent_batch": _ratio(
@@ -594,6 +612,10 @@ def run(load: Load | None = None) -> dict[str, object]:
             ),
             "p99_to_cagent": _ratio(
                 fig("vmpower", "latency", "p99_ns"), fig("cagent", "latency", "p99_ns")
+            ),
+            "throughput_to_cagent_batch_each": _ratio(
+                fig("vmpower", "throughput", "requests_per_s"),
+                fig("cagent_batch_each", "throughput", "requests_per_s"),
             ),
             "throughput_to_cagent_batch": _ratio(
                 fig("vmpower", "throughput", "requests_per_s"),
@@ -630,14 +652,17 @@ def run(load: Load | None = None) -> dict[str, object]:
             <= TARGETS["p50_ratio_to_cagent_max"],
             "p99_ratio_to_cagent": ratios["p99_vmpower_to_cagent"]
             <= TARGETS["p99_ratio_to_cagent_max"],
-            "throughput_ratio_to_cagent_batch": ratios["throughput_vmpower_to_cagent_batch"]
-            >= TARGETS["throughput_ratio_to_cagent_batch_min"],
+            "throughput_ratio_to_cagent_batch_each": ratios[
+                "throughput_vmpower_to_cagent_batch_each"
+            ]
+            >= TARGETS["throughput_ratio_to_cagent_batch_each_min"],
         },
         "round_ratios": [round_ratios(n) for n in range(load.rounds)],
         "rounds": {
             f"{kind}_{mode}": [_round_row(r) for r in runs[(kind, mode)]]
             for kind in AGENTS
             for mode in MODES
+            if (kind, mode) in runs
         },
         "vmpower_restored_every_setting": all(
             r["restored"] and r["exit_code"] == 0 for mode in MODES for r in runs[("vmpower", mode)]

@@ -18,7 +18,13 @@
  * bench/c/loadgen, binds it), no ownership checks, runs until killed (SIGTERM), drops
  * a channel its peer closes.
  *
- * Usage: cagent_batch [--max-batch N] --sysfs-root ROOT --high-khz F --low-khz F PATH:CPU...
+ * With --write-each, step 3 is DPDK's instead: one pwrite per request, as it comes (the
+ * reads and the replies still batched). That is "a C agent that batches reads and
+ * replies" in issue #16's words; without it, the agent also coalesces its writes as
+ * vmpowerd does (one per CPU per turn), the tighter limit.
+ *
+ * Usage: cagent_batch [--max-batch N] [--write-each] --sysfs-root ROOT --high-khz F
+ *                     --low-khz F PATH:CPU...
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -144,7 +150,7 @@ static long parse_long(const char *what, const char *text, long min, long max)
 
 static void usage(void)
 {
-	fputs("usage: cagent_batch [--max-batch N] --sysfs-root ROOT --high-khz F --low-khz F "
+	fputs("usage: cagent_batch [--max-batch N] [--write-each] --sysfs-root ROOT --high-khz F --low-khz F "
 	      "PATH:CPU...\n",
 	      stderr);
 	exit(2);
@@ -154,9 +160,14 @@ int main(int argc, char **argv)
 {
 	const char *root = NULL;
 	long high_khz = 0, low_khz = 0, max_batch = 64;
-	int first = 1;
+	int first = 1, write_each = 0;
 	while (first + 1 < argc && strncmp(argv[first], "--", 2) == 0) {
 		const char *opt = argv[first], *val = argv[first + 1];
+		if (strcmp(opt, "--write-each") == 0) {
+			write_each = 1;
+			first += 1;
+			continue;
+		}
 		if (strcmp(opt, "--sysfs-root") == 0)
 			root = val;
 		else if (strcmp(opt, "--high-khz") == 0)
@@ -248,7 +259,14 @@ int main(int argc, char **argv)
 				uint32_t command, unit, code = REPLY_NACK;
 				memcpy(&command, pkt + OFF_COMMAND, sizeof command);
 				memcpy(&unit, pkt + OFF_UNIT, sizeof unit);
-				if (command == CMD_CPU_POWER &&
+				if (write_each && command == CMD_CPU_POWER &&
+				    (unit == UNIT_SCALE_UP || unit == UNIT_SCALE_DOWN)) {
+					int up = unit == UNIT_SCALE_UP;
+					int len = up ? high_len : low_len;
+					ssize_t put = pwrite(setspeed_fd[ch->cpu], up ? high_text : low_text,
+							     (size_t)len, 0);
+					code = put == len ? REPLY_ACK : REPLY_NACK;
+				} else if (command == CMD_CPU_POWER &&
 				    (unit == UNIT_SCALE_UP || unit == UNIT_SCALE_DOWN)) {
 					if (target_text[ch->cpu] == NULL)
 						touched[n_touched++] = ch->cpu;
