@@ -255,6 +255,9 @@ class PowerManager:
         # (packets, how many of them are within the rate, the channel's connect count).
         self.new_cpus_per_turn = NEW_CPUS_PER_TURN
         self._new_this_turn: set[int] = set()
+        # CPUs applied since their files were last restored: flush asks the journal to
+        # record ahead only for the others (a stale entry costs a sync, never a record).
+        self._journaled: set[int] = set()
         self._deferred: dict[VmChannel, list[tuple[list[bytes], int, int]]] = {}
         self._replayed = False
         # How to run a call in the next monitor turn (the daemon gives the monitor's
@@ -840,11 +843,16 @@ class PowerManager:
             if journal is not None:
                 # The originals of this turn's first writes share one sync (restore:
                 # begin_turn); one that cannot be saved fails its CPU in _apply, as before.
-                wished = [c for c in dirty if self.wishes.get(c)]
-                try:
-                    journal.begin_turn([self.cpufreq.policy_path_prefix(c) for c in wished])
-                except VmpowerError as exc:
-                    log.debug("journal ahead of the turn's writes: %s", exc)
+                # CPUs written before are left out: their files are journaled (a file
+                # new to one of them is still recorded, alone, before its write).
+                wishes = self.wishes
+                ready = self._journaled
+                fresh = [c for c in dirty if c not in ready and wishes.get(c)]
+                if fresh:
+                    try:
+                        journal.begin_turn([self.cpufreq.policy_path_prefix(c) for c in fresh])
+                    except VmpowerError as exc:
+                        log.debug("journal ahead of the turn's writes: %s", exc)
             try:
                 # One write per policy: CPUs sharing one are applied together (a turn
                 # with one CPU, the latency case, has nothing to group).
@@ -858,7 +866,9 @@ class PowerManager:
                         self._failure(exc)
                         self.cpufreq.undo_change(cpu)
                         applied = False
-                    if not applied:
+                    if applied:
+                        self._journaled.add(cpu)
+                    else:
                         failed.update(self.cpufreq.policy_cpus(cpu))
             finally:
                 if journal is not None:
@@ -1175,6 +1185,7 @@ class PowerManager:
         if self.journal is None:
             return
         prefixes = cpufreq.policy_path_prefixes(cpu)
+        self._journaled.difference_update(members)
         report = self.journal.restore(lambda path: path.startswith(prefixes))
         # Written outside the request path: nothing cached about the CPU holds any more
         # (CpuFreq's "already set" value and its backend's limits, this table).
