@@ -186,3 +186,26 @@ def test_a_directory_is_resolved_once_and_a_link_out_of_the_roots_still_refused(
     assert resolved == [str(policy), str(root / "escape")]
     assert set(journal.pending()) == {str(policy / n) for n in ("scaling_governor",
         "scaling_setspeed", "scaling_min_freq")}  # fmt: skip
+
+
+def test_directories_resolved_ahead_cost_nothing_at_the_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "sys"
+    policies = [root / f"policy{n}" for n in range(3)]
+    for policy in policies:
+        policy.mkdir(parents=True)
+    journal = RestoreJournal(tmp_path / "state", file_roots=[root])
+    journal.resolve_ahead(f"{policy}/" for policy in policies)  # the daemon's warm-up
+    resolved: list[str] = []
+    real = os.path.realpath
+
+    def counting(path: str, *args: object, **kwargs: object) -> str:
+        resolved.append(str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore.os.path, "realpath", counting)
+    for policy in policies:
+        journal.remember(str(policy / "scaling_governor"), "schedutil")
+    assert resolved == []
+    assert len(journal.pending()) == 3

@@ -414,44 +414,6 @@ def test_a_cpu_written_before_costs_one_write_and_no_read(
     rig.assert_restored()
 
 
-def test_first_writes_past_the_turns_bound_wait_for_the_next_turn_in_order(rig: Rig) -> None:
-    """Every guest speaking at once on a large host: one turn takes at most
-    ``new_cpus_per_turn`` CPUs for the first time; the rest of the read waits, and
-    the channel's later reads queue behind it, so replies keep the requests' order."""
-    rig.pm.new_cpus_per_turn = 1
-    calls: list[object] = []
-    rig.pm.next_turn = calls.append  # the daemon: the monitor's call_soon_threadsafe
-    vcpu0_down = cpu_power(Unit.SCALE_DOWN, 0, "vm1")  # host CPU 2, new
-    vcpu1_down = cpu_power(Unit.SCALE_DOWN, 1, "vm1")  # host CPU 3, new
-    vcpu0_up = cpu_power(Unit.SCALE_UP, 0, "vm1")  # host CPU 2, held from turn 1 on
-
-    rig.read("vm1", vcpu0_down, vcpu1_down, vcpu0_up)
-    rig.end_turn()
-    assert rig.guest("vm1").replies(1) == [ack(vcpu0_down)]
-    assert rig.untouched(3)
-    assert calls == [rig.pm.replay_deferred]  # the next turn is asked for
-
-    # The next read: the waiting two are handled first, then it (nothing waits now).
-    rig.read("vm1", vcpu0_up)
-    rig.end_turn()
-    assert rig.guest("vm1").replies(3) == [ack(vcpu1_down), ack(vcpu0_up), ack(vcpu0_up)]
-    assert rig.setspeed(2) == START_KHZ + STEP_KHZ
-    assert rig.setspeed(3) == START_KHZ - STEP_KHZ
-    stats = rig.pm.stats
-    assert (stats.requests, stats.acks, stats.nacks, stats.deferred) == (4, 4, 0, 1)
-    rig.pm.restore_all()
-    rig.assert_restored()
-
-
-def test_a_request_needing_more_new_cpus_than_the_bound_still_goes_alone(rig: Rig) -> None:
-    rig.pm.new_cpus_per_turn = 1
-    vcpu0_min = cpu_power(Unit.SCALE_MIN, 0, "web.prod.1")  # pinned to host CPUs 5-6
-    assert rig.exchange("web.prod.1", vcpu0_min) == [ack(vcpu0_min)]
-    assert (rig.setspeed(5), rig.setspeed(6)) == (MIN_KHZ, MIN_KHZ)
-    rig.pm.restore_all()
-    rig.assert_restored()
-
-
 # -- 4. a failed write is a NACK and leaves the wishes as they were -------------------------
 
 

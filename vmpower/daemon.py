@@ -230,7 +230,6 @@ class Agent:
         power = PowerManager(
             cpufreq, hypervisor, journal, cfg.cpufreq.reserved_cpus, self.clock, logs=power_logs
         )
-        power.next_turn = self.monitor.call_soon_threadsafe  # first writes spread over turns
         channels = ChannelRegistry(
             self.monitor,
             cfg.channels.dir,

@@ -142,15 +142,6 @@ class Wish:
 # to apply (then NACK); a None reply (FIFO message) is no reply.
 _Pending = tuple["Endpoint", bytes, frozenset[int], bytes | None, bool]
 _PACKET_CACHE_MAX = 4096
-# Host CPUs a turn may take for the first time (governor, journal, first write: about
-# a quarter of a millisecond each). When every guest speaks at once on a large host,
-# reads needing more wait for the next turns, so one turn's replies are not held behind
-# hundreds of first writes (issue #16: 256 CPUs first touched in one turn took 70 ms).
-NEW_CPUS_PER_TURN = 4
-
-
-class _Defer(Exception):
-    """This packet needs more new CPUs than the turn has left: it waits for the next."""
 
 
 _NO_CPUS: frozenset[int] = frozenset()
@@ -195,7 +186,6 @@ class Stats:
     writes: int = 0
     writes_skipped: int = 0
     write_failures: int = 0
-    deferred: int = 0  # reads (or their rest) handled a turn later: NEW_CPUS_PER_TURN
 
 
 class PowerManager:
@@ -250,19 +240,9 @@ class PowerManager:
         self.logs = logs if logs is not None else PowerLogs.build(clock=clock)
         self._cpu_names: dict[int, str] = {}  # "host CPU 3": the changes logs' sources
         self._tracebacks: set[type] = set()  # unexpected errors whose traceback was logged
-        # First writes spread over turns (NEW_CPUS_PER_TURN): the CPUs this turn takes
-        # first, and per channel, in order, the reads waiting for a later turn as
-        # (packets, how many of them are within the rate, the channel's connect count).
-        self.new_cpus_per_turn = NEW_CPUS_PER_TURN
-        self._new_this_turn: set[int] = set()
         # CPUs applied since their files were last restored: flush asks the journal to
         # record ahead only for the others (a stale entry costs a sync, never a record).
         self._journaled: set[int] = set()
-        self._deferred: dict[VmChannel, list[tuple[list[bytes], int, int]]] = {}
-        self._replayed = False
-        # How to run a call in the next monitor turn (the daemon gives the monitor's
-        # call_soon_threadsafe): deferred reads are handled then, not at the next read.
-        self.next_turn: Callable[[Callable[[], None]], None] | None = None
 
     @property
     def reserved_cpus(self) -> frozenset[int]:
@@ -326,7 +306,8 @@ class PowerManager:
 
     def warm(self, cpus: Iterable[int]) -> int:
         """Read ahead what a CPU's first request needs and no request changes: whether it
-        may be controlled, its cpufreq probe and frequency table. Reads only, nothing is
+        may be controlled, its cpufreq probe and frequency table, and where its
+        directories lie (the journal's check of its files). Reads only, nothing is
         written. The daemon warms every CPU a few per turn after start: at first contact
         on 256 CPUs these reads were about half of each CPU's first-time cost (issue #16).
         Returns how many CPUs were read (those already known are skipped)."""
@@ -338,6 +319,8 @@ class PowerManager:
             try:
                 self._check_cpu(cpu)
                 self._table(cpu)
+                if self.journal is not None:
+                    self.journal.resolve_ahead(self.cpufreq.policy_path_prefixes(cpu))
             except VmpowerError:
                 continue  # refused or unreadable: the first request says why
         return read
@@ -352,31 +335,6 @@ class PowerManager:
         # within the channel's rate, the rest get NACK (a CONNECT probe takes a token too,
         # and gets no reply either way).
         allowed = channel.bucket.take_many(self.clock(), len(packets))
-        if self._deferred:
-            if not self._replayed:
-                self.replay_deferred()  # earlier reads first: they waited a turn already
-            chunks = self._deferred.get(channel)
-            if chunks is not None:  # behind this channel's own waiting packets: in order
-                chunks.append((packets, allowed, channel.connects))
-                self.stats.deferred += 1
-                return
-        self._handle(channel, packets, allowed)
-
-    def replay_deferred(self) -> None:
-        """Handle the reads that waited for this turn (each channel's in order)."""
-        self._replayed = True
-        deferred, self._deferred = self._deferred, {}
-        for channel, chunks in deferred.items():
-            if channel.sock is None or chunks[0][2] != channel.connects:
-                continue  # closed, or a new connection since: the guest is not waiting
-            for index, (packets, allowed, _connects) in enumerate(chunks):
-                if not self._handle(channel, packets, allowed):
-                    self._deferred[channel].extend(chunks[index + 1 :])
-                    break
-
-    def _handle(self, channel: VmChannel, packets: list[bytes], allowed: int) -> bool:
-        """The packets of one read, the first ``allowed`` within the rate; False when
-        the rest from one of them on waits for the next turn (``_deferred``)."""
         owner = channel.owner
         vm: VmInfo | None
         vm_error: VmpowerError | None = None
@@ -390,37 +348,27 @@ class PowerManager:
         pending = self._pending
         cache = self._packet_cache
         move = self._move
-        first_allowed = allowed
-        try:
-            for packet in packets:
-                known = cache.get(packet)
-                if known is None:
-                    known = self._learn(packet)
-                allowed -= 1
-                # Fast path: a CPU_POWER packet this VM sent before, under the same map
-                # and CPU state, within its rate: every check of the slow path gave
-                # "allowed" for these exact bytes, so only the wish moves (its CPUs'
-                # tables are cached, so nothing here reads sysfs or can fail).
-                if (
-                    fast
-                    and known.route_vm is vm
-                    and known.route_generation == generation
-                    and allowed >= 0
-                ):
-                    cpus = known.route_cpus
-                    for cpu in cpus:
-                        move(owner, cpu, known.unit)
-                    pending.append((channel, packet, cpus, known.ack, True))
-                    continue
-                self._slow_path(channel, packet, known, allowed, vm, vm_error, generation)
-        except _Defer:
-            done = first_allowed - allowed - 1  # the packets before this one
-            self._deferred.setdefault(channel, []).append(
-                (packets[done:], allowed + 1, channel.connects)
-            )
-            self.stats.deferred += 1
-            return False
-        return True
+        for packet in packets:
+            known = cache.get(packet)
+            if known is None:
+                known = self._learn(packet)
+            allowed -= 1
+            # Fast path: a CPU_POWER packet this VM sent before, under the same map
+            # and CPU state, within its rate: every check of the slow path gave
+            # "allowed" for these exact bytes, so only the wish moves (its CPUs'
+            # tables are cached, so nothing here reads sysfs or can fail).
+            if (
+                fast
+                and known.route_vm is vm
+                and known.route_generation == generation
+                and allowed >= 0
+            ):
+                cpus = known.route_cpus
+                for cpu in cpus:
+                    move(owner, cpu, known.unit)
+                pending.append((channel, packet, cpus, known.ack, True))
+                continue
+            self._slow_path(channel, packet, known, allowed, vm, vm_error, generation)
 
     def _learn(self, packet: bytes) -> _KnownPacket:
         """Remember a new distinct packet (the cache is bounded: full, it starts over)."""
@@ -479,7 +427,6 @@ class PowerManager:
                 for cpu in cpus:
                     if not self._table(cpu)[2] and unit == _ENABLE_TURBO:
                         raise Refused("no turbo", f"host CPU {cpu} has no turbo")
-                self._count_new_cpus(cpus)
                 if unit != _ENABLE_TURBO:
                     # These bytes from this VM are allowed under this map: next time the
                     # fast path may skip the checks (the name check depends only on the
@@ -502,23 +449,8 @@ class PowerManager:
             self._refuse(channel, packet, command, exc.kind, str(exc))
         except UnknownVmError as exc:
             self._refuse(channel, packet, command, "vm unknown", f"VM unknown: {exc}")
-        except _Defer:
-            raise  # not a failure: the packet waits for the next turn
         except Exception as exc:  # rule 2: whatever failed, this packet gets its NACK
             self._refuse(channel, packet, command, *self._failure(exc))
-
-    def _count_new_cpus(self, cpus: frozenset[int]) -> None:
-        """Count the CPUs nobody wished for yet against this turn's first writes; raise
-        _Defer when the turn has taken some already and these would pass the bound (a
-        request needing more than the bound alone still goes, in a turn of its own)."""
-        wishes = self.wishes
-        taken = self._new_this_turn
-        new = [c for c in cpus if not wishes.get(c) and c not in taken]
-        if not new:
-            return
-        if taken and len(taken) + len(new) > self.new_cpus_per_turn:
-            raise _Defer
-        taken.update(new)
 
     def handle_fifo_messages(self, channel: FifoChannel, messages: Iterable[object]) -> None:
         """Handle decoded JSON messages (or ProtocolErrors) from a host CPU's FIFO."""
@@ -876,10 +808,6 @@ class PowerManager:
         if failed:
             self._revert(failed)
         self._snapshot.clear()
-        self._new_this_turn.clear()
-        self._replayed = False
-        if self._deferred and self.next_turn is not None:
-            self.next_turn(self.replay_deferred)
         channels: set[Endpoint] = set()
         stats = self.stats
         acks_by = self.acks_by

@@ -349,6 +349,15 @@ class RestoreJournal:
                 self._dirs_under[key] = inside
         return inside
 
+    def resolve_ahead(self, directories: Iterable[str]) -> None:
+        """Resolve where ``directories`` (each ending in "/") lie before their files are
+        first written: the daemon calls it while warming up, a few CPUs a turn, so that
+        a CPU's first request does not pay for realpath (a third of that request's cost
+        at first contact on 256 CPUs)."""
+        roots = self._file_roots
+        for directory in directories:
+            self._under(directory + "-", roots)  # any name in it: the directory's answer
+
     def _read_originals(self, paths: list[str]) -> list[tuple[Key, str | bytes]]:
         """``(path, original)`` for those of ``paths`` that can be read and journaled."""
         found: list[tuple[Key, str | bytes]] = []
