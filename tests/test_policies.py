@@ -95,6 +95,7 @@ class Rig:
         """Advance time and run what is due, then the end-of-turn flush."""
         self.clock.now += seconds
         self.events.run_due()
+        self.engine.ensure_running()  # the daemon's end-of-turn hook
         self.power.flush()
 
     def close(self) -> None:
@@ -265,3 +266,16 @@ def test_fifo_time_policy(rig: Rig) -> None:
     rig.wall = datetime(2026, 11, 23, 0, 15)  # from JSON, hour 0 is a real hour
     rig.tick()
     assert rig.read(6, "scaling_setspeed") == str(rig.table(6)[1])
+
+
+def test_with_no_policy_the_evaluation_sleeps_and_a_new_policy_wakes_it(rig: Rig) -> None:
+    """An idle daemon is not woken ten times a second to evaluate nothing."""
+    rig.tick()  # nothing installed: the evaluation unregisters itself
+    assert rig.events.is_empty()
+    rig.tick()
+    assert rig.events.is_empty()
+    rig.install("vm1", {3}, policy_to_use=PolicyType.WORKLOAD, workload=Workload.HIGH)
+    rig.tick()  # the turn that saw it registers the evaluation again
+    assert not rig.events.is_empty()
+    rig.tick()
+    assert rig.read(3, "scaling_setspeed") == str(rig.table(3)[1])  # HIGH: nominal

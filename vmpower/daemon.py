@@ -311,6 +311,7 @@ class Agent:
         # replies (a VM that stopped this turn gets no ACK for a CPU it gave up).
         self.monitor.add_end_of_turn(self._handle_signals)
         self.monitor.add_end_of_turn(pump.end_of_turn)
+        self.monitor.add_end_of_turn(parts.policies.ensure_running)
         self.monitor.add_end_of_turn(parts.power.finish_turn)
         self._schedule_reconnects()
         self._schedule_warm_up(parts)

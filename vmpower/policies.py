@@ -258,9 +258,17 @@ class PolicyEngine:
         self._branch_cpus: set[int] = set()
         self._event_id: int | None = None
         self._branch_event_id: int | None = None
+        self._running = False
 
     def start(self) -> None:
+        self._running = True
         self._event_id = self.events.register(self.period_s, self._evaluate_all)
+
+    def ensure_running(self) -> None:
+        """The end of a monitor turn: a policy installed while the evaluation slept (no
+        policy left, see ``_evaluate_all``) starts it again. One check per turn."""
+        if self._event_id is None and self._running and self.power.policies:
+            self._event_id = self.events.register(self.period_s, self._evaluate_all)
 
     def reconfigure(
         self,
@@ -285,6 +293,7 @@ class PolicyEngine:
                 self._branch_event_id = self.events.register(branch_period_s, self._sample_branches)
 
     def stop(self) -> None:
+        self._running = False
         for event_id in (self._event_id, self._branch_event_id):
             if event_id is not None:
                 self.events.unregister(event_id)
@@ -294,6 +303,13 @@ class PolicyEngine:
     # -- evaluation --------------------------------------------------------------------
 
     def _evaluate_all(self, _event_id: int = 0, _data: object = None) -> None:
+        if not self.power.policies and self._event_id is not None:
+            # Nothing to evaluate: the event sleeps (an idle daemon was woken ten times
+            # a second for it) until ensure_running sees a policy again.
+            self.events.unregister(self._event_id)
+            self._event_id = None
+            self._release_unused_msrs()
+            return
         now_mono = self.power.clock()
         for owner, record in list(self.power.policies.items()):
             try:
