@@ -47,7 +47,7 @@ RELEASE = "release"  # set_cpu_freq's op that withdraws the operator's wish
 # than 5 ms; these keep a step near 1-2 ms of CPU on a loaded 2-core host, where a
 # show_cpus row, ~10 sysfs reads, took 130-300 us). A CPU's unsupported_on() is up to
 # ~110 us the first time (the cpufreq probe), ~30 us after.
-CPUS_PER_SLICE = 4  # show_cpus rows a turn (about 0.7 ms each at 256 CPUs: 8 held 6 ms)
+CPUS_PER_SLICE = 2  # show_cpus rows a turn (0.7-1.4 ms each at 256 CPUs: 8 held 6 ms, 4 held 5.5)
 SUMMARY_CPUS_PER_SLICE = 16  # status's "unsupported" summary: CPUs a turn
 VMS_PER_SLICE = 250  # show_cpus's holders: one VmInfo.pcpus() each, 3-9 us
 LIST_ROWS_PER_SLICE = 500  # list_vms rows looked at a turn (~1.5 us when kept)
