@@ -209,3 +209,14 @@ def test_directories_resolved_ahead_cost_nothing_at_the_first_write(
         journal.remember(str(policy / "scaling_governor"), "schedutil")
     assert resolved == []
     assert len(journal.pending()) == 3
+
+
+def test_a_dot_dot_name_is_refused_without_refusing_its_directory(tmp_path: Path) -> None:
+    root = tmp_path / "sys"
+    policy = root / "policy0"
+    policy.mkdir(parents=True)
+    journal = RestoreJournal(tmp_path / "state", file_roots=[root])
+    with pytest.raises(RestoreError, match="lies outside"):
+        journal.remember(f"{policy}/..", "x")
+    journal.remember(str(policy / "scaling_governor"), "schedutil")  # the directory is fine
+    assert list(journal.pending()) == [str(policy / "scaling_governor")]

@@ -240,9 +240,6 @@ class PowerManager:
         self.logs = logs if logs is not None else PowerLogs.build(clock=clock)
         self._cpu_names: dict[int, str] = {}  # "host CPU 3": the changes logs' sources
         self._tracebacks: set[type] = set()  # unexpected errors whose traceback was logged
-        # CPUs applied since their files were last restored: flush asks the journal to
-        # record ahead only for the others (a stale entry costs a sync, never a record).
-        self._journaled: set[int] = set()
 
     @property
     def reserved_cpus(self) -> frozenset[int]:
@@ -774,17 +771,13 @@ class PowerManager:
             journal = self.journal
             if journal is not None:
                 # The originals of this turn's first writes share one sync (restore:
-                # begin_turn); one that cannot be saved fails its CPU in _apply, as before.
-                # CPUs written before are left out: their files are journaled (a file
-                # new to one of them is still recorded, alone, before its write).
-                wishes = self.wishes
-                ready = self._journaled
-                fresh = [c for c in dirty if c not in ready and wishes.get(c)]
-                if fresh:
-                    try:
-                        journal.begin_turn([self.cpufreq.policy_path_prefix(c) for c in fresh])
-                    except VmpowerError as exc:
-                        log.debug("journal ahead of the turn's writes: %s", exc)
+                # begin_turn, which answers at once for directories it holds whole);
+                # one that cannot be saved fails its CPU in _apply, as before.
+                wished = [c for c in dirty if self.wishes.get(c)]
+                try:
+                    journal.begin_turn([self.cpufreq.policy_path_prefix(c) for c in wished])
+                except VmpowerError as exc:
+                    log.debug("journal ahead of the turn's writes: %s", exc)
             try:
                 # One write per policy: CPUs sharing one are applied together (a turn
                 # with one CPU, the latency case, has nothing to group).
@@ -798,9 +791,7 @@ class PowerManager:
                         self._failure(exc)
                         self.cpufreq.undo_change(cpu)
                         applied = False
-                    if applied:
-                        self._journaled.add(cpu)
-                    else:
+                    if not applied:
                         failed.update(self.cpufreq.policy_cpus(cpu))
             finally:
                 if journal is not None:
@@ -1113,7 +1104,6 @@ class PowerManager:
         if self.journal is None:
             return
         prefixes = cpufreq.policy_path_prefixes(cpu)
-        self._journaled.difference_update(members)
         report = self.journal.restore(lambda path: path.startswith(prefixes))
         # Written outside the request path: nothing cached about the CPU holds any more
         # (CpuFreq's "already set" value and its backend's limits, this table).

@@ -279,7 +279,7 @@ class RestoreJournal:
         if key in self._originals:  # the first original wins (unlocked fast path)
             return
         path = key if isinstance(key, str) else key[0]
-        if not self._under(path, roots):
+        if not self._path_under(path, roots):
             raise RestoreError(
                 f"{_label(key)} lies outside {', '.join(roots or ())}: not journaled,"
                 " so not written"
@@ -329,23 +329,26 @@ class RestoreJournal:
             paths = self._ahead[directory] = tuple(directory + name for name in self._names)
         return paths
 
-    def _under(self, path: str, roots: tuple[str, ...] | None) -> bool:
-        """``_under`` for a path about to be written, its directory's answer kept.
+    def _path_under(self, path: str, roots: tuple[str, ...] | None) -> bool:
+        """``_under`` for a path about to be written, through its directory's kept answer.
 
         realpath walks every component (an lstat each): at first contact on 256 CPUs
         that was a tenth of the loop's time. A CPU's files share a directory, and the
         file itself is opened without following a link (sysfs.open_attribute), so the
         directory's answer is the file's. Entries loaded from the journal file are
-        checked in full (``_under``), as is anything once this cache is full.
+        checked in full (``_under``).
         """
         if roots is None:
             return True
         directory, _, name = path.rpartition("/")
+        return name not in ("", ".", "..") and self._dir_under(directory, roots)
+
+    def _dir_under(self, directory: str, roots: tuple[str, ...]) -> bool:
         key = (directory, roots)
         inside = self._dirs_under.get(key)
         if inside is None:
-            inside = _under(directory, roots) and name not in ("", ".", "..")
-            if len(self._dirs_under) < DIRS_UNDER_MAX:
+            inside = _under(directory, roots)
+            if len(self._dirs_under) < DIRS_UNDER_MAX:  # full: resolved each time
                 self._dirs_under[key] = inside
         return inside
 
@@ -355,14 +358,15 @@ class RestoreJournal:
         a CPU's first request does not pay for realpath (a third of that request's cost
         at first contact on 256 CPUs)."""
         roots = self._file_roots
-        for directory in directories:
-            self._under(directory + "-", roots)  # any name in it: the directory's answer
+        if roots is not None:
+            for directory in directories:
+                self._dir_under(directory.rstrip("/"), roots)
 
     def _read_originals(self, paths: list[str]) -> list[tuple[Key, str | bytes]]:
         """``(path, original)`` for those of ``paths`` that can be read and journaled."""
         found: list[tuple[Key, str | bytes]] = []
         for path in paths:
-            if path in self._originals or not self._under(path, self._file_roots):
+            if path in self._originals or not self._path_under(path, self._file_roots):
                 continue
             original = read_attribute(path)
             if original is not None:
