@@ -175,27 +175,12 @@ class AdminCommands:
             "conflicts": [] if self.conflicts is None else self.conflicts(),
         }
         # features some CPU cannot use: those CPUs and why (per CPU: show_cpus)
-        reply["unsupported"] = yield from self._unsupported_summary()
+        # (SUMMARY_CPUS_PER_SLICE CPUs a step: built whole, the first status held the
+        # loop 28 ms at 256 CPUs)
+        reply["unsupported"] = yield from self.cpufreq.unsupported_summary_steps(
+            SUMMARY_CPUS_PER_SLICE
+        )
         return reply
-
-    def _unsupported_summary(self) -> Steps:
-        """Host-wide: each feature some online CPU cannot use → those CPUs and a reason
-        (``CpuFreq.unsupported_summary``'s answer, SUMMARY_CPUS_PER_SLICE CPUs a step: built
-        whole on the first status it held the loop 28 ms at 256 CPUs)."""
-        cpufreq = self.cpufreq
-        by_feature: dict[str, tuple[list[int], str]] = {}
-        for index, cpus in enumerate(_slices(cpufreq.cpus(), SUMMARY_CPUS_PER_SLICE)):
-            if index:
-                yield
-            for cpu in cpus:
-                if not cpufreq.online(cpu):
-                    continue
-                for feature, why in cpufreq.unsupported_on(cpu).items():
-                    by_feature.setdefault(feature, ([], why))[0].append(cpu)
-        return {
-            feature: {"cpus": format_cpu_list(cpus), "reason": reason}
-            for feature, (cpus, reason) in sorted(by_feature.items())
-        }
 
     def cmd_list_vms(self, _req: dict[str, Any], _cred: PeerCred) -> Steps:
         # One coherent answer: the VMs, their channel counts and the query set are copied
@@ -350,13 +335,10 @@ class AdminCommands:
         try:
             job = self.hypervisor.add_vm_start(name)
             if job is not None:
-                deadline = time.monotonic() + CALL_WAIT_S
-                while not job.wait(0):
-                    if time.monotonic() >= deadline:
-                        raise ControlError(
-                            f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s);"
-                            " try again"
-                        )
+                if not job.wait(0):
+                    # Resumed when the job finished or the wait is over; add_vm_finish
+                    # refuses in the second case, as add_vm would.
+                    deadline = time.monotonic() + CALL_WAIT_S
                     yield lambda: job.wait(0) or time.monotonic() >= deadline
                 self.hypervisor.add_vm_finish(name, job)
         except VmpowerError as exc:

@@ -283,12 +283,12 @@ class ControlServer:
                 if len(buf) > MAX_LINE:  # no newline within the limit: skip to the next
                     buf.clear()
                     client.skipping = True
-                    out += self._error_line(client.cred, self._too_long())
+                    out += self._too_long_line(client.cred)
                 break
             handled += 1  # empty lines count too: they cost a turn's work like any other
             if nl > MAX_LINE:
                 del buf[: nl + 1]
-                out += self._error_line(client.cred, self._too_long())
+                out += self._too_long_line(client.cred)
                 continue
             line = bytes(buf[:nl])
             del buf[: nl + 1]
@@ -388,11 +388,6 @@ class ControlServer:
 
     # -- requests ----------------------------------------------------------------------
 
-    def dispatch(self, line: bytes, cred: PeerCred) -> dict[str, Any]:
-        """Run one request line to its end (every step of a sliced command at once);
-        always returns a reply object, never raises."""
-        return run_steps(self._reply(line, cred, _Task()))
-
     def _task(self, line: bytes, cred: PeerCred) -> _Task:
         task = _Task()
         task.steps = self._line_steps(line, cred, task)
@@ -484,15 +479,10 @@ class ControlServer:
         self._traced.add(key)
         log.error("control %s by %s failed (traceback once)", name, cred, exc_info=exc)
 
-    def _too_long(self) -> dict[str, Any]:
-        return {
-            "ok": False,
-            "error": f"request line longer than {MAX_LINE} bytes: skipped to its newline",
-        }
-
-    def _error_line(self, cred: PeerCred, reply: dict[str, Any]) -> bytes:
-        self._note(cred, "line too long", reply["error"])
-        return self._encode(reply, cred)
+    def _too_long_line(self, cred: PeerCred) -> bytes:
+        message = f"request line longer than {MAX_LINE} bytes: skipped to its newline"
+        self._note(cred, "line too long", message)
+        return self._encode({"ok": False, "error": message}, cred)
 
     def _encode_steps(self, reply: dict[str, Any], cred: PeerCred) -> Generator[None, None, bytes]:
         """The reply line; a long list result about ENCODE_BYTES_PER_SLICE a step. The
@@ -513,18 +503,19 @@ class ControlServer:
                     size = 0
                     yield
         except (TypeError, ValueError, RecursionError) as exc:
-            message = _clip(f"internal error: reply is not JSON: {exc}")
-            self._note(cred, "reply not JSON", message)
-            return json.dumps({"ok": False, "error": message}).encode() + b"\n"
+            return self._not_json(cred, exc)
         return ('{"ok": true, "result": [' + ", ".join(pieces) + "]}\n").encode()
 
     def _encode(self, reply: dict[str, Any], cred: PeerCred) -> bytes:
         try:
             return json.dumps(reply).encode() + b"\n"
         except (TypeError, ValueError, RecursionError) as exc:
-            message = _clip(f"internal error: reply is not JSON: {exc}")
-            self._note(cred, "reply not JSON", message)
-            return json.dumps({"ok": False, "error": message}).encode() + b"\n"
+            return self._not_json(cred, exc)
+
+    def _not_json(self, cred: PeerCred, exc: Exception) -> bytes:
+        message = _clip(f"internal error: reply is not JSON: {exc}")
+        self._note(cred, "reply not JSON", message)
+        return json.dumps({"ok": False, "error": message}).encode() + b"\n"
 
     # -- output ------------------------------------------------------------------------
 

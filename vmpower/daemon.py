@@ -498,12 +498,7 @@ class Agent:
         """SIGHUP under systemd: RELOADING=1, the reload, then READY=1 with a STATUS= line
         saying whether it was applied (sd_notify(3), Type=notify-reload)."""
         self.notifier.reloading()
-        before = self.config
-        result = self.reload()
-        if isinstance(result, tuple):  # (applied, summary)
-            applied, summary = result
-        else:  # a reload() that returns nothing replaces self.config only when applied
-            applied, summary = self.config is not before, ""
+        applied, summary = self.reload()
         if applied:
             text = "configuration reloaded" + (f": {summary}" if summary else "")
         else:
@@ -620,12 +615,12 @@ class _HypervisorPump:
         hypervisor: Hypervisor,
         lifecycle: VmLifecycle,
         clock: Callable[[], float],
-        news: _NewsFlag | None = None,
+        news: _NewsFlag,
     ) -> None:
         self.hypervisor = hypervisor
         self.lifecycle = lifecycle
         self.clock = clock
-        self.news = news if news is not None else _NewsFlag(lambda: None)
+        self.news = news
         self.pending = True
         self.check_at = 0.0
 

@@ -196,7 +196,7 @@ class SnapshotBuilder:
                 except VmpowerError:
                     continue
         driven = {c for c, w in power.wishes.items() if w} | {
-            c for c, lim in getattr(power, "limits", {}).items() if lim
+            c for c, lim in power.limits.items() if lim
         }
         energy = self.energy
         package_j: tuple[tuple[int, float], ...] = ()

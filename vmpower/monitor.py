@@ -13,6 +13,7 @@ lets one Python thread keep up with many busy channels.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import logging
@@ -60,13 +61,7 @@ class LoopStats:
         self.command_longest_cpu_s: dict[str, float] = {}
 
     def turn(self, seconds: float) -> None:
-        index = 0
-        ms = seconds * 1e3
-        for bound in TURN_BUCKETS_MS:
-            if ms <= bound:
-                break
-            index += 1
-        self.buckets[index] += 1
+        self.buckets[bisect.bisect_left(TURN_BUCKETS_MS, seconds * 1e3)] += 1
         if seconds > self.longest_turn_s:
             self.longest_turn_s = seconds
 

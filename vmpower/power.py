@@ -317,7 +317,7 @@ class PowerManager:
                 self._check_cpu(cpu)
                 self._table(cpu)
                 if self.journal is not None:
-                    self.journal.resolve_ahead(self.cpufreq.policy_path_prefixes(cpu))
+                    self.journal.resolve_ahead((self.cpufreq.policy_path_prefix(cpu),))
             except VmpowerError:
                 continue  # refused or unreadable: the first request says why
         return read
@@ -498,8 +498,6 @@ class PowerManager:
                 kind, detail = self._failure(exc)
             else:
                 continue
-            channel.nacks += 1
-            self.stats.nacks += 1
             self._count_nack(channel, kind)
             refusals.note(channel.path, kind, f"message refused: {detail}")
 
@@ -725,8 +723,6 @@ class PowerManager:
     def _refuse(
         self, channel: Endpoint, packet: bytes, command: int, kind: str, message: str
     ) -> None:
-        self.stats.nacks += 1
-        channel.nacks += 1
         self._count_nack(channel, kind)
         # Counted by kind: the first of each kind on this channel is logged at once,
         # the rest in one summary line per interval.
@@ -735,6 +731,10 @@ class PowerManager:
         self._pending.append((channel, packet, _NO_CPUS, protocol.nack_reply(packet), False))
 
     def _count_nack(self, channel: Endpoint, kind: str) -> None:
+        """One NACK of ``kind`` on ``channel``: the totals, the channel's and the
+        metrics' per-requester count."""
+        self.stats.nacks += 1
+        channel.nacks += 1
         key = (channel.kind, channel.owner, kind)
         self.nacks_by[key] = self.nacks_by.get(key, 0) + 1
 
@@ -802,7 +802,6 @@ class PowerManager:
         channels: set[Endpoint] = set()
         stats = self.stats
         acks_by = self.acks_by
-        nack = protocol.nack_reply
         # Pending items come in runs per channel (one read's worth each): queue each
         # run's replies as one chunk.
         run_channel: Endpoint | None = None
@@ -814,11 +813,7 @@ class PowerManager:
         for channel, packet, cpus, reply, conditional in self._pending:
             if conditional:
                 if failed and cpus & failed:
-                    stats.nacks += 1
-                    channel.nacks += 1
-                    self._count_nack(channel, "write failed")
-                    reply = nack(packet) if packet else None
-                    self._note_unapplied(channel, cpus & failed)
+                    reply = self._nack_unapplied(channel, packet, cpus & failed)
                 else:
                     if channel is not ack_channel:
                         if acks:
@@ -1225,14 +1220,19 @@ class PowerManager:
     def _unapplied(self, cpu: int) -> None:
         """This turn's conditional replies involving ``cpu`` become NACK now."""
         pending = self._pending
-        nack = protocol.nack_reply
         for i, (channel, packet, cpus, _reply, conditional) in enumerate(pending):
             if conditional and cpu in cpus:
-                pending[i] = (channel, packet, cpus, nack(packet) if packet else None, False)
-                self.stats.nacks += 1
-                channel.nacks += 1
-                self._count_nack(channel, "write failed")
-                self._note_unapplied(channel, frozenset({cpu}))
+                reply = self._nack_unapplied(channel, packet, frozenset({cpu}))
+                pending[i] = (channel, packet, cpus, reply, False)
+
+    def _nack_unapplied(
+        self, channel: Endpoint, packet: bytes, cpus: frozenset[int]
+    ) -> bytes | None:
+        """A conditional ACK whose ``cpus`` were not written: counted and noted, and its
+        NACK (None for a FIFO message, which has no reply)."""
+        self._count_nack(channel, "write failed")
+        self._note_unapplied(channel, cpus)
+        return protocol.nack_reply(packet) if packet else None
 
     def cpu_report(self, cpu: int) -> dict[str, object]:
         state = self.cpufreq.state(cpu)

@@ -65,7 +65,7 @@ from pathlib import Path
 
 from vmpower import trust
 from vmpower.errors import RestoreError
-from vmpower.sysfs import READ_MAX_BYTES, open_attribute
+from vmpower.sysfs import open_attribute, read_attribute
 
 log = logging.getLogger("vmpower.restore")
 
@@ -368,7 +368,7 @@ class RestoreJournal:
         for path in paths:
             if path in self._originals or not self._path_under(path, self._file_roots):
                 continue
-            original = read_attribute(path)
+            original = _read_original(path)
             if original is not None:
                 found.append((path, original))
         return found
@@ -712,15 +712,10 @@ class RestoreJournal:
             self._close_file()
 
 
-def read_attribute(path: str) -> str | None:
+def _read_original(path: str) -> str | None:
     """An attribute's content as ``Sysfs.read`` gives it (stripped); None if unreadable."""
     try:
-        fd = open_attribute(path, os.O_RDONLY)
-        try:
-            data = os.read(fd, READ_MAX_BYTES)
-        finally:
-            os.close(fd)
-        return data.decode().strip()
+        return read_attribute(path)
     except (OSError, UnicodeDecodeError):
         return None
 

@@ -77,6 +77,17 @@ def sysfs_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
     return frozenset(devices)
 
 
+def read_attribute(path: str) -> str:
+    """An attribute's content, stripped of surrounding whitespace; OSError or
+    UnicodeDecodeError when it cannot be read."""
+    fd = open_attribute(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, READ_MAX_BYTES)
+    finally:
+        os.close(fd)
+    return data.decode().strip()
+
+
 class WriteJournal(Protocol):
     """What Sysfs needs from a restore journal (implemented by restore.RestoreJournal)."""
 
@@ -119,12 +130,7 @@ class Sysfs:
         """Content of an attribute, stripped of surrounding whitespace."""
         path = self.path(rel)
         try:
-            fd = open_attribute(path, os.O_RDONLY)
-            try:
-                data = os.read(fd, READ_MAX_BYTES)
-            finally:
-                os.close(fd)
-            return data.decode().strip()
+            return read_attribute(path)
         except OSError as exc:
             raise SysfsError(path, _reason(exc)) from exc
         except UnicodeDecodeError as exc:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import cast
 
 from vmpower.cpufreq.backend import CPU_DIR, Backend
@@ -291,7 +291,7 @@ class CpuFreq:
     def cpufreq_path_prefix(self, cpu: int) -> str:
         """Absolute path of ``cpu``'s policy directory, ending in "/": the prefix of the
         policy files vmpower writes for it (as the journal records them)."""
-        return self.sysfs.path(f"{self._topology.dir(cpu)}/")
+        return self.policy_path_prefix(cpu)
 
     def close(self) -> None:
         """Close the attributes kept open (at shutdown; reopened on demand)."""
@@ -326,8 +326,7 @@ class CpuFreq:
                 cast(Sysfs, self._changes), cpu, min(lo, hi), hi, cur_min, cur_max, d
             )
         except (VmpowerError, OSError) as exc:
-            unrestored = self.undo_change(cpu)
-            self.forget(cpu)
+            unrestored = self.undo_change(cpu)  # forgets the CPU too
             left = f" (not put back: {'; '.join(unrestored)})" if unrestored else ""
             raise CpufreqError(f"cpu {cpu}: cannot set limits: {exc}{left}") from exc
         self.end_change()
@@ -372,7 +371,8 @@ class CpuFreq:
             except SysfsError as exc:
                 failed.append(f"{exc.path}: {exc.reason}")
         self.forget(cpu)
-        for c in self._cpus.values():  # a shared turbo switch may be back off
+        # A shared turbo switch may be back off (one _Cpu per policy, under many keys).
+        for c in {id(c): c for c in self._cpus.values()}.values():
             if any(rel in change for rel in c.switches):
                 c.switch_on = self._read_switches(c.switches)
         return failed
@@ -624,17 +624,33 @@ class CpuFreq:
     def unsupported_summary(self) -> dict[str, dict[str, str]]:
         """Host-wide: each feature some online CPU cannot use → those CPUs and a reason."""
         if self._summary is None:
-            by_feature: dict[str, tuple[list[int], str]] = {}
-            for cpu in self.cpus():
-                if not self.online(cpu):
-                    continue
-                for feature, why in self.unsupported_on(cpu).items():
-                    by_feature.setdefault(feature, ([], why))[0].append(cpu)
-            self._summary = {
-                feature: {"cpus": format_cpu_list(cpus), "reason": reason}
-                for feature, (cpus, reason) in sorted(by_feature.items())
-            }
+            steps = self.unsupported_summary_steps(len(self._present) or 1)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    self._summary = done.value
+                    break
         return self._summary
+
+    def unsupported_summary_steps(
+        self, cpus_per_step: int
+    ) -> Generator[None, None, dict[str, dict[str, str]]]:
+        """``unsupported_summary`` built afresh, yielding after each ``cpus_per_step``
+        CPUs (status builds it in slices of the monitor's turns; not cached, since the
+        CPUs' state may change between slices)."""
+        by_feature: dict[str, tuple[list[int], str]] = {}
+        for index, cpu in enumerate(self.cpus()):
+            if index and index % cpus_per_step == 0:
+                yield
+            if not self.online(cpu):
+                continue
+            for feature, why in self.unsupported_on(cpu).items():
+                by_feature.setdefault(feature, ([], why))[0].append(cpu)
+        return {
+            feature: {"cpus": format_cpu_list(cpus), "reason": reason}
+            for feature, (cpus, reason) in sorted(by_feature.items())
+        }
 
     def capabilities(self, cpu: int) -> Capabilities:
         info = self._cpu(cpu).info

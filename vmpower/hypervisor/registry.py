@@ -259,7 +259,13 @@ class Hypervisor:
         outcome is applied when it comes (the registry follows libvirt either way).
         """
         job = self._submit_now(call, done)
-        if not job.wait(CALL_WAIT_S):
+        job.wait(CALL_WAIT_S)
+        return self._finished(job)
+
+    def _finished(self, job: Job) -> Job:
+        """``job`` applied, or refused when it has not finished yet (the caller waited
+        up to CALL_WAIT_S for it)."""
+        if not job.wait(0):
             raise HypervisorError(
                 f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
             )
@@ -669,10 +675,7 @@ class Hypervisor:
         job = self.add_vm_start(name)
         if job is None:
             return self.vm(name)
-        if not job.wait(CALL_WAIT_S):
-            raise HypervisorError(
-                f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
-            )
+        job.wait(CALL_WAIT_S)
         return self.add_vm_finish(name, job)
 
     def add_vm_start(self, name: str) -> Job | None:
@@ -697,9 +700,9 @@ class Hypervisor:
 
     def add_vm_finish(self, name: str, job: Job) -> VmInfo:
         """add_vm's answer from a finished ``add_vm_start`` job (applied now if its posted
-        outcome has not been yet): the VM's info, or why libvirt would not give it."""
-        job.apply()
-        read = self._outcome(job)[name]
+        outcome has not been yet): the VM's info, or why libvirt would not give it; refused
+        when the job has not finished (the caller waited up to CALL_WAIT_S for it)."""
+        read = self._outcome(self._finished(job))[name]
         with self._lock:
             if name in self._vms:
                 return self._vms[name]

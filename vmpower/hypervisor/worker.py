@@ -108,10 +108,6 @@ class LibvirtWorker:
         self._thread: threading.Thread | None = None
         self._closing = False
 
-    @property
-    def threaded(self) -> bool:
-        return self._post is not None
-
     def submit(
         self,
         call: Callable[[], Any],
