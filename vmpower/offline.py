@@ -20,6 +20,7 @@ from vmpower.config import Config, config_problems, default_config_path, load_co
 from vmpower.errors import ConfigError, VmpowerError
 from vmpower.instancelock import InstanceLock, LockHeld
 from vmpower.restore import RestoreJournal
+from vmpower.telemetry.cli import report_error
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -69,24 +70,17 @@ def restore(config: Config) -> dict[str, object]:
 
 def main(config_path: Path | None, out: TextIO, err: TextIO, *, json_output: bool = False) -> int:
     """``vmpower restore [--config FILE]``; returns the exit status."""
-
-    def fail(message: str, status: int) -> int:
-        if json_output:
-            print(json.dumps({"error": message, "exit_status": status}), file=out)
-        else:
-            print(f"vmpower: {message}", file=err)
-        return status
-
     if config_path is None and default_config_path().exists():
         config_path = default_config_path()
     try:
         config = load_config(config_path) if config_path is not None else Config()
     except ConfigError as exc:
-        return fail("; ".join(str(p) for p in config_problems(exc)), EXIT_CONFIG)
+        problems = "; ".join(str(p) for p in config_problems(exc))
+        return report_error(problems, EXIT_CONFIG, json_output, out, err)
     try:
         result = restore(config)
     except (VmpowerError, OSError) as exc:
-        return fail(f"error: {exc}", EXIT_FAILED)
+        return report_error(f"error: {exc}", EXIT_FAILED, json_output, out, err)
     restored, failed, refused = result["restored"], result["failed"], result["refused"]
     assert isinstance(restored, list) and isinstance(failed, list) and isinstance(refused, list)
     if json_output:

@@ -1004,16 +1004,7 @@ class PowerManager:
                 del self.limits[cpu][owner]
         for cpu, bounds in wanted.items():
             self.limits.setdefault(cpu, {})[owner] = bounds
-        failed = []
-        for cpu in sorted(set(changed) | set(wanted)):
-            self._touch(cpu)
-            try:
-                self._apply_now(cpu)
-            except VmpowerError:
-                failed.append(cpu)
-        if failed:
-            listed = ", ".join(str(c) for c in failed)
-            raise VmpowerError(f"host CPU {listed}: write failed (see the daemon's log)")
+        self._apply_each_now(sorted(set(changed) | set(wanted)), self._touch)
 
     def drop_limits(self, owner: str) -> None:
         """A session ended: its limits go, at the end of this turn (CPUs left with no
@@ -1189,9 +1180,15 @@ class PowerManager:
         if cpus is not None:
             wanted = set(cpus)
             held = [c for c in held if c in wanted]
+        self._apply_each_now(held, lambda cpu: self._touch(cpu).pop(owner))
+        return held
+
+    def _apply_each_now(self, cpus: Iterable[int], change: Callable[[int], object]) -> None:
+        """For each CPU in turn: ``change(cpu)``, then apply it at once (operator and
+        session commands); VmpowerError naming every CPU whose write failed."""
         failed = []
-        for cpu in held:
-            del self._touch(cpu)[owner]
+        for cpu in cpus:
+            change(cpu)
             try:
                 self._apply_now(cpu)
             except VmpowerError:
@@ -1199,7 +1196,6 @@ class PowerManager:
         if failed:
             listed = ", ".join(str(c) for c in failed)
             raise VmpowerError(f"host CPU {listed}: write failed (see the daemon's log)")
-        return held
 
     def _apply_now(self, cpu: int) -> None:
         """Apply ``cpu``'s wishes at once (operator commands); VmpowerError if it failed."""
