@@ -167,16 +167,19 @@ class Node:
 def build_programs(
     build_dir: Path = BUILD_DIR, names: tuple[str, ...] = PROGRAMS
 ) -> dict[str, Path]:
-    """gcc -O2 each bench/c/<name>.c into ``build_dir`` when the source is newer."""
+    """gcc -O2 each bench/c/<name>.c into ``build_dir`` when it or bench/c/common.h is newer."""
     build_dir.mkdir(parents=True, exist_ok=True)
     gcc = shutil.which("gcc")
     if gcc is None:
         raise RuntimeError("gcc not found: the agent bench builds its C load generator with it")
+    # Every program includes common.h ("common.h": found next to the .c, no -I needed).
+    common_mtime = (C_SOURCES / "common.h").stat().st_mtime
     built = {}
     for name in names:
         source = C_SOURCES / f"{name}.c"
         binary = build_dir / name
-        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        source_mtime = max(source.stat().st_mtime, common_mtime)
+        if not binary.exists() or binary.stat().st_mtime < source_mtime:
             partial = build_dir / f".{name}.{os.getpid()}"  # renamed when whole
             result = subprocess.run(
                 [gcc, "-O2", "-Wall", "-Wextra", "-o", str(partial), str(source)],

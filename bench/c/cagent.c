@@ -18,31 +18,18 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the guest-channel protocol is little-endian x86-64"
-#endif
+#define PROG "cagent"
+#include "common.h"
 
-#define PACKET_SIZE 464
-#define OFF_UNIT 8
-#define OFF_COMMAND 12
-#define CMD_CPU_POWER 1
-#define REPLY_ACK 1
-#define REPLY_NACK 2
-#define UNIT_SCALE_UP 1
-#define UNIT_SCALE_DOWN 2
 #define MAX_CPUS 1024
-#define CONNECT_TRIES 100 /* 10 s: the socket is bound before the agent starts */
 
 struct channel {
 	const char *path;
@@ -51,38 +38,6 @@ struct channel {
 };
 
 static int setspeed_fd[MAX_CPUS];
-
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fputs("cagent: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(1);
-}
-
-static int connect_channel(const char *path)
-{
-	struct sockaddr_un addr = {.sun_family = AF_UNIX};
-	if (strlen(path) >= sizeof addr.sun_path)
-		die("%s: socket path too long", path);
-	strcpy(addr.sun_path, path);
-	for (int attempt = 0;; attempt++) {
-		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd < 0)
-			die("socket: %s", strerror(errno));
-		if (connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0)
-			return fd;
-		int err = errno;
-		close(fd);
-		if ((err != ENOENT && err != ECONNREFUSED) || attempt >= CONNECT_TRIES)
-			die("connect %s: %s", path, strerror(err));
-		struct timespec pause = {.tv_sec = 0, .tv_nsec = 100000000};
-		nanosleep(&pause, NULL);
-	}
-}
 
 /* Blocking, like DPDK's read_binary_packet: the rest of a packet is waited for. */
 static int read_packet(int fd, unsigned char *buf)
@@ -111,19 +66,6 @@ static int write_packet(int fd, const unsigned char *buf)
 		done += (size_t)n;
 	}
 	return 0;
-}
-
-static long parse_long(const char *what, const char *text, long min, long max)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(text, &end, 10);
-	if (errno || *end || end == text || v < min || v > max) {
-		fprintf(stderr, "cagent: %s must be an integer in %ld-%ld, got %s\n", what, min,
-			max, text);
-		exit(2);
-	}
-	return v;
 }
 
 static void usage(void)

@@ -30,32 +30,19 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
-#include <time.h>
 #include <unistd.h>
 
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the guest-channel protocol is little-endian x86-64"
-#endif
+#define PROG "cagent_batch"
+#include "common.h"
 
-#define PACKET_SIZE 464
-#define OFF_UNIT 8
-#define OFF_COMMAND 12
-#define CMD_CPU_POWER 1
-#define REPLY_ACK 1
-#define REPLY_NACK 2
-#define UNIT_SCALE_UP 1
-#define UNIT_SCALE_DOWN 2
 #define MAX_CPUS 1024
 #define MAX_EVENTS 256
-#define CONNECT_TRIES 100 /* 10 s: the socket is bound before the agent starts */
 
 struct channel {
 	const char *path;
@@ -73,38 +60,6 @@ static const char *target_text[MAX_CPUS]; /* this turn's last target per CPU, NU
 static int target_len[MAX_CPUS];
 static int write_ok[MAX_CPUS];
 static int touched[MAX_CPUS]; /* CPUs with a target this turn, in first-seen order */
-
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fputs("cagent_batch: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(1);
-}
-
-static int connect_channel(const char *path)
-{
-	struct sockaddr_un addr = {.sun_family = AF_UNIX};
-	if (strlen(path) >= sizeof addr.sun_path)
-		die("%s: socket path too long", path);
-	strcpy(addr.sun_path, path);
-	for (int attempt = 0;; attempt++) {
-		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd < 0)
-			die("socket: %s", strerror(errno));
-		if (connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0)
-			return fd;
-		int err = errno;
-		close(fd);
-		if ((err != ENOENT && err != ECONNREFUSED) || attempt >= CONNECT_TRIES)
-			die("connect %s: %s", path, strerror(err));
-		struct timespec pause = {.tv_sec = 0, .tv_nsec = 100000000};
-		nanosleep(&pause, NULL);
-	}
-}
 
 /* All of buf, in one send when the socket has room (it has: the peer keeps a window of
  * at most --max-batch requests); waits for room otherwise. */
@@ -133,19 +88,6 @@ static void drop(int ep, struct channel *ch)
 	epoll_ctl(ep, EPOLL_CTL_DEL, ch->fd, NULL);
 	close(ch->fd);
 	ch->fd = -1;
-}
-
-static long parse_long(const char *what, const char *text, long min, long max)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(text, &end, 10);
-	if (errno || *end || end == text || v < min || v > max) {
-		fprintf(stderr, "cagent_batch: %s must be an integer in %ld-%ld, got %s\n", what,
-			min, max, text);
-		exit(2);
-	}
-	return v;
 }
 
 static void usage(void)

@@ -29,7 +29,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,19 +39,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the guest-channel protocol is little-endian x86-64; this generator writes native integers"
-#endif
+#define PROG "loadgen"
+#include "common.h"
 
-#define PACKET_SIZE 464 /* struct rte_power_channel_packet on x86-64 */
-#define OFF_RESOURCE_ID 0
-#define OFF_UNIT 8
-#define OFF_COMMAND 12
-#define CMD_CPU_POWER 1
-#define REPLY_ACK 1
-#define REPLY_NACK 2
-#define UNIT_SCALE_UP 1
-#define UNIT_SCALE_DOWN 2
 #define MAX_WINDOW 256
 
 struct channel {
@@ -70,17 +59,6 @@ struct channel {
 	int want_out;  /* EPOLLOUT registered */
 };
 
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fputs("loadgen: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(1);
-}
-
 static void say(const char *line)
 {
 	/* The bench reads these lines as they come: flush each one. */
@@ -89,28 +67,11 @@ static void say(const char *line)
 	fflush(stdout);
 }
 
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static uint32_t get_u32(const unsigned char *p)
 {
 	uint32_t v;
 	memcpy(&v, p, sizeof v);
 	return v;
-}
-
-static void make_request(unsigned char *pkt, struct channel *ch)
-{
-	uint32_t unit = (ch->next_unit++ & 1) ? UNIT_SCALE_DOWN : UNIT_SCALE_UP;
-	uint32_t command = CMD_CPU_POWER;
-	memset(pkt, 0, PACKET_SIZE); /* vm_name empty: identity comes from the channel */
-	memcpy(pkt + OFF_RESOURCE_ID, &ch->vcpu, sizeof ch->vcpu);
-	memcpy(pkt + OFF_UNIT, &unit, sizeof unit);
-	memcpy(pkt + OFF_COMMAND, &command, sizeof command);
 }
 
 /* ------------------------------------------------------------------------------ */
@@ -198,12 +159,6 @@ static void read_all(int fd, unsigned char *buf, size_t len)
 	}
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
-
 static void run_latency(struct channel *ch, long warmup, long requests)
 {
 	unsigned char pkt[PACKET_SIZE], reply[PACKET_SIZE];
@@ -214,7 +169,7 @@ static void run_latency(struct channel *ch, long warmup, long requests)
 	for (long i = 0; i < warmup + requests; i++) {
 		if (i == warmup)
 			say("measuring");
-		make_request(pkt, ch);
+		build_request(pkt, ch->vcpu, &ch->next_unit);
 		uint64_t t0 = now_ns();
 		write_all(ch->fd, pkt, PACKET_SIZE);
 		read_all(ch->fd, reply, PACKET_SIZE);
@@ -285,7 +240,7 @@ static void queue_requests(int ep, struct channel *ch, int count)
 		ch->tx_off = 0;
 	}
 	for (int i = 0; i < count; i++) {
-		make_request(ch->tx + ch->tx_len, ch);
+		build_request(ch->tx + ch->tx_len, ch->vcpu, &ch->next_unit);
 		ch->tx_len += PACKET_SIZE;
 	}
 	ch->inflight += count;
@@ -386,19 +341,6 @@ static void run_throughput(struct channel *chans, int n, int window, double warm
 }
 
 /* ------------------------------------------------------------------------------ */
-
-static long parse_long(const char *opt, const char *text, long min, long max)
-{
-	char *end;
-	errno = 0;
-	long v = strtol(text, &end, 10);
-	if (errno || *end || end == text || v < min || v > max) {
-		fprintf(stderr, "loadgen: %s must be an integer in %ld-%ld, got %s\n", opt, min,
-			max, text);
-		exit(2);
-	}
-	return v;
-}
 
 static double parse_seconds(const char *opt, const char *text)
 {

@@ -30,7 +30,6 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,19 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "the guest-channel protocol is little-endian x86-64; this stub writes native integers"
-#endif
-
-#define PACKET_SIZE 464 /* struct rte_power_channel_packet on x86-64 */
-#define OFF_RESOURCE_ID 0
-#define OFF_UNIT 8
-#define OFF_COMMAND 12
-#define CMD_CPU_POWER 1
-#define REPLY_ACK 1
-#define REPLY_NACK 2
-#define UNIT_SCALE_UP 1
-#define UNIT_SCALE_DOWN 2
+#define PROG "qemustub"
+#include "common.h"
 
 struct channel {
 	char *path;
@@ -70,30 +58,6 @@ struct channel {
 
 /* epoll data: channel index, with the top bit set for a listener */
 #define LISTENER (1ull << 63)
-
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	fputs("qemustub: ", stderr);
-	vfprintf(stderr, fmt, ap);
-	fputc('\n', stderr);
-	va_end(ap);
-	exit(1);
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
 
 static struct channel *chans;
 static int n_chans;
@@ -259,12 +223,7 @@ static void accept_all(void)
 static void send_request(struct channel *ch)
 {
 	unsigned char pkt[PACKET_SIZE];
-	uint32_t unit = (ch->next_unit++ & 1) ? UNIT_SCALE_DOWN : UNIT_SCALE_UP;
-	uint32_t command = CMD_CPU_POWER;
-	memset(pkt, 0, PACKET_SIZE);
-	memcpy(pkt + OFF_RESOURCE_ID, &ch->vcpu, sizeof ch->vcpu);
-	memcpy(pkt + OFF_UNIT, &unit, sizeof unit);
-	memcpy(pkt + OFF_COMMAND, &command, sizeof command);
+	build_request(pkt, ch->vcpu, &ch->next_unit);
 	ch->sent_ns = now_ns();
 	ssize_t n = send(ch->fd, pkt, PACKET_SIZE, MSG_NOSIGNAL);
 	if (n != PACKET_SIZE) /* an idle socket buffer always takes one packet */
