@@ -293,12 +293,13 @@ class LineReader:
         return line.decode()
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> int | None:
-    """SIGTERM, then SIGKILL if it lingers; the exit code (None if it had to be killed)."""
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+    """SIGTERM, then SIGKILL if it lingers past ``timeout_s``; the exit code (None if it
+    had to be killed)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(STOP_TIMEOUT_S)
+            return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

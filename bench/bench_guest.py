@@ -47,7 +47,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench.bench_agent import build_programs
+from bench.bench_agent import build_programs, stop_process
 from vmpower import protocol
 from vmpower.cpufreq.simulate import build_tree
 
@@ -60,7 +60,6 @@ LOCK_WAIT_S = 300.0
 UNITS = ("SCALE_UP", "SCALE_DOWN")
 TARGETS = {"p50_ratio_max": 1.1, "p99_ratio_max": 1.5}
 AGENTS = ("vmpowerd", "c_agent")
-STOP_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -151,15 +150,8 @@ class CAgent:
     def stop(self) -> None:
         """SIGTERM (it has no handler: it ends at once), SIGKILL if it lingers; reaped."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
 
 class Session:

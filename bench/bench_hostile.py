@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.bench_agent import memory_mib, stop_process
 from vmpower import control
 from vmpower.cpufreq.simulate import build_tree
 from vmpower.devtools import ChannelHost, make_request, wait_for
@@ -125,13 +126,7 @@ def running_daemon(world: World) -> Iterator[subprocess.Popen[bytes]]:
             raise RuntimeError(f"vmpowerd did not start:\n{world.log.read_text()[-3000:]}")
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def _channel_counters(world: World) -> dict:
@@ -213,13 +208,6 @@ HOG_S = 3.0  # ... with a new hog connected; with start and stop, about 20 s in 
 HOG_LINE = b'{"cmd": "list_vms"}\n'
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -242,15 +230,15 @@ def control_hog(rounds: int = HOG_ROUNDS) -> dict:
             def victim(seconds: float) -> tuple[list[float], float]:
                 """Round trips (µs) for ``seconds``; the peak RSS seen meanwhile."""
                 times: list[float] = []
-                peak = _rss_mib(proc.pid)
+                peak = memory_mib(proc.pid)["rss_mib"]
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
                     t0 = time.perf_counter()
                     qemu.request(packets[len(times) % 2], timeout_s=60)
                     times.append((time.perf_counter() - t0) * 1e6)
                     if len(times) % 200 == 0:
-                        peak = max(peak, _rss_mib(proc.pid))
-                return times, max(peak, _rss_mib(proc.pid))
+                        peak = max(peak, memory_mib(proc.pid)["rss_mib"])
+                return times, max(peak, memory_mib(proc.pid)["rss_mib"])
 
             def push(hog: socket.socket, stop: threading.Event) -> None:
                 chunk = HOG_LINE * 4096
@@ -263,7 +251,7 @@ def control_hog(rounds: int = HOG_ROUNDS) -> dict:
 
             control.request(world.control_socket, "list_vms")
             victim(1.0)  # warm up
-            start_rss = peak_rss = _rss_mib(proc.pid)
+            start_rss = peak_rss = memory_mib(proc.pid)["rss_mib"]
             # Rounds alternate idle and hogged (a new hog each round, closed after it), so
             # the shared machine's load weighs on both alike.
             for _ in range(rounds):
@@ -411,12 +399,7 @@ def libvirtd_stopped(stall_s: float = STALL_S) -> dict:
     finally:
         if stopped:
             libvirtd.send_signal(signal.SIGCONT)
-        libvirtd.terminate()
-        try:
-            libvirtd.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            libvirtd.kill()
-            libvirtd.wait()
+        stop_process(libvirtd)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -47,7 +47,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from bench.bench_agent import build_programs, cpu_seconds
+from bench.bench_agent import build_programs, cpu_seconds, stop_process
 from vmpower.channels import ChannelState
 from vmpower.cpufreq.simulate import add_rapl_zone, build_tree
 from vmpower.devtools import wait_for
@@ -377,12 +377,7 @@ def run() -> dict[str, Any]:
             cpu = _cpu_per_scrape(proc.pid, port)
             guests = _guests(port, channels)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout_s=30)  # it restores every setting first
             for sock in others:
                 sock.close()
     result = {

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.bench_agent import stop_process
 from vmpower import control, protocol
 from vmpower.config import config_from_dict
 from vmpower.cpufreq.simulate import build_tree
@@ -248,10 +249,5 @@ level = "warning"
         if conn is not None:
             conn.close()
         if private is not None:
-            private.terminate()
-            try:
-                private.wait(20)
-            except subprocess.TimeoutExpired:
-                private.kill()
-                private.wait()
+            stop_process(private, timeout_s=20)
         shutil.rmtree(base, ignore_errors=True)

@@ -5,6 +5,10 @@ a simulated cpufreq tree, binds the VMs' channel sockets as QEMU would, starts
 ``vmpowerd`` as a subprocess and accepts its connections. Tests then speak the
 binary protocol through ``agent.hosts[...]`` and the admin API through
 ``agent.control(...)``. ``stop()`` sends SIGTERM and returns the exit code.
+
+``AgentThread`` runs the real Agent and its monitor loop in a thread of the test process
+instead: libvirt's test driver keeps its state per connection, so lifecycle changes must
+go through the agent's own connection (``AgentThread.domain``).
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from vmpower import control
+from vmpower import control, protocol
+from vmpower.config import config_from_dict
 from vmpower.cpufreq.simulate import build_tree
-from vmpower.devtools import ChannelHost, wait_for
+from vmpower.daemon import Agent
+from vmpower.devtools import ChannelHost, make_request, wait_for
+from vmpower.protocol import Command, Unit
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_XML = REPO / "tests" / "data" / "node.xml"
@@ -116,6 +124,61 @@ class RunningAgent:
 
     def close(self) -> None:
         kill_daemon(self.proc)
+        for host in self.hosts.values():
+            host.close()
+
+
+class AgentThread:
+    """The real Agent and monitor loop in a thread of this process; ``libvirt`` holds
+    settings of the [libvirt] section besides its uri."""
+
+    def __init__(self, tmp_path: Path, **libvirt: object) -> None:
+        channels_dir = tmp_path / "channels"
+        channels_dir.mkdir()
+        self.sysfs_root = tmp_path / "sysfs"
+        build_tree(self.sysfs_root, "acpi-cpufreq", 8, turbo=True)
+        node = render_node(tmp_path, channels_dir)
+        self.hosts = {n: ChannelHost(channels_dir / n) for n in DEFAULT_CHANNELS}
+        config = config_from_dict(
+            {
+                "libvirt": {"uri": f"test://{node}", **libvirt},
+                "channels": {"dir": str(channels_dir)},
+                "cpufreq": {"sysfs_root": str(self.sysfs_root)},
+                "state": {"dir": str(tmp_path / "state")},
+                "control": {"socket": str(tmp_path / "control.sock")},
+            }
+        )
+        self.agent = Agent(config)
+        self.agent.start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        for host in self.hosts.values():
+            host.accept()
+
+    def _run(self) -> None:
+        try:
+            self.agent.run()
+        finally:
+            self.agent.shutdown()
+
+    def read(self, cpu: int, name: str) -> str:
+        return read_attr(self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}")
+
+    def table(self, cpu: int) -> list[int]:
+        return [int(x) for x in self.read(cpu, "scaling_available_frequencies").split()]
+
+    def power(self, channel: str, unit: Unit, resource_id: int) -> int:
+        reply = self.hosts[channel].request(make_request(Command.CPU_POWER, unit, resource_id))
+        return protocol.peek_header(reply)[2]
+
+    def domain(self, name: str):  # type: ignore[no-untyped-def]
+        conn = self.agent.parts.hypervisor.conn
+        assert conn is not None
+        return conn.lookupByName(name)
+
+    def stop(self) -> None:
+        self.agent.request_stop()
+        self.thread.join(30)
         for host in self.hosts.values():
             host.close()
 

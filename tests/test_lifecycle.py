@@ -7,73 +7,16 @@ would see them from virsh. The agent runs its real monitor loop in a thread.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_support import DEFAULT_CHANNELS, read_attr, render_node
+from agent_support import AgentThread
 
-from vmpower import protocol
-from vmpower.config import config_from_dict
-from vmpower.cpufreq.simulate import build_tree
-from vmpower.daemon import Agent
-from vmpower.devtools import ChannelHost, make_request, wait_for
-from vmpower.protocol import Command, ReplyCode, Unit
+from vmpower.devtools import wait_for
+from vmpower.protocol import ReplyCode, Unit
 
 ACK, NACK = int(ReplyCode.ACK), int(ReplyCode.NACK)
-
-
-class AgentThread:
-    def __init__(self, tmp_path: Path, **libvirt: object) -> None:
-        channels_dir = tmp_path / "channels"
-        channels_dir.mkdir()
-        self.sysfs_root = tmp_path / "sysfs"
-        build_tree(self.sysfs_root, "acpi-cpufreq", 8, turbo=True)
-        node = render_node(tmp_path, channels_dir)
-        self.hosts = {n: ChannelHost(channels_dir / n) for n in DEFAULT_CHANNELS}
-        config = config_from_dict(
-            {
-                "libvirt": {"uri": f"test://{node}", **libvirt},
-                "channels": {"dir": str(channels_dir)},
-                "cpufreq": {"sysfs_root": str(self.sysfs_root)},
-                "state": {"dir": str(tmp_path / "state")},
-                "control": {"socket": str(tmp_path / "control.sock")},
-            }
-        )
-        self.agent = Agent(config)
-        self.agent.start()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        for host in self.hosts.values():
-            host.accept()
-
-    def _run(self) -> None:
-        try:
-            self.agent.run()
-        finally:
-            self.agent.shutdown()
-
-    def read(self, cpu: int, name: str) -> str:
-        return read_attr(self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}")
-
-    def table(self, cpu: int) -> list[int]:
-        return [int(x) for x in self.read(cpu, "scaling_available_frequencies").split()]
-
-    def power(self, channel: str, unit: Unit, resource_id: int) -> int:
-        reply = self.hosts[channel].request(make_request(Command.CPU_POWER, unit, resource_id))
-        return protocol.peek_header(reply)[2]
-
-    def domain(self, name: str):  # type: ignore[no-untyped-def]
-        conn = self.agent.parts.hypervisor.conn
-        assert conn is not None
-        return conn.lookupByName(name)
-
-    def stop(self) -> None:
-        self.agent.request_stop()
-        self.thread.join(30)
-        for host in self.hosts.values():
-            host.close()
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from vmpower.restore import RestoreJournal
 from vmpower.sysfs import Sysfs
 
 POLICY = "devices/system/cpu/cpufreq/policy"
+BOOST = "devices/system/cpu/cpufreq/boost"  # acpi-cpufreq's global turbo switch
 HOST_CPUS = 8
 
 NOMINAL_KHZ = 2_300_000  # SCALE_MAX without turbo: DPDK stops below the turbo entry
@@ -173,10 +174,12 @@ class Rig:
         ``scaling_cur_freq`` is left out: the kernel moves it, nobody restores it.
         """
         assert self.journal.pending() == {}
-        assert _settings(self.root) == self.original
+        assert settings(self.root) == self.original
 
 
-def _settings(root: Path) -> dict[str, str]:
+def settings(root: Path) -> dict[str, str]:
+    """Every regular file of the simulated /sys but the current frequency (the kernel
+    moves it)."""
     return {
         path: text.strip()
         for path, text in snapshot(root).items()
@@ -189,10 +192,11 @@ RigFactory = Callable[..., Rig]
 
 @pytest.fixture
 def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
-    """Factory (one call per test): ``make_rig(governor=None)`` → a ``Rig`` on fresh parts."""
+    """Factory (one call per test): ``make_rig(governor=None)`` → a ``Rig`` on fresh parts;
+    ``boost``, when given, is written to the global boost switch before the rig starts."""
     rigs: list[Rig] = []
 
-    def make(governor: str | None = None, kernel: bool = True) -> Rig:
+    def make(governor: str | None = None, kernel: bool = True, boost: str | None = None) -> Rig:
         channels = tmp_path / "channels"
         channels.mkdir()  # one rig per test
         node = render_node(tmp_path, channels)
@@ -201,6 +205,8 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
         hv.connect()
         root = tmp_path / "sys"
         build_tree(root, "acpi-cpufreq", HOST_CPUS, turbo=True, governor=governor)
+        if boost is not None:
+            KernelSysfs(root).write(BOOST, boost)
         # The journal restores through the simulated kernel too, so a restore the kernel
         # would refuse fails here as it would on a host.
         journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
@@ -208,7 +214,7 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
         # kernel reads files to apply its rules).
         cpufreq = open_cpufreq(KernelSysfs(root, journal) if kernel else Sysfs(root, journal))
         pm = PowerManager(cpufreq, hv, journal, clock=clock)
-        rig = Rig(root, clock, hv, journal, cpufreq, pm, _settings(root))
+        rig = Rig(root, clock, hv, journal, cpufreq, pm, settings(root))
         rigs.append(rig)
         return rig
 

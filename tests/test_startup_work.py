@@ -13,12 +13,11 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from agent_support import render_node
 
 from vmpower.hypervisor import Hypervisor, VmState
 from vmpower.hypervisor.libvirt_events import EventInbox, EventLoop
 from vmpower.hypervisor.session import LibvirtSession
-
-NODE_FILE = Path(__file__).resolve().parent / "data" / "node.xml"
 
 
 class InfoCalls:
@@ -39,8 +38,7 @@ class InfoCalls:
 def session(tmp_path: Path) -> Iterator[LibvirtSession]:
     channels = tmp_path / "ch"
     channels.mkdir()
-    node = tmp_path / "node.xml"
-    node.write_text(NODE_FILE.read_text().replace("/tmp/powermonitor/", f"{channels}/"))
+    node = render_node(tmp_path, channels)
     EventLoop.ensure_running()
     s = LibvirtSession(f"test://{node}", channels, EventInbox(lambda: None), time.monotonic)
     yield s
@@ -96,8 +94,7 @@ def test_the_registry_reads_each_running_vm_without_info(
 ) -> None:
     channels = tmp_path / "ch"
     channels.mkdir()
-    node = tmp_path / "node.xml"
-    node.write_text(NODE_FILE.read_text().replace("/tmp/powermonitor/", f"{channels}/"))
+    node = render_node(tmp_path, channels)
     calls = InfoCalls(monkeypatch)
     hv = Hypervisor(f"test://{node}", channels)
     try:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_support import DEFAULT_CHANNELS, RunningAgent, read_attr, render_node
+from agent_support import AgentThread, RunningAgent
 
 from vmpower import daemon, protocol
-from vmpower.config import config_from_dict
-from vmpower.cpufreq.simulate import build_tree
 from vmpower.devtools import ChannelHost, make_request, wait_for
 from vmpower.errors import ControlError
 from vmpower.protocol import Command, ReplyCode, Unit
@@ -33,48 +30,6 @@ def power(host: ChannelHost, unit: Unit, resource_id: int) -> int:
     return protocol.peek_header(reply)[2]
 
 
-class AgentThread:
-    """The real Agent and monitor loop in a thread of this process."""
-
-    def __init__(self, tmp_path: Path, driver: str = "acpi-cpufreq") -> None:
-        channels_dir = tmp_path / "channels"
-        channels_dir.mkdir()
-        self.sysfs_root = tmp_path / "sysfs"
-        build_tree(self.sysfs_root, driver, 8, turbo=True)
-        node = render_node(tmp_path, channels_dir)
-        self.hosts = {n: ChannelHost(channels_dir / n) for n in DEFAULT_CHANNELS}
-        config = config_from_dict(
-            {
-                "libvirt": {"uri": f"test://{node}", "map_refresh_s": 0.0},
-                "channels": {"dir": str(channels_dir)},
-                "cpufreq": {"sysfs_root": str(self.sysfs_root)},
-                "state": {"dir": str(tmp_path / "state")},
-                "control": {"socket": str(tmp_path / "control.sock")},
-            }
-        )
-        self.agent = daemon.Agent(config)
-        self.agent.start()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        for host in self.hosts.values():
-            host.accept()
-
-    def _run(self) -> None:
-        try:
-            self.agent.run()
-        finally:
-            self.agent.shutdown()
-
-    def read(self, cpu: int, name: str) -> str:
-        return read_attr(self.sysfs_root / f"devices/system/cpu/cpu{cpu}/cpufreq/{name}")
-
-    def stop(self) -> None:
-        self.agent.request_stop()
-        self.thread.join(30)
-        for host in self.hosts.values():
-            host.close()
-
-
 # -- point 1: libvirt events are handled in the turn libvirt wakes the loop ------------
 
 
@@ -84,7 +39,7 @@ def test_vm_stop_is_handled_without_waiting_for_the_liveness_timer(
     # The liveness check of the connection comes once an hour here: only the event
     # itself can make the agent notice that vm1 stopped.
     monkeypatch.setattr(daemon, "HYPERVISOR_CHECK_S", 3600.0)
-    running = AgentThread(tmp_path)
+    running = AgentThread(tmp_path, map_refresh_s=0.0)
     try:
         original = running.read(2, "scaling_governor")
         assert power(running.hosts["vm1.0"], Unit.SCALE_MAX, 0) == ACK  # host CPU 2

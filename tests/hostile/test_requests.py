@@ -12,26 +12,20 @@
 
 from __future__ import annotations
 
-import select
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent_support import RunningAgent, render_node
+import test_power
+from agent_support import RunningAgent
+from test_power import cpu_power, settings
 
 from vmpower import protocol
-from vmpower.channels import ChannelState, TokenBucket, VmChannel
-from vmpower.cpufreq import CpuFreq, open_cpufreq
-from vmpower.cpufreq.simulate import UNSUPPORTED, KernelSysfs, build_tree, snapshot
-from vmpower.devtools import ChannelHost, make_request, wait_for
+from vmpower.cpufreq.simulate import UNSUPPORTED, KernelSysfs
+from vmpower.devtools import make_request, wait_for
 from vmpower.errors import VmpowerError
-from vmpower.hypervisor import Hypervisor
-from vmpower.power import PowerManager
 from vmpower.protocol import Command, CoreType, PolicyType, ReplyCode, Unit
-from vmpower.restore import RestoreJournal
 
 ACK, NACK = int(ReplyCode.ACK), int(ReplyCode.NACK)
 POLICY = "devices/system/cpu/cpufreq/policy"
@@ -194,119 +188,11 @@ def test_a_workload_policy_with_an_unknown_workload_is_refused(tmp_path: Path) -
 # run schedutil at 1.6 GHz unless the rig says otherwise.
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+make_rig = test_power.make_rig  # the fixture: the in-process rig of tests/test_power.py
 
 
-class Guest:
-    """One VM's first channel: QEMU's end and vmpower's connected ``VmChannel``."""
-
-    def __init__(self, vm: str, path: str, clock: FakeClock) -> None:
-        self.qemu = ChannelHost(path)
-        self.channel = VmChannel(vm, 0, path, TokenBucket(1.0, 1000, clock), 1024)
-        assert self.channel.connect() is ChannelState.CONNECTED
-        self.qemu.accept()
-
-    def send(self, packets: list[bytes]) -> list[bytes]:
-        self.qemu.send(b"".join(packets))
-        received: list[bytes] = []
-        while len(received) < len(packets):
-            ready, _, _ = select.select([self.channel.sock], [], [], 5.0)
-            assert ready, "sent bytes never arrived"
-            got = self.channel.receive()
-            assert got is not None
-            received += got
-        return received
-
-    def codes(self, count: int) -> list[int]:
-        data = self.qemu.recv_exact(count * protocol.PACKET_SIZE)
-        assert self.qemu.nothing_to_read(0), "more replies than requests"
-        size = protocol.PACKET_SIZE
-        return [code(data[i : i + size]) for i in range(0, len(data), size)]
-
-    def close(self) -> None:
-        self.channel.close()
-        self.qemu.close()
-
-
-@dataclass
-class Rig:
-    root: Path
-    hv: Hypervisor
-    journal: RestoreJournal
-    cpufreq: CpuFreq
-    pm: PowerManager
-    clock: FakeClock
-    guests: dict[str, Guest] = field(default_factory=dict)
-
-    def guest(self, vm: str) -> Guest:
-        if vm not in self.guests:
-            self.guests[vm] = Guest(vm, self.hv.vm(vm).channels[0].path, self.clock)
-        return self.guests[vm]
-
-    def read(self, vm: str, *packets: bytes) -> None:
-        guest = self.guest(vm)
-        self.pm.handle_vm_packets(guest.channel, guest.send(list(packets)))
-
-    def end_turn(self) -> None:
-        for channel in self.pm.flush():
-            assert channel.flush()
-
-    def exchange(self, vm: str, *packets: bytes) -> list[int]:
-        self.read(vm, *packets)
-        self.end_turn()
-        return self.guest(vm).codes(len(packets))
-
-    def file(self, cpu: int, name: str) -> str:
-        return (self.root / f"{POLICY}{cpu}" / name).read_text().strip()
-
-    def settings(self) -> dict[str, str]:
-        """Every regular file but the current frequency (the kernel moves it)."""
-        return {
-            path: text.strip()
-            for path, text in snapshot(self.root).items()
-            if not path.endswith("scaling_cur_freq")
-        }
-
-    def wishes(self, cpu: int) -> dict[str, int]:
-        return {owner: w.freq_khz for owner, w in self.pm.wishes.get(cpu, {}).items()}
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
-    rigs: list[Rig] = []
-
-    def make(governor: str | None = None, boost: str = "1") -> Rig:
-        channels = tmp_path / "channels"
-        channels.mkdir()
-        node = render_node(tmp_path, channels)
-        clock = FakeClock()
-        hv = Hypervisor(f"test://{node}", channels, clock=clock, map_refresh_s=1.0)
-        hv.connect()
-        root = tmp_path / "sys"
-        build_tree(root, "acpi-cpufreq", 8, turbo=True, governor=governor)
-        KernelSysfs(root).write(BOOST, boost)
-        journal = RestoreJournal(tmp_path / "state", writer=KernelSysfs(root).write_path)
-        cpufreq = open_cpufreq(KernelSysfs(root, journal))
-        pm = PowerManager(cpufreq, hv, journal, clock=clock)
-        rig = Rig(root, hv, journal, cpufreq, pm, clock)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        for guest in rig.guests.values():
-            guest.close()
-        rig.cpufreq.close()
-        rig.hv.close()
-
-
-def cpu_power(unit: int, vcpu: int) -> bytes:
-    return make_request(Command.CPU_POWER, unit, vcpu)
+def codes(replies: list[bytes]) -> list[int]:
+    return [code(reply) for reply in replies]
 
 
 def test_turbo_switched_on_then_a_failed_write_switches_it_off_again(make_rig) -> None:  # type: ignore[no-untyped-def]
@@ -316,14 +202,14 @@ def test_turbo_switched_on_then_a_failed_write_switches_it_off_again(make_rig) -
     setspeed = rig.root / f"{POLICY}2" / "scaling_setspeed"
     setspeed.unlink()
     setspeed.mkdir()
-    before = rig.settings()
-    assert rig.exchange("vm1", cpu_power(Unit.ENABLE_TURBO, 0)) == [NACK]
-    assert rig.settings() == before, "a NACKed request left files changed"
+    before = settings(rig.root)
+    assert codes(rig.exchange("vm1", cpu_power(Unit.ENABLE_TURBO, 0))) == [NACK]
+    assert settings(rig.root) == before, "a NACKed request left files changed"
     assert (rig.root / BOOST).read_text().strip() == "0"
-    assert rig.wishes(2) == {}
+    assert rig.wish_khz(2) == {}
     assert rig.pm.stats.write_failures == 1
     # the next CPU asking for turbo finds the switch as it is, and turns it on itself
-    assert rig.exchange("vm1", cpu_power(Unit.ENABLE_TURBO, 1)) == [ACK]
+    assert codes(rig.exchange("vm1", cpu_power(Unit.ENABLE_TURBO, 1))) == [ACK]
     assert (rig.root / BOOST).read_text().strip() == "1"
     assert int(rig.file(3, "scaling_setspeed")) == TURBO_KHZ
     rig.pm.restore_all()
@@ -337,39 +223,39 @@ def test_governor_switched_then_the_change_fails_every_file_goes_back(make_rig) 
     cur = rig.root / f"{POLICY}2" / "scaling_cur_freq"
     cur.unlink()
     cur.mkdir()
-    before = rig.settings()
-    assert rig.exchange("vm1", cpu_power(Unit.SCALE_MAX, 0)) == [NACK]
+    before = settings(rig.root)
+    assert codes(rig.exchange("vm1", cpu_power(Unit.SCALE_MAX, 0))) == [NACK]
     assert rig.file(2, "scaling_governor") == "schedutil"
     assert rig.file(2, "scaling_setspeed") == UNSUPPORTED
-    assert rig.settings() == before, "a NACKed request left files changed"
-    assert rig.wishes(2) == {}
+    assert settings(rig.root) == before, "a NACKed request left files changed"
+    assert rig.wish_khz(2) == {}
     assert rig.journal.pending() == {}  # nothing vmpower changed is left to restore
 
 
 def test_a_cpu_taken_back_after_an_outside_change_fails_back_to_that_change(make_rig) -> None:  # type: ignore[no-untyped-def]
     # Files touched in an earlier turn: what they held before *this* turn comes back.
     rig = make_rig()
-    assert rig.exchange("vm1", cpu_power(Unit.SCALE_MIN, 0)) == [ACK]
+    assert codes(rig.exchange("vm1", cpu_power(Unit.SCALE_MIN, 0))) == [ACK]
     assert rig.file(2, "scaling_governor") == "userspace"
     # Someone puts CPU 2 back under schedutil: the next write is refused, and vmpower
     # takes the governor again on the one after; that change fails half-way.
     KernelSysfs(rig.root).write(f"{POLICY}2/scaling_governor", "schedutil")
-    assert rig.exchange("vm1", cpu_power(Unit.SCALE_UP, 0)) == [NACK]
+    assert codes(rig.exchange("vm1", cpu_power(Unit.SCALE_UP, 0))) == [NACK]
     cur = rig.root / f"{POLICY}2" / "scaling_cur_freq"
     cur.unlink()
     cur.mkdir()
-    before = rig.settings()
-    assert rig.exchange("vm1", cpu_power(Unit.SCALE_UP, 0)) == [NACK]
-    assert rig.settings() == before
+    before = settings(rig.root)
+    assert codes(rig.exchange("vm1", cpu_power(Unit.SCALE_UP, 0))) == [NACK]
+    assert settings(rig.root) == before
     assert rig.file(2, "scaling_governor") == "schedutil"
-    assert rig.wishes(2) == {"vm1": MIN_KHZ}
+    assert rig.wish_khz(2) == {"vm1": MIN_KHZ}
 
 
 def test_an_operator_write_failing_in_the_same_turn_turns_the_guests_acks_into_nacks(
     make_rig,  # type: ignore[no-untyped-def]
 ) -> None:
     rig = make_rig(governor="userspace")
-    assert rig.exchange("vm1", cpu_power(Unit.SCALE_MIN, 0)) == [ACK]
+    assert codes(rig.exchange("vm1", cpu_power(Unit.SCALE_MIN, 0))) == [ACK]
     assert int(rig.file(2, "scaling_setspeed")) == MIN_KHZ
     # A guest's request, then in the same turn an operator's whose write fails (the
     # setspeed attribute is gone: the CPU went away under the operator).
@@ -381,7 +267,7 @@ def test_an_operator_write_failing_in_the_same_turn_turns_the_guests_acks_into_n
     with pytest.raises(VmpowerError, match="write failed"):
         rig.pm.set_cpu_freq("operator", 2, Unit.SCALE_MAX)
     rig.end_turn()
-    assert rig.guest("vm1").codes(2) == [NACK, NACK], "ACKed though nothing was applied"
-    assert rig.wishes(2) == {"vm1": MIN_KHZ}
+    assert codes(rig.guest("vm1").replies(2)) == [NACK, NACK], "ACKed though nothing was applied"
+    assert rig.wish_khz(2) == {"vm1": MIN_KHZ}
     stats = rig.pm.stats
     assert (stats.requests, stats.acks, stats.nacks) == (3, 1, 2)

@@ -32,6 +32,8 @@ import re
 import sys
 from pathlib import Path
 
+from vmpower.cpuset import format_cpu_list
+
 REPO = "https://github.com/intel/pepc"
 SYS_CPU = "/sys/devices/system/cpu/"
 VOLATILE = frozenset({"scaling_cur_freq", "cpuinfo_cur_freq", "cpuinfo_avg_freq"})
@@ -73,20 +75,6 @@ def parse_inline(path: Path) -> dict[str, str]:
             continue
         lines.append(value)
     return {p: "\n".join(v) for p, v in files.items()}
-
-
-def format_cpus(cpus: list[int] | set[int]) -> str:
-    """The kernel's range list form ("0-3,8")."""
-    out: list[str] = []
-    ordered = sorted(cpus)
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def _cpuinfo(proc: Path) -> dict[str, object]:
@@ -210,8 +198,8 @@ def distill(host_dir: Path, commit: str) -> dict[str, object]:
 
     shape_list = []
     for entry in sorted(shapes.values(), key=lambda e: min(e["policies"])):
-        entry["policies"] = format_cpus(entry["policies"])
-        entry["cpus"] = format_cpus(entry["cpus"])
+        entry["policies"] = format_cpu_list(entry["policies"])
+        entry["cpus"] = format_cpu_list(entry["cpus"])
         if entry["acpi_cppc"] is None:
             del entry["acpi_cppc"]
         shape_list.append(entry)
@@ -259,14 +247,14 @@ def distill(host_dir: Path, commit: str) -> dict[str, object]:
         "family": family(driver, str(cpuinfo["vendor"]), core_types, shape_list),
         "global": dict(sorted(glob.items())),
         "core_types": dict(sorted(core_types.items())),
-        "present_cpus": format_cpus(present),
-        "cpu_online_files": {v: format_cpus(c) for v, c in sorted(online_groups.items())},
+        "present_cpus": format_cpu_list(present),
+        "cpu_online_files": {v: format_cpu_list(c) for v, c in sorted(online_groups.items())},
         "policy_map": (
             {"form": "one-per-cpu"}
             if one_per_cpu
             else {
                 "form": "explicit",
-                "policies": {str(p): format_cpus(c) for p, c in sorted(policy_cpus.items())},
+                "policies": {str(p): format_cpu_list(c) for p, c in sorted(policy_cpus.items())},
             }
         ),
         "cpu_lists": {n: pat for n in CPU_LISTS if (pat := _cpu_list_pattern(n, lists[n]))},
