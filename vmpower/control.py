@@ -487,24 +487,35 @@ class ControlServer:
     def _encode_steps(self, reply: dict[str, Any], cred: PeerCred) -> Generator[None, None, bytes]:
         """The reply line; a long list result about ENCODE_BYTES_PER_SLICE a step. The
         text is json.dumps's own (items joined by ", "); the result is the handler's
-        finished value, which nothing changes between steps."""
+        finished value, which nothing changes between steps.
+
+        The last step only joins: the pieces are already bytes, separators included, so
+        the line is made in one copy (issue #16: at 4000 VMs, encoding the last chunks,
+        then joining 0.5 MB of text, adding its ends and encoding it, held the loop
+        2-3 ms in one step)."""
         result = reply.get("result")
         if not isinstance(result, list) or len(result) <= ENCODE_ITEMS_PER_CHUNK:
             return self._encode(reply, cred)
-        pieces: list[str] = []
+        pieces: list[bytes] = [b'{"ok": true, "result": [']
         size = 0
         yield  # not in the step that finished the result (its last slice of work)
         try:
             for start in range(0, len(result), ENCODE_ITEMS_PER_CHUNK):
-                chunk = json.dumps(result[start : start + ENCODE_ITEMS_PER_CHUNK])
-                pieces.append(chunk[1:-1])
-                size += len(chunk)
                 if size >= ENCODE_BYTES_PER_SLICE:
                     size = 0
                     yield
+                # the chunk's items without its brackets; UTF-8 of the chunk is the
+                # line's own bytes (json.dumps escapes all but ASCII anyway)
+                chunk = json.dumps(result[start : start + ENCODE_ITEMS_PER_CHUNK]).encode()
+                if start:
+                    pieces.append(b", ")
+                pieces.append(chunk[1:-1])
+                size += len(chunk)
         except (TypeError, ValueError, RecursionError) as exc:
             return self._not_json(cred, exc)
-        return ('{"ok": true, "result": [' + ", ".join(pieces) + "]}\n").encode()
+        yield  # the last chunks were encoded in this step: the join is the next one's
+        pieces.append(b"]}\n")
+        return b"".join(pieces)
 
     def _encode(self, reply: dict[str, Any], cred: PeerCred) -> bytes:
         try:
