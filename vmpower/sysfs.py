@@ -9,13 +9,26 @@ Every attribute is opened non-blocking, without following a symbolic link in its
 component, and must be a regular file (sysfs attributes are): a FIFO or a device where
 an attribute should be is that attribute's error, never a hang of the monitor thread
 (issue #11 point 10: a FIFO in a test tree once held the daemon 60 s).
+
+A file vmpower writes stays open, read-write where the attribute can be read, and may
+be opened so ahead of its first write (``keep_open``: a CPU's files while the daemon
+warms up). Reading such a file is then one ``pread`` on that fd (``read_kept``; kernfs
+runs the attribute's show() anew for every read from offset 0, so it is the kernel's
+value now, not a copy), and so is the value before a write (``read_for_write``: what a
+failed change puts back, and the journal's original, which the journal also reads
+ahead through these fds). A value the caller has just read is handed to the journal as
+it is (``remember_original``), not read again. A CPU's first request pays for every
+syscall of these (issue #16, first contact: taking an acpi-cpufreq CPU over cost 41
+syscalls, 12 now; tests/test_first_contact.py).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
+import weakref
 from pathlib import Path
 from typing import Protocol
 
@@ -35,24 +48,34 @@ _KINDS = {
 # Attributes are at most one page (sysfs show() fills a PAGE_SIZE buffer); simulated
 # trees and other files read through Sysfs stay far below this bound.
 READ_MAX_BYTES = 64 * 1024
+# keep_open opens files ahead of their writes while the fds kept stay below this share
+# of the process's limit (RLIMIT_NOFILE): the rest is the sockets' and the VMs'. Past
+# it, a file is opened by its first write, as without keep_open.
+KEEP_OPEN_FD_SHARE = 4
 
 
 def open_attribute(path: str, access: int) -> int:
-    """Open ``path`` (``os.O_RDONLY`` or ``os.O_WRONLY``) as an attribute, never blocking.
+    """Open ``path`` (``os.O_RDONLY``, ``os.O_WRONLY`` or ``os.O_RDWR``) as an attribute,
+    never blocking.
 
     Raises OSError, whose strerror names what is wrong when the file is no regular file.
     """
+    return _open_checked(path, access)[0]
+
+
+def _open_checked(path: str, access: int) -> tuple[int, os.stat_result]:
+    """``open_attribute``, and the fstat it checked the file with (its device too)."""
     fd = os.open(path, access | _OPEN_FLAGS)
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
     except OSError:
         os.close(fd)
         raise
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
         raise OSError(errno.EINVAL, f"{kind}, not an attribute")
-    return fd
+    return fd, st
 
 
 def sysfs_devices(mountinfo: str = "/proc/self/mountinfo") -> frozenset[int]:
@@ -100,6 +123,14 @@ class WriteJournal(Protocol):
         ...
 
 
+def _keep_open_max() -> int:
+    """How many fds Sysfs may hold before keep_open declines (KEEP_OPEN_FD_SHARE)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    return int(soft) // KEEP_OPEN_FD_SHARE
+
+
 class Sysfs:
     """Reads and writes sysfs attributes under ``root``."""
 
@@ -114,7 +145,16 @@ class Sysfs:
         # truncate. On sysfs itself (kernfs) a write is the whole value and a truncate
         # is a wasted syscall per request.
         self._truncated: set[int] = set()
+        # Kept fds opened read-write: read_for_write reads through them (a write-only
+        # attribute, without show(), is opened write-only and read on its own).
+        self._readable: set[int] = set()
         self._sysfs_devices: frozenset[int] | None = None
+        self._keep_max: int | None = None  # _keep_open_max(), asked once
+        # The journal reads the originals it records ahead (a turn's other CPUs) through
+        # these fds too. Weakly: a journal outliving this Sysfs reads the files itself.
+        use = getattr(journal, "read_originals_with", None)
+        if use is not None:
+            use(weakref.WeakMethod(self.read_kept_path))
 
     def path(self, rel: str) -> str:
         """Absolute path of ``rel`` (a path relative to the sysfs root)."""
@@ -159,13 +199,89 @@ class Sysfs:
             raise SysfsError(path, _reason(exc)) from exc
         return Reader(path, fd)
 
+    def keep_open(self, rel: str) -> bool:
+        """Open attribute ``rel`` now for the writes to come (nothing is written), so
+        that its first write and the reads before it (``read_kept``) open nothing.
+
+        False when it cannot be opened (its first write says why), or when the fds kept
+        reach their share of the process's limit (``KEEP_OPEN_FD_SHARE``).
+        """
+        path = self.path(rel)
+        if path in self._write_fds:
+            return True
+        if self._keep_max is None:
+            self._keep_max = _keep_open_max()
+        if len(self._write_fds) >= self._keep_max:
+            return False
+        try:
+            self._open_for_writes(path)
+        except OSError:
+            return False
+        return True
+
+    def read_kept(self, rel: str) -> str:
+        """Content of attribute ``rel`` as ``read`` gives it: through the fd kept for its
+        writes when there is one (one ``pread``: kernfs shows the value anew for each
+        read from offset 0), else opened, read and closed as ``read`` does."""
+        path = self.path(rel)
+        fd = self._write_fds.get(path, -1)
+        if fd not in self._readable:
+            return self.read(rel)
+        try:
+            return os.pread(fd, READ_MAX_BYTES, 0).decode().strip()
+        except OSError:
+            self._drop_fd(path)  # stale (the CPU went away): the path as it is now
+            return self.read(rel)
+        except UnicodeDecodeError as exc:
+            raise SysfsError(path, f"unreadable content: {exc}") from None
+
+    def read_kept_path(self, path: str) -> str | None:
+        """The content of absolute ``path`` through a fd kept for it, or None when none is
+        kept or it cannot be read so (the caller reads the file itself)."""
+        fd = self._write_fds.get(path, -1)
+        if fd not in self._readable:
+            return None
+        try:
+            return os.pread(fd, READ_MAX_BYTES, 0).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def read_for_write(self, rel: str) -> str:
+        """Content of attribute ``rel``, which the caller writes next (stripped).
+
+        Read through the fd that write will use, opened now if it is not yet (and kept):
+        one ``pread``, and the write then opens nothing. The journal is handed this
+        content as ``rel``'s original if it has none yet (``remember_original``): it is
+        the file's content before the write. Raises SysfsError when it cannot be read.
+        """
+        path = self.path(rel)
+        if path not in self._write_fds:
+            try:
+                self._open_for_writes(path)
+            except OSError:
+                pass  # not writable: read_kept reads it on its own; the write says why
+        text = self.read_kept(rel)
+        self.remember_original(rel, text)
+        return text
+
+    def remember_original(self, rel: str, original: str) -> None:
+        """Hand the journal ``original`` as attribute ``rel``'s content before vmpower's
+        first write to it, unless it holds one already. ``original`` must have been
+        read from the file just now, with no write of vmpower's since: the write that
+        follows then does not read the file again for the journal."""
+        journal = self.journal
+        if journal is not None:
+            path = self.path(rel)
+            if not journal.knows(path):
+                journal.remember(path, original)
+
     def write(self, rel: str, value: str | int) -> None:
         """Write ``value`` to an attribute; the journal sees the original first."""
         path = self.path(rel)
         text = str(value)
         journal = self.journal
         if journal is not None and not journal.knows(path):
-            journal.remember(path, self.read(rel))
+            self.read_for_write(rel)  # hands the journal the original, durably
         data = text.encode()
         try:
             fd = self._write_fds.get(path)
@@ -182,10 +298,21 @@ class Sysfs:
             raise SysfsError(path, f"write {text!r}: {_reason(exc)}") from exc
 
     def _open_for_writes(self, path: str) -> int:
-        fd = self._write_fds[path] = open_attribute(path, os.O_WRONLY)
+        """Open ``path`` to be kept for writes: read-write, so that read_for_write needs
+        no fd of its own; write-only where the attribute cannot be read (kernfs refuses
+        to open one without show() for reading: EACCES)."""
+        try:
+            fd, st = _open_checked(path, os.O_RDWR)
+            readable = True
+        except PermissionError:
+            fd, st = _open_checked(path, os.O_WRONLY)
+            readable = False
+        self._write_fds[path] = fd
+        if readable:
+            self._readable.add(fd)
         if self._sysfs_devices is None:
             self._sysfs_devices = sysfs_devices()
-        if os.fstat(fd).st_dev not in self._sysfs_devices:
+        if st.st_dev not in self._sysfs_devices:  # the open's own fstat: none more
             self._truncated.add(fd)
         return fd
 
@@ -193,6 +320,7 @@ class Sysfs:
         fd = self._write_fds.pop(path, None)
         if fd is not None:
             self._truncated.discard(fd)
+            self._readable.discard(fd)
             os.close(fd)
 
     def close(self) -> None:

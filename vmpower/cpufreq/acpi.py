@@ -45,6 +45,10 @@ class SetspeedBackend(Backend):
         self._setspeed: dict[int, str] = {}
         # CPUs whose boost range lies above the table: cpu -> P0 (the nominal kHz)
         self._p0: dict[int, int] = {}
+        # cpu -> scaling_available_governors as probe read it: the take-over (a CPU's
+        # first request) then reads only the governor. A list without "userspace" is
+        # read again before refusing (the module may have been loaded since).
+        self._governors: dict[int, tuple[str, ...]] = {}
 
     def probe(self, cpu: int, priority: bool) -> CpuInfo:
         d = self.dir(cpu)
@@ -64,6 +68,12 @@ class SetspeedBackend(Backend):
         if not table:
             raise SysfsError(self.sysfs.path(rel), "empty frequency table")
         self._p0.pop(cpu, None)
+        try:
+            self._governors[cpu] = tuple(
+                self.sysfs.read(f"{d}/scaling_available_governors").split()
+            )
+        except SysfsError:
+            self._governors.pop(cpu, None)  # the take-over reads it, and says why
         if self.driver != "acpi-cpufreq":
             return make_info(cpu, self.driver, table, table[0], priority=priority, continuous=False)
         if len(table) >= 2 and table[0] - table[1] == PSS_TURBO_DELTA_KHZ:
@@ -81,6 +91,12 @@ class SetspeedBackend(Backend):
                 cpu, self.driver, [top, *table], table[0], priority=priority, continuous=False
             )
         return make_info(cpu, self.driver, table, table[0], priority=priority, continuous=False)
+
+    def prepare(self, cpu: int) -> None:
+        # The take-over writes the governor, then every request scaling_setspeed.
+        d = self.dir(cpu)
+        self.sysfs.keep_open(f"{d}/scaling_governor")
+        self.sysfs.keep_open(f"{d}/scaling_setspeed")
 
     def turbo_switches(self, cpu: int) -> tuple[str, ...]:
         return self.boost_switches(cpu)
@@ -131,9 +147,15 @@ class SetspeedBackend(Backend):
 
     def _take_governor(self, cpu: int) -> None:
         d = self.dir(cpu)
-        governor = self.sysfs.read(f"{d}/scaling_governor")
+        # Both reads through the fd kept for the governor's writes (prepare): one pread
+        # each. This one is also what the change puts back, and the journal's original.
+        governor = self.sysfs.read_kept(f"{d}/scaling_governor")
         if governor != "userspace":
-            available = self.sysfs.read(f"{d}/scaling_available_governors").split()
+            available = self._governors.get(cpu, ())
+            if "userspace" not in available:
+                available = self._governors[cpu] = tuple(
+                    self.sysfs.read(f"{d}/scaling_available_governors").split()
+                )
             if "userspace" not in available:
                 raise self.report(
                     f"userspace:{self.driver}",
@@ -143,7 +165,7 @@ class SetspeedBackend(Backend):
                 )
             self.sysfs.write(f"{d}/scaling_governor", "userspace")
             # Read back: a governor module that fails to start leaves the old one.
-            now = self.sysfs.read(f"{d}/scaling_governor")
+            now = self.sysfs.read_kept(f"{d}/scaling_governor")
             if now != "userspace":
                 raise SysfsError(
                     self.sysfs.path(f"{d}/scaling_governor"),

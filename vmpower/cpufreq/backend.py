@@ -48,6 +48,11 @@ class Backend:
         """Read the static files of an online CPU into a CpuInfo."""
         raise NotImplementedError
 
+    def prepare(self, cpu: int) -> None:
+        """Open ahead the files a first write of ``cpu`` uses, writing nothing
+        (``Sysfs.keep_open``): called once the CPU is probed, which the daemon does for
+        every CPU while it warms up, so a CPU's first request opens nothing."""
+
     def priority_values(self, cpus: Iterable[int]) -> dict[int, int]:
         """Per-CPU figure that is higher on priority cores (empty: no such notion)."""
         return {}

@@ -56,7 +56,7 @@ from vmpower.cpufreq.topology import Topology
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import CpufreqError, SysfsError, UnsupportedError, VmpowerError
 from vmpower.restore import PLACEHOLDERS
-from vmpower.sysfs import Reader, Sysfs
+from vmpower.sysfs import Sysfs
 
 log = logging.getLogger("vmpower.cpufreq")
 
@@ -78,11 +78,6 @@ class _Cpu:
         self.last_khz: int | None = None  # the value vmpower last set (None: not in control)
 
 
-# Attributes kept open to read their value before a change writes them: one pread
-# instead of open, read, close. Bounded: Sysfs already keeps one fd per written file,
-# and the daemon's descriptors are limited (often to 1024); past the bound, a file is
-# opened for each read.
-KEPT_READERS_MAX = 128
 # Files whose last written value _ChangeLog remembers: a few per CPU on a 1024-CPU host.
 WRITTEN_KEPT_MAX = 4096
 
@@ -90,38 +85,73 @@ WRITTEN_KEPT_MAX = 4096
 class _ChangeLog:
     """The Sysfs the backends write through: it keeps what an open change overwrote.
 
-    Everything but ``write`` is the wrapped Sysfs's own. While a change is open, the
-    value a file held before its first write in the change is kept, to be written back
-    if a later write of the change fails. A file vmpower wrote before holds what it
-    wrote last (remembered here: no read on the request path, where a turn writes one
-    file of a CPU it wrote before); one it never wrote is read first (through an
-    attribute kept open: one ``pread``). The journal's original is no help: it is the
-    value before vmpower's first write ever, not before this change. Someone writing
-    the file beside vmpower is not seen, as in ``CpuFreq``'s own write skipping; a
-    failed change then puts back vmpower's value, and ``drop`` (the CPU restored,
-    forgotten, or re-read) clears what is remembered.
+    Everything but ``read`` and ``write`` is the wrapped Sysfs's own. While a change is
+    open, the value a file held before its first write in the change is kept, to be
+    written back if a later write of the change fails. That value costs no read where
+    it is known already:
+
+    * a file vmpower wrote before holds what it wrote last (remembered here: no read on
+      the request path, where a turn writes one file of a CPU it wrote before);
+    * a file the change has just read through this log, with no write of the change
+      since (the governor a take-over reads to learn whether it is ours), holds what
+      was read; that read is also the journal's original when the journal has none
+      (``Sysfs.remember_original``). Any write forgets these reads: a write may change
+      other files (the governor makes ``scaling_setspeed`` readable), and a read-back
+      after a write is always a read of its own;
+    * any other file is read through the fd its write will use (``Sysfs.read_for_write``:
+      one ``pread``; the journal gets its original from that read too).
+
+    The journal's original is no help: it is the value before vmpower's first write
+    ever, not before this change. Someone writing the file beside vmpower is not seen,
+    as in ``CpuFreq``'s own write skipping; a failed change then puts back vmpower's
+    value, and ``forget_written`` (the CPU restored, forgotten, or re-read) clears what
+    is remembered.
     """
 
     def __init__(self, sysfs: Sysfs) -> None:
         self._sysfs = sysfs
         self.path = sysfs.path
-        self.read = sysfs.read
         self.read_int = sysfs.read_int
         self.exists = sysfs.exists
         self.listdir = sysfs.listdir
         self.open_reader = sysfs.open_reader
         # rel → its value before the change's first write to it, in the order written
         self.change: dict[str, str | None] | None = None
-        self._readers: dict[str, Reader] = {}
+        self._read: dict[str, str] = {}  # rel → read in the open change since its last write
         self._written: dict[str, str] = {}  # rel → what vmpower wrote there last
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._sysfs, name)
 
+    def begin(self) -> None:
+        """A change opens: the writes from now on are one change."""
+        self.change = {}
+        self._read.clear()
+
+    def end(self) -> dict[str, str | None]:
+        """The change is over (gone through or undone): what it overwrote."""
+        change, self.change = self.change or {}, None
+        self._read.clear()
+        return change
+
+    def read(self, rel: str) -> str:
+        text = self._sysfs.read(rel)
+        if self.change is not None:
+            self._read[rel] = text
+        return text
+
+    def read_kept(self, rel: str) -> str:
+        text = self._sysfs.read_kept(rel)
+        if self.change is not None:
+            self._read[rel] = text
+        return text
+
     def write(self, rel: str, value: str | int) -> None:
         change = self.change
-        if change is not None and rel not in change:
-            change[rel] = self._before(rel)
+        if change is not None:
+            if rel not in change:
+                change[rel] = self._before(rel)
+            self._read.clear()
         self._written.pop(rel, None)  # a write that fails leaves the value unknown
         self._sysfs.write(rel, value)
         if len(self._written) < WRITTEN_KEPT_MAX:
@@ -132,24 +162,14 @@ class _ChangeLog:
         written = self._written.get(rel)
         if written is not None:
             return written
-        reader = self._readers.get(rel)
+        text = self._read.get(rel)
+        if text is not None:
+            self._sysfs.remember_original(rel, text)
+            return text
         try:
-            if reader is None:
-                if len(self._readers) >= KEPT_READERS_MAX:
-                    return self._sysfs.read(rel)
-                reader = self._readers[rel] = self._sysfs.open_reader(rel)
-            return reader.read()
+            return self._sysfs.read_for_write(rel)
         except SysfsError:
-            # Gone (CPU offline) or replaced: read it afresh next time.
-            stale = self._readers.pop(rel, None)
-            if stale is not None:
-                stale.close()
-            return None
-
-    def drop(self, prefix: str) -> None:
-        """Close the readers of files under ``prefix`` (a CPU lost, restored, forgotten)."""
-        for rel in [r for r in self._readers if r.startswith(prefix)]:
-            self._readers.pop(rel).close()
+            return None  # gone (CPU offline) or replaced: the write says why
 
     def forget_written(self) -> None:
         """Files were written beside this log (a restore, an undo): re-read them all
@@ -158,10 +178,8 @@ class _ChangeLog:
         self._written.clear()
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
         self._written.clear()
+        self._read.clear()
 
 
 def open_cpufreq(sysfs: Sysfs, reserved_cpus: frozenset[int] = frozenset()) -> CpuFreq:
@@ -345,11 +363,11 @@ class CpuFreq:
 
     def begin_change(self) -> None:
         """The writes from now to ``end_change``/``undo_change`` are one change."""
-        self._changes.change = {}
+        self._changes.begin()
 
     def end_change(self) -> None:
         """The change went through: forget what it overwrote."""
-        self._changes.change = None
+        self._changes.end()
 
     def undo_change(self, cpu: int) -> list[str]:
         """The change on ``cpu`` failed: write back what it overwrote, newest first.
@@ -358,7 +376,7 @@ class CpuFreq:
         logs them). Afterwards nothing cached about ``cpu`` is trusted: the next change
         reads its files again (and takes the governor again).
         """
-        change, self._changes.change = self._changes.change or {}, None
+        change = self._changes.end()
         failed: list[str] = []
         for rel, before in reversed(change.items()):
             # A placeholder ("<unsupported>" in scaling_setspeed) is no value: putting
@@ -471,7 +489,6 @@ class CpuFreq:
         if c is not None:
             c.last_khz = None
             c.switch_on = self._read_switches(c.switches)
-        self._changes.drop(f"{self._topology.dir(cpu)}/")
         self._changes.forget_written()
         if self._backend is not None:
             self._backend.forget(leader)
@@ -482,8 +499,6 @@ class CpuFreq:
         for c in self._topology.members(cpu) | {cpu, leader}:
             self._cpus.pop(c, None)
         self._changes.forget_written()
-        self._changes.drop(f"{self._topology.dir(cpu)}/")
-        self._changes.drop(f"{CPU_DIR}/cpu{cpu}/")
         if self._backend is not None:
             self._backend.forget(leader)
             self._backend.forget(cpu)
@@ -792,6 +807,8 @@ class CpuFreq:
         switches = backend.turbo_switches(leader)
         c = _Cpu(leader, info, switches, self._read_switches(switches))
         self._cpus[cpu] = self._cpus[leader] = c
+        if not (self._reserved and self._reserved_policy(cpu)):
+            backend.prepare(leader)  # never a reserved CPU's files, not even opened
         return c
 
     def _lost(self, cpu: int, exc: SysfsError) -> CpufreqError:
