@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -137,10 +137,14 @@ class Wish:
     turbo: bool = False
 
 
-# A reply waiting for the end-of-turn flush: (channel, request packet, CPUs it acted on,
-# reply, conditional). A conditional reply is the ACK, sent unless one of its CPUs failed
-# to apply (then NACK); a None reply (FIFO message) is no reply.
-_Pending = tuple["Endpoint", bytes, frozenset[int], bytes | None, bool]
+# Replies waiting for the end-of-turn flush: (channel, request packets, CPUs they acted
+# on, their replies, conditional). One entry holds one request, or a run of requests of
+# one read that acted on the same CPUs (the fast path's). A conditional reply is the ACK,
+# sent unless one of its CPUs failed to apply (then NACK); None replies (a FIFO message)
+# are no reply.
+_Pending = tuple["Endpoint", list[bytes], frozenset[int], list[bytes] | None, bool]
+# Distinct packets remembered, over all VMs (a VM sending ever new bytes only makes the
+# cache start over: it costs the slow path, never memory).
 _PACKET_CACHE_MAX = 4096
 
 
@@ -153,13 +157,16 @@ class _KnownPacket:
     Guests repeat the same bytes, so the header is decoded and the ACK built once. The
     route (the host CPUs the packet acts on) is remembered with the ``VmInfo`` and the
     CPU-state generation it was checked against: while both are unchanged, every rule of
-    the slow path would say "allowed" again for these exact bytes.
+    the slow path would say "allowed" again for these exact bytes. Entries are kept per
+    VM: DPDK's guest library leaves vm_name empty, so VMs send identical bytes, and one
+    route shared by them was re-checked each time the sender changed.
     """
 
     __slots__ = (
         "ack",
         "command",
         "core_type",
+        "packet",
         "resource_id",
         "route_cpus",
         "route_generation",
@@ -173,6 +180,7 @@ class _KnownPacket:
             protocol.peek_routing(packet)
         )
         self.ack = protocol.echo_reply(packet, 0, ACK)
+        self.packet = packet  # the cache's key: the bytes themselves, not a copy
         self.route_vm: VmInfo | None = None
         self.route_generation = -1
         self.route_cpus = _NO_CPUS
@@ -221,7 +229,9 @@ class PowerManager:
         # write puts them back (and its requests get NACK).
         # cpu → its wishes as (freq_khz, turbo) before this turn's first move (_revert)
         self._snapshot: dict[int, dict[str, tuple[int, bool]]] = {}
-        self._packet_cache: dict[bytes, _KnownPacket] = {}
+        # VM → its distinct packets (see _KnownPacket); _packet_count entries in all
+        self._packet_cache: dict[str, dict[bytes, _KnownPacket]] = {}
+        self._packet_count = 0
         self._table_cache: dict[int, tuple[tuple[int, ...], dict[int, int], int]] = {}
         # Whether each host CPU may be controlled (online, cpufreq, not reserved): reading
         # sysfs per request would cost more than the request; cpus_changed() (kernel
@@ -342,13 +352,17 @@ class PowerManager:
         generation = self._cpu_generation
         # The fast path needs a known VM and an enabled channel for the whole read.
         fast = vm is not None and channel.enabled
-        pending = self._pending
-        cache = self._packet_cache
-        move = self._move
+        cache = self._packet_cache.get(owner)
+        if cache is None:
+            cache = self._packet_cache[owner] = {}
+        # The fast path's run: consecutive packets acting on the same CPUs, whose moves
+        # are applied together when the run ends (a guest's read is one run, mostly).
+        run: list[_KnownPacket] = []
+        run_cpus = _NO_CPUS
         for packet in packets:
             known = cache.get(packet)
             if known is None:
-                known = self._learn(packet)
+                known, cache = self._learn(owner, packet)
             allowed -= 1
             # Fast path: a CPU_POWER packet this VM sent before, under the same map
             # and CPU state, within its rate: every check of the slow path gave
@@ -361,19 +375,49 @@ class PowerManager:
                 and allowed >= 0
             ):
                 cpus = known.route_cpus
-                for cpu in cpus:
-                    move(owner, cpu, known.unit)
-                pending.append((channel, packet, cpus, known.ack, True))
+                if cpus is not run_cpus and cpus != run_cpus:
+                    if run:
+                        self._end_run(channel, owner, run, run_cpus)
+                        run = []
+                    run_cpus = cpus
+                run.append(known)
                 continue
+            if run:  # the slow path's moves and replies come after the run's, in order
+                self._end_run(channel, owner, run, run_cpus)
+                run = []
             self._slow_path(channel, packet, known, allowed, vm, vm_error, generation)
+        if run:
+            self._end_run(channel, owner, run, run_cpus)
 
-    def _learn(self, packet: bytes) -> _KnownPacket:
-        """Remember a new distinct packet (the cache is bounded: full, it starts over)."""
-        cache = self._packet_cache
-        if len(cache) >= _PACKET_CACHE_MAX:
-            cache.clear()
+    def _end_run(
+        self, channel: VmChannel, owner: str, run: list[_KnownPacket], cpus: frozenset[int]
+    ) -> None:
+        """Apply a fast-path run: each CPU's wish takes the run's steps in order (what
+        one packet after the other would do: CPUs do not depend on each other), and the
+        run's ACKs wait for the flush as one entry."""
+        if len(run) == 1:  # the latency case: one request a read (no comprehensions)
+            known = run[0]
+            units: Sequence[int] = (known.unit,)
+            packets, acks = [known.packet], [known.ack]
+        else:
+            units = [known.unit for known in run]
+            packets, acks = [known.packet for known in run], [known.ack for known in run]
+        for cpu in cpus:
+            self._move(owner, cpu, units)
+        self._pending.append((channel, packets, cpus, acks, True))
+
+    def _learn(self, owner: str, packet: bytes) -> tuple[_KnownPacket, dict[bytes, _KnownPacket]]:
+        """Remember a new distinct packet of ``owner``: the entry, and ``owner``'s cache
+        now (the cache is bounded over all VMs: full, it starts over)."""
+        if self._packet_count >= _PACKET_CACHE_MAX:
+            self._packet_cache.clear()
+            self._packet_count = 0
+        cache = self._packet_cache.get(owner)
+        if cache is None:
+            cache = self._packet_cache[owner] = {}
         known = cache[packet] = _KnownPacket(packet)
-        return known
+        self._packet_count += 1
+        return known, cache
 
     def _slow_path(
         self,
@@ -432,8 +476,8 @@ class PowerManager:
                     known.route_generation = generation
                     known.route_cpus = cpus
                 for cpu in cpus:
-                    self._move(owner, cpu, unit)
-                self._pending.append((channel, packet, cpus, known.ack, True))
+                    self._move(owner, cpu, (unit,))
+                self._pending.append((channel, [packet], cpus, [known.ack], True))
             elif command in _QUERIES:
                 self._query(channel, packet, known.resource_id, command, vm, vm_error)
             elif command == _PKT_POLICY:
@@ -472,8 +516,8 @@ class PowerManager:
                 self._check_cpu(channel.cpu)
                 if isinstance(message, protocol.FifoInstruction):
                     self._table(channel.cpu)  # may read sysfs, and fail: before any wish moves
-                    self._move(channel.owner, channel.cpu, message.unit)
-                    self._pending.append((channel, b"", frozenset({channel.cpu}), None, True))
+                    self._move(channel.owner, channel.cpu, (message.unit,))
+                    self._pending.append((channel, [b""], frozenset({channel.cpu}), None, True))
                 elif isinstance(message, protocol.FifoPolicy):
                     if message.command == "destroy":
                         if self.policies.pop(channel.owner, None) is None:
@@ -569,14 +613,15 @@ class PowerManager:
             self._table_cache[cpu] = cached
         return cached
 
-    def _move(self, owner: str, cpu: int, unit: int) -> None:
-        """Move ``owner``'s wish for ``cpu`` as ``unit`` says (DPDK's step semantics).
+    def _move(self, owner: str, cpu: int, units: Sequence[int]) -> None:
+        """Move ``owner``'s wish for ``cpu`` as ``units`` say, one after the other
+        (DPDK's step semantics).
 
-        ``unit`` is a Unit value; compared as a plain int because this runs for every
-        request (an enum member look-up costs more than the comparison).
+        Units are Unit values, compared as plain ints: this runs for every request (an
+        enum member look-up costs more than the comparison).
         """
         table, index_of, nominal = self._table_cache.get(cpu) or self._table(cpu)
-        if unit == _ENABLE_TURBO and not nominal:
+        if not nominal and _ENABLE_TURBO in units:
             raise Refused("no turbo", f"host CPU {cpu} has no turbo")
         per_cpu = self.wishes.get(cpu)
         if per_cpu is None or cpu not in self._dirty:
@@ -584,28 +629,33 @@ class PowerManager:
         wish = per_cpu.get(owner)
         if wish is None:
             wish = per_cpu[owner] = Wish(self._current_khz(cpu, table, index_of))
-        if unit == _ENABLE_TURBO:
-            wish.turbo = True
-        elif unit == _DISABLE_TURBO:
-            wish.turbo = False
-        # The turbo range (above nominal) is reachable only while this requester has
-        # turbo enabled, as in DPDK's drivers.
-        top = 0 if wish.turbo else nominal
+        turbo = wish.turbo
         index = index_of.get(wish.freq_khz)
         if index is None:
             index = _nearest_index(table, wish.freq_khz)
-        if unit == _SCALE_UP:
-            index -= 1
-        elif unit == _SCALE_DOWN:
-            index += 1
-        elif unit in (_SCALE_MAX, _ENABLE_TURBO):
-            index = top  # DPDK: enabling turbo also goes to the turbo frequency
-        elif unit == _SCALE_MIN:
-            index = len(table) - 1
-        if index < top:
-            index = top
-        elif index >= len(table):
-            index = len(table) - 1
+        lowest = len(table) - 1
+        for unit in units:
+            if unit == _SCALE_UP:
+                index -= 1
+            elif unit == _SCALE_DOWN:
+                index += 1
+            elif unit == _SCALE_MAX:
+                index = 0  # then the clamp: the turbo entry only with turbo on
+            elif unit == _SCALE_MIN:
+                index = lowest
+            elif unit == _ENABLE_TURBO:
+                turbo = True
+                index = 0  # DPDK: enabling turbo also goes to the turbo frequency
+            elif unit == _DISABLE_TURBO:
+                turbo = False
+            # The turbo range (above nominal) is reachable only while this requester
+            # has turbo enabled, as in DPDK's drivers.
+            top = 0 if turbo else nominal
+            if index < top:
+                index = top
+            elif index > lowest:
+                index = lowest
+        wish.turbo = turbo
         wish.freq_khz = table[index]
 
     def _current_khz(self, cpu: int, table: tuple[int, ...], index_of: dict[int, int]) -> int:
@@ -676,7 +726,7 @@ class PowerManager:
         self.stats.acks += 1
         key = (channel.kind, channel.owner)
         self.acks_by[key] = self.acks_by.get(key, 0) + 1
-        self._pending.append((channel, packet, _NO_CPUS, reply, False))
+        self._pending.append((channel, [packet], _NO_CPUS, [reply], False))
 
     # -- policies (stored here, evaluated by vmpower.policies) ---------------------------
 
@@ -718,7 +768,8 @@ class PowerManager:
     # -- replies and the end-of-turn flush -----------------------------------------------
 
     def _ack(self, channel: Endpoint, packet: bytes) -> None:
-        self._pending.append((channel, packet, _NO_CPUS, protocol.echo_reply(packet, 0, ACK), True))
+        reply = protocol.echo_reply(packet, 0, ACK)
+        self._pending.append((channel, [packet], _NO_CPUS, [reply], True))
 
     def _refuse(
         self, channel: Endpoint, packet: bytes, command: int, kind: str, message: str
@@ -728,7 +779,7 @@ class PowerManager:
         # the rest in one summary line per interval.
         self.logs.refusals.note(channel.path, kind, f"{_command_name(command)}: {message}")
         # Replies leave in request order, after this turn's writes (see flush()).
-        self._pending.append((channel, packet, _NO_CPUS, protocol.nack_reply(packet), False))
+        self._pending.append((channel, [packet], _NO_CPUS, [protocol.nack_reply(packet)], False))
 
     def _count_nack(self, channel: Endpoint, kind: str) -> None:
         """One NACK of ``kind`` on ``channel``: the totals, the channel's and the
@@ -810,10 +861,10 @@ class PowerManager:
         # is a dict update: once per read, not once per request).
         acks = 0
         ack_channel: Endpoint | None = None
-        for channel, packet, cpus, reply, conditional in self._pending:
+        for channel, packets, cpus, replies, conditional in self._pending:
             if conditional:
                 if failed and cpus & failed:
-                    reply = self._nack_unapplied(channel, packet, cpus & failed)
+                    replies = self._nack_unapplied(channel, packets, cpus & failed)
                 else:
                     if channel is not ack_channel:
                         if acks:
@@ -822,8 +873,8 @@ class PowerManager:
                             stats.acks += acks
                             acks = 0
                         ack_channel = channel
-                    acks += 1
-            if reply is None:
+                    acks += len(packets)
+            if replies is None:
                 continue  # FIFO messages have no reply
             if channel is not run_channel:
                 if run:
@@ -831,7 +882,7 @@ class PowerManager:
                     run = []
                 run_channel = channel
                 channels.add(channel)
-            run.append(reply)
+            run += replies
         if run:
             run_channel.queue_replies(run)  # type: ignore[union-attr]
         if acks:
@@ -1045,6 +1096,7 @@ class PowerManager:
         """A VM stopped or left: drop its wishes and policy; free CPUs get their originals."""
         self.policies.pop(owner, None)
         self._drop_wishes(owner)
+        self._packet_count -= len(self._packet_cache.pop(owner, {}))
 
     def pinning_changed(self, vm: VmInfo) -> None:
         """Drop wishes a VM holds on host CPUs it is no longer pinned to; re-map its policy."""
@@ -1165,7 +1217,7 @@ class PowerManager:
     def set_cpu_freq(self, owner: str, cpu: int, unit: Unit) -> int:
         """An operator's request (control socket): same rules as a requester, applied now."""
         self._check_cpu(cpu)
-        self._move(owner, cpu, unit)
+        self._move(owner, cpu, (unit,))
         self._apply_now(cpu)
         return self.wishes[cpu][owner].freq_khz
 
@@ -1216,19 +1268,22 @@ class PowerManager:
     def _unapplied(self, cpu: int) -> None:
         """This turn's conditional replies involving ``cpu`` become NACK now."""
         pending = self._pending
-        for i, (channel, packet, cpus, _reply, conditional) in enumerate(pending):
+        for i, (channel, packets, cpus, _replies, conditional) in enumerate(pending):
             if conditional and cpu in cpus:
-                reply = self._nack_unapplied(channel, packet, frozenset({cpu}))
-                pending[i] = (channel, packet, cpus, reply, False)
+                replies = self._nack_unapplied(channel, packets, frozenset({cpu}))
+                pending[i] = (channel, packets, cpus, replies, False)
 
     def _nack_unapplied(
-        self, channel: Endpoint, packet: bytes, cpus: frozenset[int]
-    ) -> bytes | None:
-        """A conditional ACK whose ``cpus`` were not written: counted and noted, and its
-        NACK (None for a FIFO message, which has no reply)."""
-        self._count_nack(channel, "write failed")
-        self._note_unapplied(channel, cpus)
-        return protocol.nack_reply(packet) if packet else None
+        self, channel: Endpoint, packets: list[bytes], cpus: frozenset[int]
+    ) -> list[bytes] | None:
+        """Conditional ACKs whose ``cpus`` were not written: counted and noted, and their
+        NACKs (None for a FIFO message, which has no reply)."""
+        for _ in packets:
+            self._count_nack(channel, "write failed")
+            self._note_unapplied(channel, cpus)
+        if not packets[0]:
+            return None
+        return [protocol.nack_reply(packet) for packet in packets]
 
     def cpu_report(self, cpu: int) -> dict[str, object]:
         state = self.cpufreq.state(cpu)
