@@ -35,9 +35,12 @@ def test_first_control_switches_the_governor_to_userspace_journaled_first(sim_sy
     assert read(root, f"{POLICY}1/scaling_setspeed") == "1700000"
     assert read(root, f"{POLICY}0/scaling_governor") == "schedutil"  # only that CPU
     pending = list(journal.pending().items())
-    assert [Path(p).name for p, _ in pending] == ["scaling_governor", "scaling_setspeed"]
-    assert pending[0][1] == "schedutil"
-    # restore: setspeed first (while userspace still accepts it), then the governor
+    # setspeed as the kernel showed it before the governor was taken: journaled first
+    assert [(Path(p).name, t) for p, t in pending] == [
+        ("scaling_setspeed", "<unsupported>"),
+        ("scaling_governor", "schedutil"),
+    ]
+    # restore, newest first: the governor back; setspeed's placeholder needs no write
     assert journal.restore().failed == []
     assert read(root, f"{POLICY}1/scaling_governor") == "schedutil"
     assert read(root, f"{POLICY}1/scaling_setspeed") == "<unsupported>"

@@ -97,9 +97,9 @@ def test_a_warmed_cpus_take_over_opens_nothing_and_reads_each_value_once(
 ) -> None:
     """Fresh journal, a CPU probed ahead (the daemon's warm-up): its first change reads
     the governor once to take it (that read is also what an undo puts back and the
-    journal's original) and once more as the kernel's read-back, setspeed once (the
-    journal's original and the undo's value), and opens no file. It opened 8 files and
-    read the governor 5 times."""
+    journal's original) and once more as the kernel's read-back, setspeed twice (the
+    journal's original before the governor changes it, then the undo's value), and
+    opens no file. It opened 8 files and read the governor 5 times."""
     root = sim_sysfs("acpi-cpufreq", cpus=2)
     cf, journal = journaled(root, tmp_path, Sysfs)  # KernelSysfs reads files itself
     sys = Syscalls(monkeypatch)
@@ -110,7 +110,7 @@ def test_a_warmed_cpus_take_over_opens_nothing_and_reads_each_value_once(
     change(cf, 1, 1_700_000)
     monkeypatch.undo()
     reads = {name: n for name, n in sys.reads.items() if name.startswith("scaling_")}
-    assert reads == {"scaling_governor": 2, "scaling_setspeed": 1}, sys.reads
+    assert reads == {"scaling_governor": 2, "scaling_setspeed": 2}, sys.reads
     assert sys.opened_under(root) == [], "files opened at take-over"
     assert (root / f"{POLICY}1/scaling_governor").read_text().strip() == "userspace"
     assert (root / f"{POLICY}1/scaling_setspeed").read_text().strip() == "1700000"

@@ -318,8 +318,10 @@ def test_a_repeated_packet_for_a_cpu_reserved_since_is_refused(rig: Rig) -> None
     assert rig.pm.cpu_report(3)["reserved"] is True
 
     rig.pm.reserved_cpus = frozenset()
+    # restored to schedutil: the simulated CPU stays where it was last set
+    current_khz = int(rig.file(3, "scaling_cur_freq"))
     assert rig.exchange("vm1", vcpu1_down) == [ack(vcpu1_down)]  # served again
-    assert rig.setspeed(3) == START_KHZ - STEP_KHZ  # vm1's wish starts anew
+    assert rig.setspeed(3) == current_khz - STEP_KHZ  # vm1's wish starts anew from there
     stats = rig.pm.stats
     assert (stats.requests, stats.acks, stats.nacks) == (5, 3, 2)
 
@@ -482,6 +484,27 @@ def test_a_write_the_kernel_refuses_is_a_nack_and_the_wishes_go_back(rig: Rig) -
     assert isinstance(original, dict) and original["scaling_governor"] == "schedutil"
     rig.pm.restore_all()
     rig.assert_restored()
+
+
+def test_the_journal_keeps_setspeed_as_it_was_before_the_governor_was_taken(
+    rig: Rig,
+) -> None:
+    """A fresh journal learns file names from the first CPU's writes. scaling_setspeed
+    was recorded only when it was first written, after the governor had gone to
+    userspace: the journal held a frequency where the kernel had shown <unsupported>.
+    Restored newest first, a frequency written back after an undone take-over (governor
+    schedutil again) is refused by the kernel (EINVAL), and the entry stayed."""
+    vcpu0_down = cpu_power(Unit.SCALE_DOWN, 0, "vm1")  # host CPU 2, the first written
+    assert rig.exchange("vm1", vcpu0_down) == [ack(vcpu0_down)]
+    by_name = {path.rsplit("/", 1)[1]: text for path, text in rig.journal.pending().items()}
+    assert by_name == {"scaling_governor": "schedutil", "scaling_setspeed": UNSUPPORTED}
+
+    # Someone puts schedutil back; the journal still restores everything.
+    KernelSysfs(rig.root).write(f"{POLICY}2/scaling_governor", "schedutil")
+    report = rig.journal.restore()
+    assert report.failed == []
+    assert rig.journal.pending() == {}
+    assert rig.untouched(2)
 
 
 def test_a_file_that_cannot_be_written_is_a_nack_until_it_is_fixed(

@@ -275,6 +275,20 @@ class Sysfs:
             if not journal.knows(path):
                 journal.remember(path, original)
 
+    def journal_now(self, rel: str) -> None:
+        """Hand the journal attribute ``rel``'s content now as its original, unless it
+        holds one already: for a file that a write to another file changes (taking the
+        governor makes ``scaling_setspeed`` show a frequency instead of
+        ``<unsupported>``), before that write. Nothing is recorded when it cannot be
+        read (its own first write then says why)."""
+        journal = self.journal
+        if journal is None or journal.knows(self.path(rel)):
+            return
+        try:
+            self.remember_original(rel, self.read_kept(rel))
+        except SysfsError:
+            pass
+
     def write(self, rel: str, value: str | int) -> None:
         """Write ``value`` to an attribute; the journal sees the original first."""
         path = self.path(rel)

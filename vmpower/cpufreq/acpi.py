@@ -163,6 +163,11 @@ class SetspeedBackend(Backend):
                     f" without CONFIG_CPU_FREQ_GOV_USERSPACE?): governors are"
                     f" {' '.join(available)}",
                 )
+            # scaling_setspeed's original is what the kernel shows under the governor
+            # found (<unsupported>), not the frequency it shows once userspace runs:
+            # restored newest first, a frequency would be refused (EINVAL) by a CPU
+            # whose governor was put back meanwhile.
+            self.sysfs.journal_now(f"{d}/scaling_setspeed")
             self.sysfs.write(f"{d}/scaling_governor", "userspace")
             # Read back: a governor module that fails to start leaves the old one.
             now = self.sysfs.read_kept(f"{d}/scaling_governor")
