@@ -199,7 +199,8 @@ def test_show_cpus_reads_a_bounded_number_of_cpus_a_turn(turned: TurnedAgent) ->
 
 def test_status_reads_a_bounded_number_of_cpus_a_turn(turned: TurnedAgent) -> None:
     """The first status built the host-wide "unsupported" summary of every CPU in one
-    turn (28 ms at 256 CPUs); now CPUS_PER_SLICE CPUs a turn, same summary."""
+    turn (28 ms at 256 CPUs); now at most 8 CPUs a turn, same summary (16 held the loop
+    4.6 ms before the warm-up: a CPU not probed yet also has its files opened ahead)."""
     client = Client(turned)
     try:
         first = len(turned.cpus_read)
@@ -209,7 +210,7 @@ def test_status_reads_a_bounded_number_of_cpus_a_turn(turned: TurnedAgent) -> No
         client.close()
     assert reply["ok"], reply
     per_turn = [len(cpus) for cpus in turned.cpus_read[first:]]
-    assert max(per_turn) <= CPUS_A_TURN, f"CPUs read per turn: {per_turn}"
+    assert max(per_turn) <= 8, f"CPUs read per turn: {per_turn}"
     assert reply["result"]["unsupported"] == turned.agent.parts.cpufreq.unsupported_summary()
 
 

@@ -49,7 +49,9 @@ RELEASE = "release"  # set_cpu_freq's op that withdraws the operator's wish
 # show_cpus row, ~10 sysfs reads, took 130-300 us). A CPU's unsupported_on() is up to
 # ~110 us the first time (the cpufreq probe), ~30 us after.
 CPUS_PER_SLICE = 2  # show_cpus rows a turn (0.7-1.4 ms each at 256 CPUs: 8 held 6 ms, 4 held 5.5)
-SUMMARY_CPUS_PER_SLICE = 16  # status's "unsupported" summary: CPUs a turn
+# status's "unsupported" summary: CPUs a turn (a CPU not probed yet, before the warm-up
+# reached it, costs ~0.3 ms: its probe, and its write files opened ahead; 16 held 4.6 ms)
+SUMMARY_CPUS_PER_SLICE = 8
 VMS_PER_SLICE = 250  # show_cpus's holders: one VmInfo.pcpus() each, 3-9 us
 # list_vms names sorted a turn (~0.15 ms; all 4000 in one step were ~1 ms), merged lazily
 LIST_SORTED_PER_SLICE = 1000

@@ -123,15 +123,11 @@ class _ChangeLog:
     def __getattr__(self, name: str) -> object:
         return getattr(self._sysfs, name)
 
-    def begin(self) -> None:
-        """A change opens: the writes from now on are one change."""
-        self.change = {}
-        self._read.clear()
-
     def end(self) -> dict[str, str | None]:
         """The change is over (gone through or undone): what it overwrote."""
         change, self.change = self.change or {}, None
-        self._read.clear()
+        if self._read:
+            self._read.clear()
         return change
 
     def read(self, rel: str) -> str:
@@ -151,7 +147,8 @@ class _ChangeLog:
         if change is not None:
             if rel not in change:
                 change[rel] = self._before(rel)
-            self._read.clear()
+            if self._read:
+                self._read.clear()
         self._written.pop(rel, None)  # a write that fails leaves the value unknown
         self._sysfs.write(rel, value)
         if len(self._written) < WRITTEN_KEPT_MAX:
@@ -363,7 +360,8 @@ class CpuFreq:
 
     def begin_change(self) -> None:
         """The writes from now to ``end_change``/``undo_change`` are one change."""
-        self._changes.begin()
+        # (no reads are kept outside a change: end() cleared them)
+        self._changes.change = {}
 
     def end_change(self) -> None:
         """The change went through: forget what it overwrote."""
