@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from agent_support import render_node
+from agent_support import NODE_XML, render_node
 
 from vmpower import protocol
 from vmpower.channels import ChannelState, TokenBucket, VmChannel
@@ -196,15 +196,28 @@ def make_rig(tmp_path: Path) -> Iterator[RigFactory]:
     ``boost``, when given, is written to the global boost switch before the rig starts."""
     rigs: list[Rig] = []
 
-    def make(governor: str | None = None, kernel: bool = True, boost: str | None = None) -> Rig:
+    def make(
+        governor: str | None = None,
+        kernel: bool = True,
+        boost: str | None = None,
+        cpus_per_policy: int = 1,
+        node_source: Path = NODE_XML,
+    ) -> Rig:
         channels = tmp_path / "channels"
         channels.mkdir()  # one rig per test
-        node = render_node(tmp_path, channels)
+        node = render_node(tmp_path, channels, node_source)
         clock = FakeClock()
         hv = Hypervisor(f"test://{node}", channels, clock=clock, map_refresh_s=1.0)
         hv.connect()
         root = tmp_path / "sys"
-        build_tree(root, "acpi-cpufreq", HOST_CPUS, turbo=True, governor=governor)
+        build_tree(
+            root,
+            "acpi-cpufreq",
+            HOST_CPUS,
+            turbo=True,
+            governor=governor,
+            cpus_per_policy=cpus_per_policy,
+        )
         if boost is not None:
             KernelSysfs(root).write(BOOST, boost)
         # The journal restores through the simulated kernel too, so a restore the kernel
@@ -380,6 +393,30 @@ def test_vms_sending_the_same_bytes_each_keep_the_fast_path(
     assert lookups == []
     assert rig.setspeed(2) == START_KHZ - 4 * STEP_KHZ
     assert rig.wish_khz(3) == {"vm2": START_KHZ - 4 * STEP_KHZ}
+
+
+def test_a_run_over_cpus_sharing_a_policy_steps_as_one_packet_after_the_other(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    """A read's fast-path packets are applied as one run; over CPUs of one policy, a
+    CPU new to the requester starts from the policy's highest wish, which the run's
+    earlier CPUs have moved: the run must give what handling the packets one by one
+    gives (it had moved the first CPU by the whole run first: one step too far)."""
+    source = tmp_path / "shared-node.xml"  # web.prod.1's vCPU 0 on host CPUs 6-7: policy6
+    source.write_text(NODE_XML.read_text().replace("cpuset='5-6'", "cpuset='6-7'"))
+    rig = make_rig(cpus_per_policy=2, node_source=source)
+    up = cpu_power(Unit.SCALE_UP, 0)
+    assert rig.exchange("web.prod.1", up) == [ack(up)]  # the route is learnt
+    rig.pm.release("web.prod.1")  # the operator drops its wishes; the route stays good
+    table = rig.cpufreq.table_khz(6)
+    start = table.index(int(rig.file(6, "scaling_cur_freq")))
+    assert rig.exchange("web.prod.1", up, up) == [ack(up), ack(up)]  # one read: a run
+    # One by one: CPU 6 up from `start`, CPU 7 up from CPU 6's wish, twice.
+    assert rig.wish_khz(6) == {"web.prod.1": table[start - 2]}
+    assert rig.wish_khz(7) == {"web.prod.1": table[start - 3]}
+    assert rig.setspeed(6) == table[start - 3]
+    rig.pm.restore_all()
+    rig.assert_restored()
 
 
 # -- 3. the flood rule --------------------------------------------------------------------

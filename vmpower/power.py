@@ -352,9 +352,7 @@ class PowerManager:
         generation = self._cpu_generation
         # The fast path needs a known VM and an enabled channel for the whole read.
         fast = vm is not None and channel.enabled
-        cache = self._packet_cache.get(owner)
-        if cache is None:
-            cache = self._packet_cache[owner] = {}
+        cache = self._packet_cache.get(owner) or {}  # _learn stores a new one
         # The fast path's run: consecutive packets acting on the same CPUs, whose moves
         # are applied together when the run ends (a guest's read is one run, mostly).
         run: list[_KnownPacket] = []
@@ -392,9 +390,12 @@ class PowerManager:
     def _end_run(
         self, channel: VmChannel, owner: str, run: list[_KnownPacket], cpus: frozenset[int]
     ) -> None:
-        """Apply a fast-path run: each CPU's wish takes the run's steps in order (what
-        one packet after the other would do: CPUs do not depend on each other), and the
-        run's ACKs wait for the flush as one entry."""
+        """Apply a fast-path run: each CPU's wish takes the run's steps in order, what
+        one packet after the other does, and the run's ACKs wait for the flush as one
+        entry. A CPU's wish depends on another's only when it is created: a requester
+        new to a CPU of a shared policy starts from the policy's highest wish. So over
+        several CPUs the first step is taken on every CPU first; the rest of each
+        CPU's steps then depend on that CPU's wish alone."""
         if len(run) == 1:  # the latency case: one request a read (no comprehensions)
             known = run[0]
             units: Sequence[int] = (known.unit,)
@@ -402,6 +403,10 @@ class PowerManager:
         else:
             units = [known.unit for known in run]
             packets, acks = [known.packet for known in run], [known.ack for known in run]
+        if len(units) > 1 and len(cpus) > 1:
+            for cpu in cpus:
+                self._move(owner, cpu, units[:1])
+            units = units[1:]
         for cpu in cpus:
             self._move(owner, cpu, units)
         self._pending.append((channel, packets, cpus, acks, True))

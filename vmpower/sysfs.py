@@ -223,17 +223,8 @@ class Sysfs:
         """Content of attribute ``rel`` as ``read`` gives it: through the fd kept for its
         writes when there is one (one ``pread``: kernfs shows the value anew for each
         read from offset 0), else opened, read and closed as ``read`` does."""
-        path = self.path(rel)
-        fd = self._write_fds.get(path, -1)
-        if fd not in self._readable:
-            return self.read(rel)
-        try:
-            return os.pread(fd, READ_MAX_BYTES, 0).decode().strip()
-        except OSError:
-            self._drop_fd(path)  # stale (the CPU went away): the path as it is now
-            return self.read(rel)
-        except UnicodeDecodeError as exc:
-            raise SysfsError(path, f"unreadable content: {exc}") from None
+        text = self.read_kept_path(self.path(rel))
+        return self.read(rel) if text is None else text  # read says why, if it fails
 
     def read_kept_path(self, path: str) -> str | None:
         """The content of absolute ``path`` through a fd kept for it, or None when none is
@@ -243,7 +234,10 @@ class Sysfs:
             return None
         try:
             return os.pread(fd, READ_MAX_BYTES, 0).decode().strip()
-        except (OSError, UnicodeDecodeError):
+        except OSError:
+            self._drop_fd(path)  # stale (the CPU went away): the path as it is now
+            return None
+        except UnicodeDecodeError:
             return None
 
     def read_for_write(self, rel: str) -> str:
@@ -285,7 +279,7 @@ class Sysfs:
         if journal is None or journal.knows(self.path(rel)):
             return
         try:
-            self.remember_original(rel, self.read_kept(rel))
+            self.read_for_write(rel)  # hands the journal what it read
         except SysfsError:
             pass
 

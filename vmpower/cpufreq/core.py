@@ -114,7 +114,6 @@ class _ChangeLog:
         self.read_int = sysfs.read_int
         self.exists = sysfs.exists
         self.listdir = sysfs.listdir
-        self.open_reader = sysfs.open_reader
         # rel → its value before the change's first write to it, in the order written
         self.change: dict[str, str | None] | None = None
         self._read: dict[str, str] = {}  # rel → read in the open change since its last write
@@ -360,8 +359,10 @@ class CpuFreq:
 
     def begin_change(self) -> None:
         """The writes from now to ``end_change``/``undo_change`` are one change."""
-        # (no reads are kept outside a change: end() cleared them)
-        self._changes.change = {}
+        changes = self._changes
+        if changes.change is not None:  # left open by a failure nobody undid
+            changes.end()  # its reads must not serve as this change's values before
+        changes.change = {}
 
     def end_change(self) -> None:
         """The change went through: forget what it overwrote."""
