@@ -255,6 +255,34 @@ def test_a_reserved_cpus_files_are_not_opened_ahead(
     assert sys.opened_under(root / cf.policy_dir(1), writable=True) == []  # reserved
 
 
+def _open_under(directory: Path) -> list[str]:
+    """Names of the files under ``directory`` this process holds open (/proc/self/fd)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own fd, closed meanwhile
+        if target.startswith(f"{directory}/"):
+            names.append(Path(target).name)
+    return sorted(names)
+
+
+def test_a_cpu_reserved_by_a_reload_has_its_files_closed(sim_sysfs) -> None:
+    """The warm-up opened CPU 1's files ahead; a reload reserving it closes them (a
+    reserved CPU's files are never written, so not held either)."""
+    root = sim_sysfs("acpi-cpufreq", cpus=2)
+    cf = open_cpufreq(KernelSysfs(root))
+    cf.table_khz(0)
+    cf.table_khz(1)
+    policy1 = (root / cf.policy_dir(1)).resolve()
+    assert _open_under(policy1) == ["scaling_governor", "scaling_setspeed"]
+    cf.set_reserved(frozenset({1}))
+    assert _open_under(policy1) == []
+    assert _open_under((root / cf.policy_dir(0)).resolve()) != []  # CPU 0 keeps its own
+    cf.close()
+
+
 def test_keep_open_writes_nothing_and_stops_at_its_share_of_the_fd_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

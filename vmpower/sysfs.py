@@ -336,6 +336,13 @@ class Sysfs:
         for path in list(self._write_fds):
             self._drop_fd(path)
 
+    def close_under(self, rel_dir: str) -> None:
+        """Close the attributes kept open in directory ``rel_dir`` (a CPU reserved by a
+        reload: its files are never written again)."""
+        prefix = self.path(rel_dir).rstrip("/") + "/"
+        for path in [p for p in self._write_fds if p.startswith(prefix)]:
+            self._drop_fd(path)
+
     def __del__(self) -> None:
         # A Sysfs nobody closed (a test's, a probe's) must not keep its fds: a process
         # that makes many runs out of them.

@@ -479,6 +479,8 @@ class CpuFreq:
         for cpu in changed:
             if cpu in self._present_set:
                 self.forget(cpu)
+                if self._reserved_policy(cpu):  # opened ahead by the warm-up: let go
+                    self.sysfs.close_under(self._topology.dir(cpu))
 
     def forget(self, cpu: int) -> None:
         """Drop what vmpower believes about the requests of ``cpu``'s policy (its files
