@@ -160,6 +160,19 @@ def answer(turned: TurnedAgent, client: Client) -> tuple[dict[str, Any], int]:
     raise AssertionError(f"no reply in {MAX_TURNS} turns")
 
 
+def command_per_turn(turned: TurnedAgent, cmd: str) -> tuple[dict[str, Any], int, list[int]]:
+    """``cmd`` from a new client, the loop turned until it answers: the reply, the turns
+    it took, and how many CPUs' files each of those turns read."""
+    client = Client(turned)
+    try:
+        first = len(turned.cpus_read)
+        client.send(cmd)
+        reply, turns = answer(turned, client)
+    finally:
+        client.close()
+    return reply, turns, [len(cpus) for cpus in turned.cpus_read[first:]]
+
+
 def in_flight(turned: TurnedAgent, client: Client) -> None:
     """One turn reads ``client``'s command and must not answer it (sliced)."""
     turned.turn()
@@ -169,16 +182,9 @@ def in_flight(turned: TurnedAgent, client: Client) -> None:
 def test_show_cpus_reads_a_bounded_number_of_cpus_a_turn(turned: TurnedAgent) -> None:
     """show_cpus read every CPU's files in one turn (256 CPUs: 60 ms of the loop);
     now at most CPUS_PER_SLICE CPUs a turn, and the answer is still every CPU's row."""
-    client = Client(turned)
-    try:
-        first = len(turned.cpus_read)
-        client.send("show_cpus")
-        reply, turns = answer(turned, client)
-    finally:
-        client.close()
+    reply, turns, per_turn = command_per_turn(turned, "show_cpus")
     assert reply["ok"], reply
     assert [row["cpu"] for row in reply["result"]] == list(range(HOST_CPUS))
-    per_turn = [len(cpus) for cpus in turned.cpus_read[first:]]
     assert max(per_turn) <= CPUS_A_TURN, f"CPUs read per turn: {per_turn}"
     assert turns >= HOST_CPUS // CPUS_A_TURN
     # status.loop: its longest step, in wall and in CPU time (what the work itself took)
@@ -201,15 +207,8 @@ def test_status_reads_a_bounded_number_of_cpus_a_turn(turned: TurnedAgent) -> No
     """The first status built the host-wide "unsupported" summary of every CPU in one
     turn (28 ms at 256 CPUs); now at most 8 CPUs a turn, same summary (16 held the loop
     4.6 ms before the warm-up: a CPU not probed yet also has its files opened ahead)."""
-    client = Client(turned)
-    try:
-        first = len(turned.cpus_read)
-        client.send("status")
-        reply, _ = answer(turned, client)
-    finally:
-        client.close()
+    reply, _, per_turn = command_per_turn(turned, "status")
     assert reply["ok"], reply
-    per_turn = [len(cpus) for cpus in turned.cpus_read[first:]]
     assert max(per_turn) <= 8, f"CPUs read per turn: {per_turn}"
     assert reply["result"]["unsupported"] == turned.agent.parts.cpufreq.unsupported_summary()
 

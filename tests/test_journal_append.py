@@ -53,6 +53,19 @@ class SyncCounter:
         return counted
 
 
+def count_realpath(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths the journal resolves (os.path.realpath) from now on, as a list."""
+    resolved: list[str] = []
+    real = os.path.realpath
+
+    def counting(path: str, *args: object, **kwargs: object) -> str:
+        resolved.append(str(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(restore.os.path, "realpath", counting)
+    return resolved
+
+
 def test_a_new_original_appends_a_few_bytes_to_the_same_file(tmp_path: Path) -> None:
     """1000 files: each new original grows the same file by its record alone (the file
     was rewritten whole, temp + rename, for each one: 2048 files took 6.3 s)."""
@@ -169,14 +182,7 @@ def test_a_directory_is_resolved_once_and_a_link_out_of_the_roots_still_refused(
     outside.mkdir()
     (root / "escape").symlink_to(outside, target_is_directory=True)
     journal = RestoreJournal(tmp_path / "state", file_roots=[root])
-    resolved: list[str] = []
-    real = os.path.realpath
-
-    def counting(path: str, *args: object, **kwargs: object) -> str:
-        resolved.append(str(path))
-        return real(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(restore.os.path, "realpath", counting)
+    resolved = count_realpath(monkeypatch)
     for name in ("scaling_governor", "scaling_setspeed", "scaling_min_freq"):
         journal.remember(str(policy / name), "x")
     assert resolved == [str(policy)]
@@ -197,14 +203,7 @@ def test_directories_resolved_ahead_cost_nothing_at_the_first_write(
         policy.mkdir(parents=True)
     journal = RestoreJournal(tmp_path / "state", file_roots=[root])
     journal.resolve_ahead(f"{policy}/" for policy in policies)  # the daemon's warm-up
-    resolved: list[str] = []
-    real = os.path.realpath
-
-    def counting(path: str, *args: object, **kwargs: object) -> str:
-        resolved.append(str(path))
-        return real(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(restore.os.path, "realpath", counting)
+    resolved = count_realpath(monkeypatch)
     for policy in policies:
         journal.remember(str(policy / "scaling_governor"), "schedutil")
     assert resolved == []
