@@ -87,7 +87,7 @@ def _journal_case(tmp: Path, batched: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         w0 = _wchar()
         if batched:
-            journal.begin_turn([cpufreq.cpufreq_path_prefix(c) for c in cpus])
+            journal.begin_turn([cpufreq.policy_path_prefix(c) for c in cpus])
         for cpu in cpus:
             cpufreq.set_khz(cpu, min(cpufreq.table_khz(cpu)))
         if batched:

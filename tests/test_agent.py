@@ -325,6 +325,25 @@ def test_policy_install_and_remove_are_acknowledged(agent: RunningAgent) -> None
     assert code(vm1.request(foreign)) == NACK  # host CPU 4 is vm2's
 
 
+def test_a_policy_installed_while_the_evaluation_sleeps_is_applied(agent: RunningAgent) -> None:
+    """With no policy the evaluation sleeps; one installed over a guest channel wakes it
+    (PowerManager.policy_installed): WORKLOAD HIGH puts vm1's CPUs at nominal."""
+    high = make_request(
+        Command.PKT_POLICY,
+        0,
+        0,
+        policy_to_use=2,  # WORKLOAD
+        workload=0,  # HIGH
+        vcpu_to_control=(0, 1, 0, 0, 0, 0, 0, 0),
+        num_vcpu=2,
+    )
+    time.sleep(0.5)  # policies.period_s is 0.1: the evaluation has found none and slept
+    assert code(agent.hosts["vm1.0"].request(high)) == ACK
+    for cpu in (2, 3):
+        assert wait_for(lambda cpu=cpu: agent.read(cpu, "scaling_governor") == "userspace", 10)
+        assert wait_for(lambda cpu=cpu: agent.setspeed(cpu) == agent.table(cpu)[1], 10)
+
+
 def test_control_socket_refusals_are_one_clear_line(agent: RunningAgent) -> None:
     with pytest.raises(ControlError, match="unknown VM 'nope'"):
         agent.control("show_vm", vm="nope")

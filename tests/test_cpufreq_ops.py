@@ -265,7 +265,7 @@ def test_the_path_prefixes_pick_out_one_cpus_journal_entries(sim_sysfs, tmp_path
     cf = kernel(root, journal)
     for cpu in (1, 11):
         assert cf.set_khz(cpu, cf.table_khz(cpu)[-1])
-    cpu_prefix, cpufreq_prefix = cf.cpu_path_prefix(1), cf.cpufreq_path_prefix(1)
+    cpu_prefix, cpufreq_prefix = cf.cpu_path_prefix(1), cf.policy_path_prefix(1)
     assert cpu_prefix == f"{root}/{CPU}/cpu1/"
     assert cpufreq_prefix == f"{root}/{CPU}/cpu1/cpufreq/"
     ours = [p for p in journal.pending() if p.startswith(cpu_prefix)]

@@ -104,7 +104,7 @@ def test_a_turns_first_writes_share_one_sync(tmp_path: Path, monkeypatch) -> Non
 
     def turn(cpus: range) -> int:
         start = syncs.calls
-        journal.begin_turn([cpufreq.cpufreq_path_prefix(c) for c in cpus])
+        journal.begin_turn([cpufreq.policy_path_prefix(c) for c in cpus])
         for cpu in cpus:
             cpufreq.set_khz(cpu, min(cpufreq.table_khz(cpu)))
         journal.end_turn()

@@ -95,7 +95,7 @@ class Rig:
         """Advance time and run what is due, then the end-of-turn flush."""
         self.clock.now += seconds
         self.events.run_due()
-        self.engine.ensure_running()  # the daemon's end-of-turn hook
+        self.engine.ensure_running()  # the daemon's hook on PowerManager.policy_installed
         self.power.flush()
 
     def close(self) -> None:

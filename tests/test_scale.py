@@ -246,7 +246,7 @@ def test_show_cpus_builds_each_journal_entry_once(parts: Parts, monkeypatch) -> 
     rows = parts.run("show_cpus")
     assert built[0] <= len(pending), f"{built[0]} journal rows built for {len(pending)}"
     for row in rows:  # what a user reads is unchanged: each CPU's own originals
-        prefix = parts.cpufreq.cpufreq_path_prefix(row["cpu"])
+        prefix = parts.cpufreq.policy_path_prefix(row["cpu"])
         mine = {p[len(prefix) :]: v for p, v in pending.items() if p.startswith(prefix)}
         assert row["original"] == mine and mine
 

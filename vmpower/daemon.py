@@ -60,7 +60,7 @@ from vmpower.hotplug import CpuEventSource, CpuHotplug, KernelCpuEvents
 from vmpower.hypervisor import Hypervisor
 from vmpower.instancelock import InstanceLock
 from vmpower.lifecycle import VmLifecycle
-from vmpower.logbook import KindLog, KindLogs
+from vmpower.logbook import KindLogs
 from vmpower.logsetup import setup_logging
 from vmpower.metrics import SnapshotBuilder
 from vmpower.monitor import Monitor
@@ -139,7 +139,7 @@ class Agent:
         self._pending_signals: list[int] = []
         self._stopped = False
         self._unrestored: list[str] = []  # journal entries shutdown could not restore
-        self._kind_logs: list[KindLog] = []
+        self._kind_logs = KindLogs(())  # the monitor ticker of the logs by kind
         # Observability (issue #15): lifetime energy books and the Prometheus endpoint.
         self.energy: EnergyAccount | None = None
         self.metrics: MetricsExporter | None = None
@@ -225,8 +225,8 @@ class Agent:
         power_logs = PowerLogs.build(cfg.log.summary_interval_s, self.clock)
         channel_logs = ChannelLogs.build(cfg.log.summary_interval_s, self.clock)
         kind_logs = (*power_logs.all(), *channel_logs.all())
-        self.monitor.add_ticker(KindLogs(kind_logs))
-        self._kind_logs.extend(kind_logs)  # log.summary_interval_s applies on reload
+        self._kind_logs = KindLogs(kind_logs)  # log.summary_interval_s applies on reload
+        self.monitor.add_ticker(self._kind_logs)
         power = PowerManager(
             cpufreq, hypervisor, journal, cfg.cpufreq.reserved_cpus, self.clock, logs=power_logs
         )
@@ -311,8 +311,9 @@ class Agent:
         # replies (a VM that stopped this turn gets no ACK for a CPU it gave up).
         self.monitor.add_end_of_turn(self._handle_signals)
         self.monitor.add_end_of_turn(pump.end_of_turn)
-        self.monitor.add_end_of_turn(parts.policies.ensure_running)
         self.monitor.add_end_of_turn(parts.power.finish_turn)
+        # A policy installed while the evaluation slept wakes it (not a check per turn).
+        parts.power.policy_installed = parts.policies.ensure_running
         self._schedule_reconnects()
         self._schedule_warm_up(parts)
         self.conflict_watch.start()
@@ -554,7 +555,7 @@ class Agent:
         logging.getLogger("vmpower").setLevel(new.log.level.upper())
         parts = self.parts
         interval_s = new.log.summary_interval_s
-        for kind_log in (*self._kind_logs, parts.control.errors):
+        for kind_log in (*self._kind_logs.logs, parts.control.errors):
             kind_log.interval_s = interval_s
         parts.hypervisor.set_map_refresh(new.libvirt.map_refresh_s)
         parts.channels.set_limits(

@@ -65,10 +65,10 @@ class LoopStats:
         if seconds > self.longest_turn_s:
             self.longest_turn_s = seconds
 
-    def command(self, name: str, seconds: float, cpu_s: float | None = None) -> None:
+    def command(self, name: str, seconds: float, cpu_s: float) -> None:
         if seconds > self.command_longest_s.get(name, 0.0):
             self.command_longest_s[name] = seconds
-        if cpu_s is not None and cpu_s > self.command_longest_cpu_s.get(name, 0.0):
+        if cpu_s > self.command_longest_cpu_s.get(name, 0.0):
             self.command_longest_cpu_s[name] = cpu_s
 
     def report(self) -> dict[str, object]:

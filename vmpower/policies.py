@@ -265,8 +265,8 @@ class PolicyEngine:
         self._event_id = self.events.register(self.period_s, self._evaluate_all)
 
     def ensure_running(self) -> None:
-        """The end of a monitor turn: a policy installed while the evaluation slept (no
-        policy left, see ``_evaluate_all``) starts it again. One check per turn."""
+        """A policy was installed (``PowerManager.policy_installed``): if the evaluation
+        slept (no policy left, see ``_evaluate_all``), it starts again."""
         if self._event_id is None and self._running and self.power.policies:
             self._event_id = self.events.register(self.period_s, self._evaluate_all)
 
@@ -305,7 +305,7 @@ class PolicyEngine:
     def _evaluate_all(self, _event_id: int = 0, _data: object = None) -> None:
         if not self.power.policies and self._event_id is not None:
             # Nothing to evaluate: the event sleeps (an idle daemon was woken ten times
-            # a second for it) until ensure_running sees a policy again.
+            # a second for it) until a policy is installed (ensure_running).
             self.events.unregister(self._event_id)
             self._event_id = None
             self._release_unused_msrs()

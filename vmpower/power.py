@@ -215,6 +215,9 @@ class PowerManager:
         self._reserved_cpus = reserved_cpus
         self.clock = clock
         self.send_replies = send_replies
+        # Called when a policy is installed (the daemon: the policy engine wakes, its
+        # evaluation sleeps while none is): every `self.policies[...] =` calls it.
+        self.policy_installed: Callable[[], None] | None = None
         self.query_allowed: set[str] = set()
         self.wishes: dict[int, dict[str, Wish]] = {}
         self.policies: dict[str, PolicyRecord] = {}
@@ -480,9 +483,7 @@ class PowerManager:
                     known.route_vm = vm
                     known.route_generation = generation
                     known.route_cpus = cpus
-                for cpu in cpus:
-                    self._move(owner, cpu, (unit,))
-                self._pending.append((channel, [packet], cpus, [known.ack], True))
+                self._end_run(channel, owner, [known], cpus)
             elif command in _QUERIES:
                 self._query(channel, packet, known.resource_id, command, vm, vm_error)
             elif command == _PKT_POLICY:
@@ -538,6 +539,8 @@ class PowerManager:
                             channel.owner, spec, cpus=frozenset({channel.cpu}), installed_at=now
                         )
                         self.policies[channel.owner] = record
+                        if self.policy_installed is not None:
+                            self.policy_installed()
                         self.logs.policies.note(
                             channel.owner, "installed", f"{spec.type.name} policy installed"
                         )
@@ -756,6 +759,8 @@ class PowerManager:
         self.policies[channel.owner] = PolicyRecord(
             channel.owner, spec, cpus=cpus, vcpus=vcpus, installed_at=self.clock()
         )
+        if self.policy_installed is not None:
+            self.policy_installed()
         self.logs.policies.note(
             channel.owner,
             "installed",
@@ -862,23 +867,14 @@ class PowerManager:
         # run's replies as one chunk.
         run_channel: Endpoint | None = None
         run: list[bytes] = []
-        # ACKs are counted per run of one channel's items (the metrics' per-VM counter
-        # is a dict update: once per read, not once per request).
-        acks = 0
-        ack_channel: Endpoint | None = None
+        # ACKs per channel, added to the metrics' per-requester counters once per turn
+        acks: dict[Endpoint, int] = {}
         for channel, packets, cpus, replies, conditional in self._pending:
             if conditional:
                 if failed and cpus & failed:
                     replies = self._nack_unapplied(channel, packets, cpus & failed)
                 else:
-                    if channel is not ack_channel:
-                        if acks:
-                            key = (ack_channel.kind, ack_channel.owner)  # type: ignore[union-attr]
-                            acks_by[key] = acks_by.get(key, 0) + acks
-                            stats.acks += acks
-                            acks = 0
-                        ack_channel = channel
-                    acks += len(packets)
+                    acks[channel] = acks.get(channel, 0) + len(packets)
             if replies is None:
                 continue  # FIFO messages have no reply
             if channel is not run_channel:
@@ -890,10 +886,10 @@ class PowerManager:
             run += replies
         if run:
             run_channel.queue_replies(run)  # type: ignore[union-attr]
-        if acks:
-            key = (ack_channel.kind, ack_channel.owner)  # type: ignore[union-attr]
-            acks_by[key] = acks_by.get(key, 0) + acks
-            stats.acks += acks
+        for channel, count in acks.items():
+            key = (channel.kind, channel.owner)
+            acks_by[key] = acks_by.get(key, 0) + count
+            stats.acks += count
         self._pending.clear()
         return channels
 

@@ -4,7 +4,7 @@ It owns validation (the simulated tree's plain files accept anything, so everyth
 kernel would refuse is refused here first with ``CpufreqError``), the per-CPU caches
 that keep the request path cheap (static tables and facts, the last frequency set, the
 turbo switch's state), the files of each CPU (``cpu_path_prefix``,
-``cpufreq_path_prefix``, ``close``), and the once-only reporting of unsupported
+``policy_path_prefix``, ``close``), and the once-only reporting of unsupported
 features. The per-driver file work is delegated to a backend (see
 ``vmpower.cpufreq.detect``).
 
@@ -193,9 +193,6 @@ class CpuFreq:
         writer = cast(Sysfs, self._changes)
         self._reserved = frozenset(reserved_cpus)
         self._reasons: dict[str, str] = {}
-        # status's host-wide view of unsupported_on(): built on demand, dropped whenever
-        # a CPU's state or the reserved set changes (hotplug, reload).
-        self._summary: dict[str, dict[str, str]] | None = None
         self._present = present_cpus(sysfs)
         self._present_set = frozenset(self._present)
         self._driver = system_driver(sysfs, self._present)
@@ -278,7 +275,6 @@ class CpuFreq:
         """``cpu`` went offline or came back (hotplug): re-read its policy, and drop
         everything cached about it: the kernel brings a CPU back with its own governor
         and frequency (cpufreq_online() starts the policy's last governor afresh)."""
-        self._summary = None
         self._path_prefixes.clear()
         before = self._topology.members(cpu)
         self._topology.refresh(cpu)
@@ -301,11 +297,6 @@ class CpuFreq:
         that CPU (its journal entries included) starts with it. Any CPU number is
         accepted; an absent CPU's prefix matches nothing."""
         return self.sysfs.path(f"{CPU_DIR}/cpu{cpu}/")
-
-    def cpufreq_path_prefix(self, cpu: int) -> str:
-        """Absolute path of ``cpu``'s policy directory, ending in "/": the prefix of the
-        policy files vmpower writes for it (as the journal records them)."""
-        return self.policy_path_prefix(cpu)
 
     def close(self) -> None:
         """Close the attributes kept open (at shutdown; reopened on demand)."""
@@ -473,7 +464,6 @@ class CpuFreq:
         What is cached about a CPU changing sides is dropped; the caller restores the
         newly reserved CPUs' files first (``PowerManager.reserved_cpus``).
         """
-        self._summary = None
         changed = self._reserved ^ frozenset(cpus)
         self._reserved = frozenset(cpus)
         for cpu in changed:
@@ -638,16 +628,14 @@ class CpuFreq:
         return why
 
     def unsupported_summary(self) -> dict[str, dict[str, str]]:
-        """Host-wide: each feature some online CPU cannot use → those CPUs and a reason."""
-        if self._summary is None:
-            steps = self.unsupported_summary_steps(len(self._present) or 1)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    self._summary = done.value
-                    break
-        return self._summary
+        """Host-wide: each feature some online CPU cannot use → those CPUs and a reason
+        (``unsupported_summary_steps`` in one piece)."""
+        steps = self.unsupported_summary_steps(len(self._present) or 1)
+        try:
+            next(steps)  # one step holds every CPU: it never yields
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        raise AssertionError("unsupported_summary_steps yielded in one piece")
 
     def unsupported_summary_steps(
         self, cpus_per_step: int
