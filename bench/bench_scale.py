@@ -16,7 +16,7 @@ running VMs x 4 channels on a simulated 256-CPU host:
   channel) and reports their round trips;
 * libvirt is the test driver with a generated node XML; it reports 8 host CPUs
   whatever the XML says, so bench/scale_shim/sitecustomize.py (first on the daemon's
-  PYTHONPATH) wraps ``getCPUMap`` and ``vcpuPinInfo`` to present 256 CPUs and each
+  PYTHONPATH) wraps ``getCPUMap``, ``vcpuPinInfo`` and ``XMLDesc`` to present 256 CPUs and each
   VM's pins, calling the real methods underneath. The test driver's XML parse in
   ``libvirt.open`` (0.7 ms a VM, a cost libvirtd does not have at connect) is timed
   by the shim and reported apart;

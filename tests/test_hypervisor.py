@@ -13,6 +13,7 @@ import queue
 import socket
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from vmpower.devtools import wait_for
 from vmpower.errors import HypervisorError, UnknownVmError
 from vmpower.hypervisor import ChannelInfo, Hypervisor, VmEvent, VmInfo, VmState
+from vmpower.hypervisor.domain_xml import vcpu_pins
 
 NODE_FILE = Path(__file__).resolve().parent / "data" / "node.xml"
 COMMITTED_CHANNELS = "/tmp/powermonitor/"
@@ -389,6 +391,101 @@ def test_set_pcpu_refuses_bad_requests_and_changes_nothing(
         env.hv.set_pcpu(vm, vcpu, frozenset(cpus))
     assert live_pins(env, "vm1") == [{2}, {3}]
     assert env.hv.vm("vm1").vcpu_pcpus == (frozenset({2}), frozenset({3}))
+
+
+class LibvirtCalls:
+    """Counts the libvirt calls that are round trips to libvirtd (each still made)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: dict[str, int] = {}
+        for cls, name in (
+            (libvirt.virDomain, "vcpuPinInfo"),
+            (libvirt.virDomain, "info"),
+            (libvirt.virDomain, "XMLDesc"),
+            (libvirt.virConnect, "getCPUMap"),
+        ):
+            monkeypatch.setattr(cls, name, self._counting(name, getattr(cls, name)))
+
+    def _counting(self, name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_a_running_vm_is_read_in_one_round_trip_its_live_xml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue #16: behind libvirtd each call is a round trip (0.3-0.5 ms), and the
+    # bindings' vcpuPinInfo is three (host CPU map, info, pins). Start-up reads every
+    # VM: its pins come with the XML the channels are read from anyway.
+    calls = LibvirtCalls(monkeypatch)
+    env = make_env(tmp_path)
+    try:
+        running = [n for n, vm in env.hv.vms().items() if vm.active]
+        assert len(running) == 5
+        assert calls.counts.get("vcpuPinInfo", 0) == 0
+        assert calls.counts["XMLDesc"] == len(running)
+        assert env.hv.vm("vm1").vcpu_pcpus == (frozenset({2}), frozenset({3}))
+        for name in running:
+            assert env.hv.vm(name).vcpu_pcpus == tuple(live_pins(env, name))
+        assert calls.counts.get("vcpuPinInfo", 0) == len(running)  # live_pins' own
+    finally:
+        env.hv.close()
+
+
+PIN_VARIANTS = {
+    # libvirt's order: a vCPU's <vcpupin>, else <vcpu cpuset>, else every host CPU
+    "ranges": (
+        "<vcpu placement='static' cpuset='1-3,^2' current='3'>4</vcpu>",
+        "<vcpupin vcpu='1' cpuset='5'/>",
+    ),
+    "each": (
+        "<vcpu placement='static'>2</vcpu>",
+        "<vcpupin vcpu='0' cpuset='0-1'/><vcpupin vcpu='1' cpuset='7'/>",
+    ),
+    "unpinned": ("<vcpu>2</vcpu>", ""),
+    "fewer-online": ("<vcpu current='1'>3</vcpu>", "<vcpupin vcpu='2' cpuset='6'/>"),
+    # numad's advice is not in the XML: libvirt's API is asked
+    "auto": ("<vcpu placement='auto' current='1'>2</vcpu>", "<vcpupin vcpu='1' cpuset='4'/>"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PIN_VARIANTS))
+def test_pins_read_from_the_live_xml_are_libvirts_answer(
+    env: Env, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    assert env.hv.conn is not None
+    vcpu, tune = PIN_VARIANTS[variant]
+    env.hv.conn.createXML(
+        f"<domain type='test'><name>{variant}</name><memory>524288</memory>{vcpu}"
+        f"<cputune>{tune}</cputune><os><type>hvm</type></os></domain>",
+        0,
+    )
+    env.collect(has("started", variant))
+    calls = LibvirtCalls(monkeypatch)
+    env.hv.refresh(variant)
+    asked_api = calls.counts.get("vcpuPinInfo", 0)
+    assert env.hv.vm(variant).vcpu_pcpus == tuple(live_pins(env, variant))
+    assert asked_api == (1 if variant == "auto" else 0)
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        # an inactive definition (the VM stopped between the listing and the read)
+        "<domain type='test'><vcpu>1</vcpu><cputune><vcpupin vcpu='0' cpuset='1'/></cputune>",
+        "<domain type='test' id='3'><vcpu>1</vcpu><cputune><vcpupin vcpu='0' cpuset='1-x'/>"
+        "</cputune>",
+        "<domain type='test' id='3'><vcpu current='3'>2</vcpu>",
+        "<domain type='test' id='3'><vcpu>two</vcpu>",
+        "<domain type='test' id='3'>",
+    ],
+)
+def test_pins_the_xml_cannot_give_are_asked_of_libvirt(domain: str) -> None:
+    root = ET.fromstring(domain + "</domain>")
+    assert vcpu_pins(root, 8) is None
 
 
 # ---------------------------------------------------------------- per-VM statistics

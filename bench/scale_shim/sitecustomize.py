@@ -2,12 +2,14 @@
 
 The test driver reports 8 host CPUs whatever its node XML says, and keeps vCPU pins
 within them. bench_scale puts this directory first on the daemon's PYTHONPATH, so
-Python imports this module at start-up; it wraps three libvirt calls, each still made
+Python imports this module at start-up; it wraps four libvirt calls, each still made
 for real underneath (their cost stays in the figures):
 
 * ``virConnect.getCPUMap``: the CPU count is $VMPOWER_BENCH_HOST_CPUS;
 * ``virDomain.vcpuPinInfo``: each vCPU's pins from $VMPOWER_BENCH_PINS (a JSON file,
   VM name -> one host CPU per vCPU);
+* ``virDomain.XMLDesc``: the same pins in the live XML's ``<vcpupin>`` elements (vmpowerd
+  reads a running VM's pins from there);
 * ``libvirt.open``: its duration (the test driver parsing the node XML, a cost a real
   libvirtd does not have at connect) and the resident memory it added (the test
   driver's domains live in this process; libvirtd keeps them in its own) appended to
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 
@@ -43,6 +46,8 @@ def _install() -> None:
     real_map = libvirt.virConnect.getCPUMap
     real_pins = libvirt.virDomain.vcpuPinInfo
     real_open = libvirt.open
+    real_xml = libvirt.virDomain.XMLDesc
+    vcpupin = re.compile(r"<vcpupin vcpu='(\d+)' cpuset='[^']*'/>")
 
     def get_cpu_map(self, flags=0):
         real_map(self, flags)
@@ -54,6 +59,15 @@ def _install() -> None:
         if mine is None:
             return real
         return [rows[c] for c in mine]
+
+    def xml_desc(self, flags=0):
+        xml = real_xml(self, flags)
+        mine = pins.get(self.name())
+        if mine is None:
+            return xml
+        return vcpupin.sub(
+            lambda m: f"<vcpupin vcpu='{m.group(1)}' cpuset='{mine[int(m.group(1))]}'/>", xml
+        )
 
     def open_(name=None):
         rss0 = _rss_kib()
@@ -67,6 +81,7 @@ def _install() -> None:
 
     libvirt.virConnect.getCPUMap = get_cpu_map
     libvirt.virDomain.vcpuPinInfo = vcpu_pin_info
+    libvirt.virDomain.XMLDesc = xml_desc
     libvirt.open = open_
 
 

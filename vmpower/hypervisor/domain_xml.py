@@ -1,7 +1,8 @@
-"""Where a VM's power channels and NICs are: its domain XML and the channels directory.
+"""What a running VM's live domain XML says: its power channels, NICs and vCPU pins;
+and the channels directory.
 
-Pure parsing and a directory scan, no libvirt call: the registry hands in the XML text
-libvirt returned and the directory it was configured with.
+Pure parsing and a directory scan, no libvirt call: the session hands in the XML text
+libvirt returned, the host's CPU count and the directory it was configured with.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import os
 import re
 import stat
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
+from vmpower.cpuset import parse_cpu_list
+from vmpower.errors import CpuListError
 from vmpower.hypervisor.model import ChannelInfo
 
 log = logging.getLogger(__name__)
@@ -110,8 +114,70 @@ def scan_channels_dir(channels_dir: Path) -> ChannelsDir:
     return ChannelsDir(channels_dir)
 
 
-def parse_devices(
-    name: str, xml: str, dir_sockets: dict[int, str]
+@dataclass(frozen=True)
+class DomainXml:
+    """What a live domain XML says. ``vcpu_pcpus`` is None where the XML cannot say
+    (not a running domain's, placement='auto', unreadable): libvirt's API is asked."""
+
+    channels: tuple[ChannelInfo, ...]
+    nics: tuple[str, ...]
+    vcpu_pcpus: tuple[frozenset[int], ...] | None
+
+
+def parse_domain(name: str, xml: str, dir_sockets: dict[int, str], host_cpus: int) -> DomainXml:
+    """Channels (merged with the directory's ``dir_sockets``), NICs and vCPU pins of a
+    running domain, from its live XML (``virDomainGetXMLDesc``)."""
+    try:
+        root: ET.Element | None = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        log.warning(
+            "VM %s: unreadable domain XML (%s); only the channels directory used", name, exc
+        )
+        root = None
+    channels, nics = _devices(name, root, dir_sockets)
+    pcpus = None if root is None else vcpu_pins(root, host_cpus)
+    return DomainXml(channels, nics, pcpus)
+
+
+def vcpu_pins(root: ET.Element, host_cpus: int) -> tuple[frozenset[int], ...] | None:
+    """Each online vCPU's host CPUs, as ``virDomainGetVcpuPinInfo`` gives them, from a
+    running domain's live XML; None when the XML cannot say.
+
+    libvirt answers that call from the same definition it formats the live XML from
+    (virDomainDefGetVcpuPinInfoHelper): a vCPU's own ``<vcpupin>``, else the
+    ``<vcpu cpuset=...>`` default, else every host CPU, each cut to the host's CPUs.
+    The exception is ``placement='auto'``: numad's advice is kept outside the XML, so
+    only the API knows it. The Python bindings size the answer by ``virDomainGetInfo``'s
+    vCPU count, which is the XML's ``current`` (the first ``current`` vCPUs).
+
+    Reading the pins here saves three round trips to libvirtd per VM (the bindings'
+    vcpuPinInfo also asks for the host CPU map and the domain info): issue #16.
+    """
+    if root.get("id") is None:
+        return None  # an inactive definition (the VM stopped meanwhile): no live pins
+    vcpu = root.find("vcpu")
+    if vcpu is None or vcpu.get("placement", "static") != "static":
+        return None
+    host = frozenset(range(host_cpus))
+    try:
+        maximum = int((vcpu.text or "").strip())
+        current = int(vcpu.get("current", maximum))
+        default = host
+        cpuset = vcpu.get("cpuset")
+        if cpuset is not None:
+            default = parse_cpu_list(cpuset) & host
+        pins: dict[int, frozenset[int]] = {}
+        for pin in root.iterfind("./cputune/vcpupin"):
+            pins[int(pin.get("vcpu", ""))] = parse_cpu_list(pin.get("cpuset", "")) & host
+    except (ValueError, CpuListError):
+        return None  # not what libvirt writes: let its API answer
+    if not 0 < current <= maximum:
+        return None
+    return tuple(pins.get(index, default) for index in range(current))
+
+
+def _devices(
+    name: str, root: ET.Element | None, dir_sockets: dict[int, str]
 ) -> tuple[tuple[ChannelInfo, ...], tuple[str, ...]]:
     """Power channels and NICs from a domain's live XML, channels merged with the dir scan.
 
@@ -121,13 +187,6 @@ def parse_devices(
     """
     by_index: dict[int, ChannelInfo] = {}
     nics: list[str] = []
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        log.warning(
-            "VM %s: unreadable domain XML (%s); only the channels directory used", name, exc
-        )
-        root = None
     if root is not None:
         for channel in root.iterfind("./devices/channel"):
             target, source = channel.find("target"), channel.find("source")
