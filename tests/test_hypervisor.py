@@ -471,6 +471,42 @@ def test_pins_read_from_the_live_xml_are_libvirts_answer(
     assert asked_api == (1 if variant == "auto" else 0)
 
 
+def test_many_vms_are_read_concurrently_and_one_gone_meanwhile_is_left_out(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past a few domains, read_all reads the live XMLs on several threads at once.
+    conn = env.hv.conn
+    assert conn is not None
+    for n in range(24):
+        conn.createXML(
+            f"<domain type='test'><name>many{n}</name><memory>524288</memory>"
+            f"<vcpu>2</vcpu><cputune><vcpupin vcpu='0' cpuset='{n % 8}'/>"
+            f"<vcpupin vcpu='1' cpuset='{(n + 3) % 8}'/></cputune>"
+            "<os><type>hvm</type></os></domain>",
+            0,
+        )
+    real_xml = libvirt.virDomain.XMLDesc
+    readers: set[str] = set()
+
+    def xml_desc(dom: libvirt.virDomain, flags: int = 0) -> str:
+        readers.add(threading.current_thread().name)
+        if dom.name() == "many5":
+            dom.destroy()  # transient: gone between the listing and its read
+        return real_xml(dom, flags)
+
+    monkeypatch.setattr(libvirt.virDomain, "XMLDesc", xml_desc)
+    calls = LibvirtCalls(monkeypatch)
+    env.hv.refresh()
+    vms = env.hv.vms()
+    assert "many5" not in vms
+    assert readers == {"libvirt-xml"}  # the readers', not one by one on the caller's
+    for n in (0, 7, 23):
+        assert vms[f"many{n}"].vcpu_pcpus == (frozenset({n % 8}), frozenset({(n + 3) % 8}))
+    for name in ("vm1", "web.prod.1", "free"):
+        assert vms[name].vcpu_pcpus == tuple(live_pins(env, name))
+    assert calls.counts.get("vcpuPinInfo", 0) == 3  # live_pins' own
+
+
 @pytest.mark.parametrize(
     "domain",
     [

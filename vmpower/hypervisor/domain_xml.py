@@ -7,6 +7,7 @@ libvirt returned, the host's CPU count and the directory it was configured with.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -158,7 +159,7 @@ def vcpu_pins(root: ET.Element, host_cpus: int) -> tuple[frozenset[int], ...] | 
     vcpu = root.find("vcpu")
     if vcpu is None or vcpu.get("placement", "static") != "static":
         return None
-    host = frozenset(range(host_cpus))
+    host = _every_cpu(host_cpus)
     try:
         maximum = int((vcpu.text or "").strip())
         current = int(vcpu.get("current", maximum))
@@ -174,6 +175,12 @@ def vcpu_pins(root: ET.Element, host_cpus: int) -> tuple[frozenset[int], ...] | 
     if not 0 < current <= maximum:
         return None
     return tuple(pins.get(index, default) for index in range(current))
+
+
+@functools.lru_cache(maxsize=4)
+def _every_cpu(host_cpus: int) -> frozenset[int]:
+    # One set per host size, not one per VM read (256 CPUs: 9 us each time).
+    return frozenset(range(host_cpus))
 
 
 def _devices(
