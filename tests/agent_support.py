@@ -19,8 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import libvirt
+import pytest
 
 from vmpower import control, protocol
 from vmpower.config import config_from_dict
@@ -240,3 +244,31 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class LibvirtCalls:
+    """Spies on the libvirt calls that are round trips to libvirtd (each still made):
+    ``counts`` per call, ``names(call)`` the VMs a domain call was made for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: dict[str, int] = {}
+        self.domains: list[tuple[str, str]] = []
+        for cls, name in (
+            (libvirt.virDomain, "vcpuPinInfo"),
+            (libvirt.virDomain, "info"),
+            (libvirt.virDomain, "XMLDesc"),
+            (libvirt.virConnect, "getCPUMap"),
+        ):
+            monkeypatch.setattr(cls, name, self._counting(name, getattr(cls, name)))
+
+    def names(self, call: str) -> list[str]:
+        return [vm for made, vm in self.domains if made == call]
+
+    def _counting(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(target: Any, *args: Any, **kwargs: Any) -> Any:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if isinstance(target, libvirt.virDomain):
+                self.domains.append((name, target.name()))
+            return real(target, *args, **kwargs)
+
+        return call

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from agent_support import LibvirtCalls
 
 from vmpower.devtools import wait_for
 from vmpower.errors import HypervisorError, UnknownVmError
@@ -109,9 +110,10 @@ def cpumap(cpus: set[int], n: int = 8) -> tuple[bool, ...]:
     return tuple(i in cpus for i in range(n))
 
 
-def live_pins(env: Env, vm: str) -> list[frozenset[int]]:
-    assert env.hv.conn is not None
-    maps = env.hv.conn.lookupByName(vm).vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+def live_pins(hv: Hypervisor, vm: str) -> list[frozenset[int]]:
+    """libvirt's own answer: each vCPU's pins as vcpuPinInfo gives them."""
+    assert hv.conn is not None
+    maps = hv.conn.lookupByName(vm).vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
     return [frozenset(i for i, on in enumerate(m) if on) for m in maps]
 
 
@@ -369,7 +371,7 @@ def test_set_pcpu_pins_through_libvirt_and_updates_the_map(env: Env) -> None:
     assert info.vcpu_pcpus == (frozenset({2}), frozenset({4, 5}))
     assert info.map_read_at == env.clock.now
     assert env.hv.vm("vm1") == info
-    assert live_pins(env, "vm1") == [{2}, {4, 5}]
+    assert live_pins(env.hv, "vm1") == [{2}, {4, 5}]
     assert VmEvent("pinning", "vm1", "set_pcpu") in env.hv.process_events()
 
 
@@ -389,29 +391,8 @@ def test_set_pcpu_refuses_bad_requests_and_changes_nothing(
 ) -> None:
     with pytest.raises(error, match=message):
         env.hv.set_pcpu(vm, vcpu, frozenset(cpus))
-    assert live_pins(env, "vm1") == [{2}, {3}]
+    assert live_pins(env.hv, "vm1") == [{2}, {3}]
     assert env.hv.vm("vm1").vcpu_pcpus == (frozenset({2}), frozenset({3}))
-
-
-class LibvirtCalls:
-    """Counts the libvirt calls that are round trips to libvirtd (each still made)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.counts: dict[str, int] = {}
-        for cls, name in (
-            (libvirt.virDomain, "vcpuPinInfo"),
-            (libvirt.virDomain, "info"),
-            (libvirt.virDomain, "XMLDesc"),
-            (libvirt.virConnect, "getCPUMap"),
-        ):
-            monkeypatch.setattr(cls, name, self._counting(name, getattr(cls, name)))
-
-    def _counting(self, name: str, real: Callable[..., object]) -> Callable[..., object]:
-        def call(*args: object, **kwargs: object) -> object:
-            self.counts[name] = self.counts.get(name, 0) + 1
-            return real(*args, **kwargs)
-
-        return call
 
 
 def test_a_running_vm_is_read_in_one_round_trip_its_live_xml(
@@ -429,7 +410,7 @@ def test_a_running_vm_is_read_in_one_round_trip_its_live_xml(
         assert calls.counts["XMLDesc"] == len(running)
         assert env.hv.vm("vm1").vcpu_pcpus == (frozenset({2}), frozenset({3}))
         for name in running:
-            assert env.hv.vm(name).vcpu_pcpus == tuple(live_pins(env, name))
+            assert env.hv.vm(name).vcpu_pcpus == tuple(live_pins(env.hv, name))
         assert calls.counts.get("vcpuPinInfo", 0) == len(running)  # live_pins' own
     finally:
         env.hv.close()
@@ -446,6 +427,8 @@ PIN_VARIANTS = {
         "<vcpupin vcpu='0' cpuset='0-1'/><vcpupin vcpu='1' cpuset='7'/>",
     ),
     "unpinned": ("<vcpu>2</vcpu>", ""),
+    # cut to the host's CPUs, as the bindings read them
+    "outside": ("<vcpu cpuset='6-20'>2</vcpu>", "<vcpupin vcpu='1' cpuset='7-30'/>"),
     "fewer-online": ("<vcpu current='1'>3</vcpu>", "<vcpupin vcpu='2' cpuset='6'/>"),
     # numad's advice is not in the XML: libvirt's API is asked
     "auto": ("<vcpu placement='auto' current='1'>2</vcpu>", "<vcpupin vcpu='1' cpuset='4'/>"),
@@ -467,8 +450,46 @@ def test_pins_read_from_the_live_xml_are_libvirts_answer(
     calls = LibvirtCalls(monkeypatch)
     env.hv.refresh(variant)
     asked_api = calls.counts.get("vcpuPinInfo", 0)
-    assert env.hv.vm(variant).vcpu_pcpus == tuple(live_pins(env, variant))
+    assert env.hv.vm(variant).vcpu_pcpus == tuple(live_pins(env.hv, variant))
     assert asked_api == (1 if variant == "auto" else 0)
+
+
+def test_an_unpinned_vcpu_owns_no_cpu_while_a_host_cpu_is_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # QEMU's driver answers an unpinned vCPU's pins with the host's *online* CPUs
+    # (qemuDomainGetVcpuPinInfo: virHostCPUGetAvailableCPUsBitmap), while getCPUMap
+    # counts every present CPU. With a CPU offline (an SMT-off host), that answer must
+    # still read as "unpinned", not as pinned to every online CPU. The test driver
+    # answers with every CPU: the two calls are wrapped to answer as QEMU's does.
+    offline = 7
+    real_map, real_pins = libvirt.virConnect.getCPUMap, libvirt.virDomain.vcpuPinInfo
+
+    def cpu_map(conn: libvirt.virConnect, flags: int = 0) -> tuple[int, list[bool], int]:
+        count, online, _ = real_map(conn, flags)
+        online = [on and cpu != offline for cpu, on in enumerate(online)]
+        return count, online, sum(online)
+
+    def pins(dom: libvirt.virDomain, flags: int) -> list[tuple[bool, ...]]:
+        return [
+            tuple(on and cpu != offline for cpu, on in enumerate(m)) if all(m) else m
+            for m in real_pins(dom, flags)
+        ]
+
+    monkeypatch.setattr(libvirt.virConnect, "getCPUMap", cpu_map)
+    monkeypatch.setattr(libvirt.virDomain, "vcpuPinInfo", pins)
+    env = make_env(tmp_path, map_refresh_s=1.0)
+    try:
+        free = env.hv.vm("free")
+        assert not free.is_pinned(0) and free.pcpus() == frozenset()
+        env.clock.now += 1.5  # the map-only re-read (the API) on the next request
+        env.hv.ensure_fresh("free")
+        assert wait_for(lambda: env.hv.vm("free").map_read_at == env.clock.now, timeout_s=5)
+        free = env.hv.vm("free")
+        assert not free.is_pinned(0) and free.pcpus() == frozenset()
+        assert env.hv.vm("vm1").pcpus() == {2, 3}
+    finally:
+        env.hv.close()
 
 
 def test_many_vms_are_read_concurrently_and_one_gone_meanwhile_is_left_out(
@@ -503,7 +524,7 @@ def test_many_vms_are_read_concurrently_and_one_gone_meanwhile_is_left_out(
     for n in (0, 7, 23):
         assert vms[f"many{n}"].vcpu_pcpus == (frozenset({n % 8}), frozenset({(n + 3) % 8}))
     for name in ("vm1", "web.prod.1", "free"):
-        assert vms[name].vcpu_pcpus == tuple(live_pins(env, name))
+        assert vms[name].vcpu_pcpus == tuple(live_pins(env.hv, name))
     assert calls.counts.get("vcpuPinInfo", 0) == 3  # live_pins' own
 
 
@@ -764,8 +785,7 @@ def test_on_a_worker_the_request_path_never_waits_and_the_fresh_map_follows(
 
     # Operator calls wait for their outcome (libvirt answers), applied before they return.
     assert hv.set_pcpu("vm1", 1, frozenset({7})).vcpu_pcpus[1] == {7}
-    maps = hv.conn.lookupByName("vm1").vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    assert [frozenset(i for i, on in enumerate(m) if on) for m in maps] == [{6}, {7}]
+    assert live_pins(hv, "vm1") == [{6}, {7}]
 
     # Lifecycle events: process_events() starts the re-read, a later call reports it.
     hv.conn.lookupByName("vm2").destroy()

@@ -13,25 +13,11 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from agent_support import render_node
+from agent_support import LibvirtCalls, render_node
 
 from vmpower.hypervisor import Hypervisor, VmState
 from vmpower.hypervisor.libvirt_events import EventInbox, EventLoop
 from vmpower.hypervisor.session import LibvirtSession
-
-
-class InfoCalls:
-    """Counts ``virDomain.info()`` calls, by VM name."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.names: list[str] = []
-        real = libvirt.virDomain.info
-
-        def info(dom: libvirt.virDomain) -> list[int]:
-            self.names.append(dom.name())
-            return real(dom)
-
-        monkeypatch.setattr(libvirt.virDomain, "info", info)
 
 
 @pytest.fixture
@@ -60,12 +46,12 @@ def _truth(session: LibvirtSession) -> dict[str, tuple[VmState, int]]:
 def test_reading_every_domain_asks_info_only_of_vms_with_no_live_map(
     session: LibvirtSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = InfoCalls(monkeypatch)
+    calls = LibvirtCalls(monkeypatch)
     opened = session.open(lambda _name: True)
     running = [n for n, read in opened.vms.items() if read.info.active]
     assert len(running) >= 4  # the node file's running and paused VMs
     # Only the shut-off VM (no live map to give its vCPU count) was asked apart.
-    assert sorted(calls.names) == sorted(n for n in opened.vms if n not in running)
+    assert sorted(calls.names("info")) == sorted(n for n in opened.vms if n not in running)
     # ... and the registry says what info() says.
     truth = _truth(session)
     assert {n: (r.info.state, r.info.vcpu_count) for n, r in opened.vms.items()} == truth
@@ -80,10 +66,10 @@ def test_without_bulk_states_each_vm_is_asked_as_before(
         raise exc
 
     monkeypatch.setattr(libvirt.virConnect, "getAllDomainStats", unsupported)
-    calls = InfoCalls(monkeypatch)
+    calls = LibvirtCalls(monkeypatch)
     opened = session.open(lambda _name: True)
     assert session.state_listings_unsupported == 1
-    assert sorted(calls.names) == sorted(opened.vms)
+    assert sorted(calls.names("info")) == sorted(opened.vms)
     monkeypatch.undo()
     truth = _truth(session)
     assert {n: (r.info.state, r.info.vcpu_count) for n, r in opened.vms.items()} == truth
@@ -95,13 +81,13 @@ def test_the_registry_reads_each_running_vm_without_info(
     channels = tmp_path / "ch"
     channels.mkdir()
     node = render_node(tmp_path, channels)
-    calls = InfoCalls(monkeypatch)
+    calls = LibvirtCalls(monkeypatch)
     hv = Hypervisor(f"test://{node}", channels)
     try:
         hv.connect()
-        refreshed = len(calls.names)
+        refreshed = len(calls.names("info"))
         hv.refresh()  # every VM read again: the same single call for the states
-        assert len(calls.names) == 2 * refreshed
+        assert len(calls.names("info")) == 2 * refreshed
         assert refreshed == sum(1 for vm in hv.vms().values() if not vm.active)
     finally:
         hv.close()

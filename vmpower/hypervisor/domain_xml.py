@@ -16,8 +16,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmpower.cpuset import parse_cpu_list
-from vmpower.errors import CpuListError
+from vmpower.cpuset import MAX_CPUS, parse_cpu_list
 from vmpower.hypervisor.model import ChannelInfo
 
 log = logging.getLogger(__name__)
@@ -159,7 +158,7 @@ def vcpu_pins(root: ET.Element, host_cpus: int) -> tuple[frozenset[int], ...] | 
     vcpu = root.find("vcpu")
     if vcpu is None or vcpu.get("placement", "static") != "static":
         return None
-    host = _every_cpu(host_cpus)
+    host = every_cpu(host_cpus)
     try:
         maximum = int((vcpu.text or "").strip())
         current = int(vcpu.get("current", maximum))
@@ -170,16 +169,17 @@ def vcpu_pins(root: ET.Element, host_cpus: int) -> tuple[frozenset[int], ...] | 
         pins: dict[int, frozenset[int]] = {}
         for pin in root.iterfind("./cputune/vcpupin"):
             pins[int(pin.get("vcpu", ""))] = parse_cpu_list(pin.get("cpuset", "")) & host
-    except (ValueError, CpuListError):
+    except ValueError:  # CpuListError is one
         return None  # not what libvirt writes: let its API answer
-    if not 0 < current <= maximum:
+    if not 0 < current <= maximum <= MAX_CPUS:
         return None
     return tuple(pins.get(index, default) for index in range(current))
 
 
 @functools.lru_cache(maxsize=4)
-def _every_cpu(host_cpus: int) -> frozenset[int]:
-    # One set per host size, not one per VM read (256 CPUs: 9 us each time).
+def every_cpu(host_cpus: int) -> frozenset[int]:
+    """Every host CPU, ``range(host_cpus)``: one set per host size, not one per VM read
+    (256 CPUs: 9 us each time)."""
     return frozenset(range(host_cpus))
 
 

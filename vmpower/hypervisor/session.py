@@ -25,7 +25,7 @@ import libvirt
 
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import HypervisorError, UnknownVmError
-from vmpower.hypervisor.domain_xml import DomainXml, parse_domain, scan_channels_dir
+from vmpower.hypervisor.domain_xml import DomainXml, every_cpu, parse_domain, scan_channels_dir
 from vmpower.hypervisor.libvirt_events import EventInbox
 from vmpower.hypervisor.model import ChannelInfo, VmInfo, VmState
 
@@ -115,6 +115,7 @@ class LibvirtSession:
         self._doms: dict[str, libvirt.virDomain] = {}
         self._generation = 0
         self._host_cpus = 0
+        self._online_cpus: frozenset[int] = frozenset()
         self.state_listings_unsupported = 0  # getAllDomainStats refused: info() per VM
 
     @property
@@ -136,7 +137,7 @@ class LibvirtSession:
         try:
             self._events.register(conn, self._generation, ids)
             # Set before reading: every VmInfo records the host CPU count it was read with.
-            self._host_cpus = conn.getCPUMap()[0]
+            self._read_host_cpus(conn)
             self._conn, self._callback_ids, self._doms = conn, ids, {}
             vms = self.read_all(wants)
         except libvirt.libvirtError as exc:
@@ -203,10 +204,9 @@ class LibvirtSession:
 
         The domains and their states come in one call (``getAllDomainStats``), not one
         ``info()`` each, and a running domain's pins come from its live XML: it then
-        costs one round trip to libvirtd (XMLDesc), not five (info, and vcpuPinInfo,
-        which the bindings make three: host CPU map, info, pins). They are CPU-bound
-        (libvirtd's and ours), so reading domains on several threads does not help:
-        fewer calls do (issue #16).
+        costs one round trip to libvirtd (XMLDesc), not four (and vcpuPinInfo, which
+        the bindings make three: host CPU map, info, pins). The XMLs are read several
+        at a time (``_describe_all``). Issue #16.
         """
         conn = self._conn
         assert conn is not None
@@ -237,12 +237,12 @@ class LibvirtSession:
 
     def _describe_all(
         self, running: Sequence[tuple[libvirt.virDomain, str, dict[int, str]]]
-    ) -> dict[str, DomainXml | libvirt.libvirtError]:
+    ) -> dict[str, DomainXml | Exception]:
         """Each running domain's live XML, read ``_XML_READERS`` at a time and parsed:
-        name → DomainXml, or the libvirtError its call raised (``_read_domain`` raises
-        it in order). The threads only call libvirt and parse; they are joined here, so
+        name → DomainXml, or the exception its read raised (``_read_domain`` raises it
+        in order). The threads only call libvirt and parse; they are joined here, so
         the session's state stays the worker thread's."""
-        out: dict[str, DomainXml | libvirt.libvirtError] = {}
+        out: dict[str, DomainXml | Exception] = {}
         if len(running) < _XML_READERS_FROM:
             return out  # read one by one in _read_domain
         work = iter(running)
@@ -258,7 +258,7 @@ class LibvirtSession:
                 dom, name, dir_sockets = item
                 try:
                     out[name] = parse_domain(name, dom.XMLDesc(0), dir_sockets, host_cpus)
-                except libvirt.libvirtError as exc:
+                except Exception as exc:  # raised in order by _read_domain, on the caller
                     out[name] = exc
 
         # Daemon threads: a call that hangs (libvirtd stopped) must not hold the
@@ -345,12 +345,13 @@ class LibvirtSession:
         name: str,
         dir_sockets: dict[int, str],
         state_code: int | None = None,
-        described: DomainXml | libvirt.libvirtError | None = None,
+        described: DomainXml | Exception | None = None,
     ) -> VmRead:
         """One domain; ``state_code`` when already known (``read_all``): no ``info()``
-        then, and ``described``, its live XML already read (or that call's error). A
-        running domain costs one round trip, its live XML (channels, NICs and pins);
-        ``vcpuPinInfo`` (three) only where the XML cannot give the pins."""
+        then, and ``described``, its live XML already read (or that read's error). A
+        running domain costs its live XML (channels, NICs and pins), plus ``info()``
+        when its state is not known; ``vcpuPinInfo`` only where the XML cannot give
+        the pins."""
         vcpu_count: int | None = None
         if state_code is None:
             state_code, _max_mem, _mem, vcpu_count, _cpu_time = dom.info()
@@ -359,12 +360,12 @@ class LibvirtSession:
         channels: tuple[ChannelInfo, ...] = ()
         nics: tuple[str, ...] = ()
         if state is not VmState.SHUTOFF:
-            if isinstance(described, libvirt.libvirtError):
+            if isinstance(described, Exception):
                 raise described
             if described is None:
                 described = parse_domain(name, dom.XMLDesc(0), dir_sockets, self._host_cpus)
             if described.vcpu_pcpus is not None:
-                pcpus = described.vcpu_pcpus
+                pcpus = self._unpinned_as_every_cpu(described.vcpu_pcpus)
             else:
                 try:
                     pcpus = self._vcpu_map(dom, vcpu_count)
@@ -389,13 +390,36 @@ class LibvirtSession:
         )
         return VmRead(info, nics)
 
-    @staticmethod
-    def _vcpu_map(dom: libvirt.virDomain, vcpu_count: int | None) -> tuple[frozenset[int], ...]:
-        # The live pinning as libvirt keeps it; an unpinned vCPU shows every host CPU.
-        # QEMU answers for every possible vCPU (maxvcpus); the guest's online vCPUs are the
-        # first vcpu_count of them when hot-plugged in order (None: every map given).
+    def _vcpu_map(
+        self, dom: libvirt.virDomain, vcpu_count: int | None
+    ) -> tuple[frozenset[int], ...]:
+        # The live pinning as libvirt keeps it. QEMU answers for every possible vCPU
+        # (maxvcpus); the guest's online vCPUs are the first vcpu_count of them when
+        # hot-plugged in order (None: every map given). The host's online CPUs are read
+        # with it: QEMU answers an unpinned vCPU with those (below).
+        self._read_host_cpus(self._require())
         maps = dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        return tuple(_cpumap_to_set(m) for m in maps[:vcpu_count])
+        return self._unpinned_as_every_cpu(tuple(_cpumap_to_set(m) for m in maps[:vcpu_count]))
+
+    def _read_host_cpus(self, conn: libvirt.virConnect) -> None:
+        count, online, _online_count = conn.getCPUMap()
+        self._host_cpus = count
+        self._online_cpus = frozenset(itertools.compress(range(count), online))
+
+    def _unpinned_as_every_cpu(
+        self, pcpus: tuple[frozenset[int], ...]
+    ) -> tuple[frozenset[int], ...]:
+        """Each vCPU whose affinity covers every online host CPU as every host CPU: an
+        unpinned one (rule 4: it owns none). QEMU's driver answers an unpinned vCPU's
+        pins with the *online* CPUs (qemuDomainGetVcpuPinInfo uses
+        virHostCPUGetAvailableCPUsBitmap), while the host CPU count includes offline
+        ones: on a host with a CPU offline (SMT switched off) that answer would
+        otherwise read as pinned to every online CPU."""
+        online = self._online_cpus
+        if not online:
+            return pcpus
+        every = every_cpu(self._host_cpus)
+        return tuple(every if cpus >= online else cpus for cpus in pcpus)
 
     # -- per-VM calls --------------------------------------------------------------------
 
