@@ -350,6 +350,25 @@ def test_pinning_changed_outside_vmpower_is_seen_after_map_refresh_s(env: Env) -
     assert env.hv.ensure_fresh("vm1").map_read_at == fresh.map_read_at
 
 
+def test_a_map_re_read_is_one_round_trip_and_a_vcpu_count_change_reads_the_vm(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert env.hv.conn is not None
+    dom = env.hv.conn.lookupByName("vm1")
+    dom.pinVcpu(0, cpumap({6}))
+    calls = LibvirtCalls(monkeypatch)
+    env.clock.now += 1.0
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus == (frozenset({6}), frozenset({3}))
+    # the live XML only: vcpuPinInfo would be three round trips and the host map a fourth
+    assert calls.counts == {"XMLDesc": 1}
+
+    # One vCPU unplugged: not a map of the old count, the whole VM read again.
+    dom.setVcpusFlags(1, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    env.clock.now += 1.0
+    fresh = env.hv.ensure_fresh("vm1")
+    assert (fresh.vcpu_count, fresh.vcpu_pcpus) == (1, (frozenset({6}),))
+
+
 def test_refresh_rereads_now_and_ensure_fresh_follows_a_stop(env: Env) -> None:
     assert env.hv.conn is not None
     env.hv.conn.lookupByName("vm2").pinVcpu(1, cpumap({0, 1}))
@@ -480,13 +499,24 @@ def test_an_unpinned_vcpu_owns_no_cpu_while_a_host_cpu_is_offline(
     monkeypatch.setattr(libvirt.virDomain, "vcpuPinInfo", pins)
     env = make_env(tmp_path, map_refresh_s=1.0)
     try:
-        free = env.hv.vm("free")
-        assert not free.is_pinned(0) and free.pcpus() == frozenset()
-        env.clock.now += 1.5  # the map-only re-read (the API) on the next request
-        env.hv.ensure_fresh("free")
-        assert wait_for(lambda: env.hv.vm("free").map_read_at == env.clock.now, timeout_s=5)
-        free = env.hv.vm("free")
-        assert not free.is_pinned(0) and free.pcpus() == frozenset()
+        assert env.hv.conn is not None
+        # placement='auto': the XML cannot say, libvirt's API answers (with numad
+        # absent, every online CPU)
+        env.hv.conn.createXML(
+            "<domain type='test'><name>auto</name><memory>524288</memory>"
+            "<vcpu placement='auto'>2</vcpu><os><type>hvm</type></os></domain>",
+            0,
+        )
+        env.collect(has("started", "auto"))
+        for name in ("free", "auto"):
+            vm = env.hv.vm(name)
+            assert not vm.is_pinned(0) and vm.pcpus() == frozenset(), name
+        env.clock.now += 1.5  # the map-only re-reads on the next request
+        for name in ("free", "auto"):
+            env.hv.ensure_fresh(name)
+            assert wait_for(lambda n=name: env.hv.vm(n).map_read_at == env.clock.now, 5)
+            vm = env.hv.vm(name)
+            assert not vm.is_pinned(0) and vm.pcpus() == frozenset(), name
         assert env.hv.vm("vm1").pcpus() == {2, 3}
     finally:
         env.hv.close()

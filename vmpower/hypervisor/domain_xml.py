@@ -139,6 +139,16 @@ def parse_domain(name: str, xml: str, dir_sockets: dict[int, str], host_cpus: in
     return DomainXml(channels, nics, pcpus)
 
 
+def pins_from_xml(xml: str, host_cpus: int) -> tuple[frozenset[int], ...] | None:
+    """``vcpu_pins`` of a live XML text (a map re-read: no channels wanted); None where
+    it cannot say, unreadable XML included."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    return vcpu_pins(root, host_cpus)
+
+
 def vcpu_pins(root: ET.Element, host_cpus: int) -> tuple[frozenset[int], ...] | None:
     """Each online vCPU's host CPUs, as ``virDomainGetVcpuPinInfo`` gives them, from a
     running domain's live XML; None when the XML cannot say.

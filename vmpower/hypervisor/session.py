@@ -25,7 +25,13 @@ import libvirt
 
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import HypervisorError, UnknownVmError
-from vmpower.hypervisor.domain_xml import DomainXml, every_cpu, parse_domain, scan_channels_dir
+from vmpower.hypervisor.domain_xml import (
+    DomainXml,
+    every_cpu,
+    parse_domain,
+    pins_from_xml,
+    scan_channels_dir,
+)
 from vmpower.hypervisor.libvirt_events import EventInbox
 from vmpower.hypervisor.model import ChannelInfo, VmInfo, VmState
 
@@ -324,7 +330,7 @@ class LibvirtSession:
         dom = self._doms.get(info.name)
         if info.active and dom is not None:
             try:
-                pcpus = self._vcpu_map(dom, info.vcpu_count)
+                pcpus = self._live_map(dom, info)
             except libvirt.libvirtError as exc:
                 if _code(exc) not in (
                     libvirt.VIR_ERR_OPERATION_INVALID,  # stopped; its event is on the way
@@ -338,6 +344,18 @@ class LibvirtSession:
                     return pcpus
         # Not active (or no longer): read the whole VM, its state has changed or may have.
         return self.read_vms([info.name])[info.name]
+
+    def _live_map(self, dom: libvirt.virDomain, info: VmInfo) -> tuple[frozenset[int], ...]:
+        """A running VM's pins from its live XML: one round trip to libvirtd, where
+        vcpuPinInfo with the online CPUs is four. libvirt's API answers where the XML
+        cannot say (placement='auto'; a definition no longer running, which then raises).
+        () when its vCPU count changed: the whole VM is read again."""
+        pins = pins_from_xml(dom.XMLDesc(0), self._host_cpus)
+        if pins is None:
+            return self._vcpu_map(dom, info.vcpu_count)
+        if len(pins) != info.vcpu_count:
+            return ()
+        return self._unpinned_as_every_cpu(pins)
 
     def _read_domain(
         self,
