@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import libvirtd as libvirtd_helper
 from bench.bench_agent import memory_mib, stop_process
 from vmpower import control
 from vmpower.cpufreq.simulate import build_tree
@@ -299,42 +300,22 @@ STALL_IDLE_S = 8.0  # the victim with libvirtd running, then ...
 STALL_S = 25.0  # ... with libvirtd SIGSTOPped (issue #11 point 4 names 60 s; 25 s shows it)
 
 
-def _libvirtd_answers() -> bool:
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        libvirt.open("test+unix:///default").close()  # libvirtd's default socket
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
 def libvirtd_stopped(stall_s: float = STALL_S) -> dict:
     """libvirtd SIGSTOPped (issue #11 point 4): a guest's round trip (one request in flight)
     before against during the stall, and how fast ``status`` answers meanwhile. vmpowerd
     reaches libvirt's test driver through a private libvirtd (``test+unix://``), so every
     libvirt call is an RPC that hangs while libvirtd is stopped. Target: p99 unchanged,
     status < 1 s and saying libvirt is unresponsive."""
-    binary = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
-    if not Path(binary).is_file():
+    if libvirtd_helper.binary() is None:
         return {"skipped": "libvirtd is not installed"}
-    if _libvirtd_answers():
+    if libvirtd_helper.answers():
         return {"skipped": "a libvirtd this bench did not start is running: not SIGSTOPping it"}
     packets = [make_request(Command.CPU_POWER, u, 0) for u in (Unit.SCALE_MAX, Unit.SCALE_MIN)]
     root = Path(tempfile.mkdtemp(prefix="vmpower-bench-hostile-"))
-    with open(root / "libvirtd.log", "wb") as log_file:
-        libvirtd = subprocess.Popen(
-            [binary, "--pid-file", str(root / "libvirtd.pid")],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    libvirtd: subprocess.Popen[bytes] | None = None
     stopped = False
     try:
-        if not wait_for(lambda: libvirtd.poll() is not None or _libvirtd_answers(), 60, 0.2):
-            raise RuntimeError("libvirtd did not answer within 60 s")
+        libvirtd = libvirtd_helper.start(root)
         world = make_world(root)
         world.config.write_text(world.config.read_text().replace('"test://', '"test+unix://'))
         with ChannelHost(world.channel) as qemu, running_daemon(world):
@@ -397,9 +378,10 @@ def libvirtd_stopped(stall_s: float = STALL_S) -> dict:
             "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
         }
     finally:
-        if stopped:
-            libvirtd.send_signal(signal.SIGCONT)
-        stop_process(libvirtd)
+        if libvirtd is not None:
+            if stopped:
+                libvirtd.send_signal(signal.SIGCONT)
+            stop_process(libvirtd)
         shutil.rmtree(root, ignore_errors=True)
 
 

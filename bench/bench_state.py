@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import libvirtd as libvirtd_helper
 from bench.bench_agent import stop_process
 from vmpower import control, protocol
 from vmpower.config import config_from_dict
@@ -43,7 +44,7 @@ from vmpower.protocol import Command, ReplyCode, Unit
 NODE_FILE = Path(__file__).resolve().parent.parent / "tests" / "data" / "node.xml"
 ROUNDS = 30
 TARGET_MS = 50.0
-SHARED_TEST_URI = "test+unix:///default"  # libvirtd's shared instance of the test driver
+SHARED_TEST_URI = libvirtd_helper.TEST_URI
 START_TIMEOUT_S = 60.0
 DOMAIN_XML = """\
 <domain type='test'>
@@ -143,44 +144,20 @@ def run(rounds: int = ROUNDS) -> dict[str, Any]:
     return {**_figures(latencies_ms), "daemon_over_libvirtd": daemon_over_libvirtd(rounds)}
 
 
-def _libvirtd_answers() -> bool:
-    import libvirt
-
-    try:
-        libvirt.open(SHARED_TEST_URI).close()
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
 def daemon_over_libvirtd(rounds: int = ROUNDS) -> dict[str, Any]:
     """The rounds with vmpowerd as a subprocess behind a real libvirtd (module docstring)."""
     import libvirt
 
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    binary = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
     private: subprocess.Popen[bytes] | None = None
     # Under /tmp: AF_UNIX socket paths hold 107 bytes at most.
     base = Path(tempfile.mkdtemp(prefix="vmpower-bench-state-"))
     daemon: subprocess.Popen[bytes] | None = None
     conn = dom = channel = None
     try:
-        if not _libvirtd_answers():
-            if not Path(binary).is_file():
+        if not libvirtd_helper.answers(SHARED_TEST_URI):
+            if libvirtd_helper.binary() is None:
                 return {"skipped": "libvirtd is not installed"}
-            with open(base / "libvirtd.log", "wb") as log_file:
-                private = subprocess.Popen(
-                    [binary, "--pid-file", str(base / "libvirtd.pid")],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            proc = private
-            if not wait_for(lambda: proc.poll() is not None or _libvirtd_answers(), 60, 0.2):
-                raise RuntimeError("libvirtd did not answer within 60 s")
-            if private.poll() is not None:
-                raise RuntimeError(f"libvirtd exited with {private.returncode}")
+            private = libvirtd_helper.start(base)
         channels = base / "ch"
         channels.mkdir()
         sysfs = base / "sys"
