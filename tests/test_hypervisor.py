@@ -543,6 +543,7 @@ def test_many_vms_are_read_concurrently_and_one_gone_meanwhile_is_left_out(
         readers.add(threading.current_thread().name)
         if dom.name() == "many5":
             dom.destroy()  # transient: gone between the listing and its read
+        env.clock.now += 1.0  # each read takes a second
         return real_xml(dom, flags)
 
     monkeypatch.setattr(libvirt.virDomain, "XMLDesc", xml_desc)
@@ -553,6 +554,9 @@ def test_many_vms_are_read_concurrently_and_one_gone_meanwhile_is_left_out(
     assert readers == {"libvirt-xml"}  # the readers', not one by one on the caller's
     for n in (0, 7, 23):
         assert vms[f"many{n}"].vcpu_pcpus == (frozenset({n % 8}), frozenset({(n + 3) % 8}))
+    # A map's age counts from its own read, not from the end of the batch's 29 reads.
+    read_at = sorted(vm.map_read_at for vm in vms.values())
+    assert read_at[0] < read_at[-1] <= env.clock.now
     for name in ("vm1", "web.prod.1", "free"):
         assert vms[name].vcpu_pcpus == tuple(live_pins(env.hv, name))
     assert calls.counts.get("vcpuPinInfo", 0) == 3  # live_pins' own

@@ -243,17 +243,18 @@ class LibvirtSession:
 
     def _describe_all(
         self, running: Sequence[tuple[libvirt.virDomain, str, dict[int, str]]]
-    ) -> dict[str, DomainXml | Exception]:
+    ) -> dict[str, tuple[float, DomainXml | Exception]]:
         """Each running domain's live XML, read ``_XML_READERS`` at a time and parsed:
-        name → DomainXml, or the exception its read raised (``_read_domain`` raises it
-        in order). The threads only call libvirt and parse; they are joined here, so
-        the session's state stays the worker thread's."""
-        out: dict[str, DomainXml | Exception] = {}
+        name → (when it was read, DomainXml or the exception its read raised, which
+        ``_read_domain`` raises in order). The threads only call libvirt, the clock and
+        the parser; they are joined here, so the session's state stays the worker
+        thread's."""
+        out: dict[str, tuple[float, DomainXml | Exception]] = {}
         if len(running) < _XML_READERS_FROM:
             return out  # read one by one in _read_domain
         work = iter(running)
         lock = threading.Lock()
-        host_cpus = self._host_cpus
+        host_cpus, clock = self._host_cpus, self._clock
 
         def reader() -> None:
             while True:
@@ -262,10 +263,14 @@ class LibvirtSession:
                 if item is None:
                     return
                 dom, name, dir_sockets = item
+                read_at = clock()  # the map's age counts from its read, not the batch's end
                 try:
-                    out[name] = parse_domain(name, dom.XMLDesc(0), dir_sockets, host_cpus)
+                    out[name] = (
+                        read_at,
+                        parse_domain(name, dom.XMLDesc(0), dir_sockets, host_cpus),
+                    )
                 except Exception as exc:  # raised in order by _read_domain, on the caller
-                    out[name] = exc
+                    out[name] = (read_at, exc)
 
         # Daemon threads: a call that hangs (libvirtd stopped) must not hold the
         # process's exit; the worker thread that waits here is abandoned the same way.
@@ -363,10 +368,10 @@ class LibvirtSession:
         name: str,
         dir_sockets: dict[int, str],
         state_code: int | None = None,
-        described: DomainXml | Exception | None = None,
+        described: tuple[float, DomainXml | Exception] | None = None,
     ) -> VmRead:
         """One domain; ``state_code`` when already known (``read_all``): no ``info()``
-        then, and ``described``, its live XML already read (or that read's error). A
+        then, and ``described``, its live XML already read (when, and what it gave). A
         running domain costs its live XML (channels, NICs and pins), plus ``info()``
         when its state is not known; ``vcpuPinInfo`` only where the XML cannot give
         the pins."""
@@ -377,13 +382,17 @@ class LibvirtSession:
         pcpus: tuple[frozenset[int], ...] = ()
         channels: tuple[ChannelInfo, ...] = ()
         nics: tuple[str, ...] = ()
+        read_at = self._clock()
         if state is not VmState.SHUTOFF:
-            if isinstance(described, Exception):
-                raise described
+            facts: DomainXml | Exception
             if described is None:
-                described = parse_domain(name, dom.XMLDesc(0), dir_sockets, self._host_cpus)
-            if described.vcpu_pcpus is not None:
-                pcpus = self._unpinned_as_every_cpu(described.vcpu_pcpus)
+                facts = parse_domain(name, dom.XMLDesc(0), dir_sockets, self._host_cpus)
+            else:
+                read_at, facts = described
+            if isinstance(facts, Exception):
+                raise facts
+            if facts.vcpu_pcpus is not None:
+                pcpus = self._unpinned_as_every_cpu(facts.vcpu_pcpus)
             else:
                 try:
                     pcpus = self._vcpu_map(dom, vcpu_count)
@@ -392,7 +401,7 @@ class LibvirtSession:
                     if _code(exc) != libvirt.VIR_ERR_OPERATION_INVALID:
                         raise
             if pcpus:
-                channels, nics = described.channels, described.nics
+                channels, nics = facts.channels, facts.nics
         if vcpu_count is None:
             # The bindings size vcpuPinInfo's answer by info()'s vCPU count: the same.
             vcpu_count = len(pcpus) if pcpus else dom.info()[3]
@@ -403,7 +412,7 @@ class LibvirtSession:
             vcpu_count=vcpu_count,
             vcpu_pcpus=pcpus,
             channels=channels,
-            map_read_at=self._clock(),
+            map_read_at=read_at,
             host_cpus=self._host_cpus,
         )
         return VmRead(info, nics)
