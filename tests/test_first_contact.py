@@ -194,13 +194,24 @@ class GovernorWontStart(KernelSysfs):
         super().write(rel, value)
 
 
-def test_the_governors_read_back_is_still_a_read(sim_sysfs, tmp_path: Path) -> None:
+def failed_take_over(
+    sim_sysfs, tmp_path: Path, kernel: type[KernelSysfs], error: str
+) -> tuple[Path, CpuFreq, RestoreJournal]:
+    """CPU 1's first change, which ``kernel`` makes fail with ``error``; the governor it
+    found is back."""
     root = sim_sysfs("acpi-cpufreq", cpus=2)
-    cf, journal = journaled(root, tmp_path, GovernorWontStart)
+    cf, journal = journaled(root, tmp_path, kernel)
     cf.table_khz(1)
-    with pytest.raises(CpufreqError, match="the kernel kept 'schedutil'"):
+    with pytest.raises(CpufreqError, match=error):
         change(cf, 1, 1_700_000)
     assert (root / f"{POLICY}1/scaling_governor").read_text().strip() == "schedutil"
+    return root, cf, journal
+
+
+def test_the_governors_read_back_is_still_a_read(sim_sysfs, tmp_path: Path) -> None:
+    _, _, journal = failed_take_over(
+        sim_sysfs, tmp_path, GovernorWontStart, "the kernel kept 'schedutil'"
+    )
     assert journal.restore().failed == []
 
 
@@ -213,12 +224,7 @@ class SetspeedRefused(KernelSysfs):
 
 def test_a_failed_take_over_puts_back_the_governor_it_read(sim_sysfs, tmp_path: Path) -> None:
     """The value read to take the governor is the one the undo writes back."""
-    root = sim_sysfs("acpi-cpufreq", cpus=2)
-    cf, journal = journaled(root, tmp_path, SetspeedRefused)
-    cf.table_khz(1)
-    with pytest.raises(CpufreqError, match="refused"):
-        change(cf, 1, 1_700_000)
-    assert (root / f"{POLICY}1/scaling_governor").read_text().strip() == "schedutil"
+    root, cf, journal = failed_take_over(sim_sysfs, tmp_path, SetspeedRefused, "refused")
     assert (root / f"{POLICY}1/scaling_setspeed").read_text().strip() == "<unsupported>"
     assert originals(journal, cf, 1)["scaling_governor"] == "schedutil"
 
