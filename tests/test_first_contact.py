@@ -122,6 +122,23 @@ def test_a_warmed_cpus_take_over_opens_nothing_and_reads_each_value_once(
     assert (root / f"{POLICY}1/scaling_governor").read_text().strip() == "schedutil"
 
 
+def test_where_a_new_requester_starts_is_read_through_the_kept_files(
+    sim_sysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requester new to a warmed CPU starts from the frequency in force
+    (requested_khz): its governor is read through the fd kept for it (one pread), and
+    only the current frequency, which vmpower never writes, is opened."""
+    root = sim_sysfs("acpi-cpufreq", cpus=2)
+    cf, _journal = journaled(root, tmp_path, Sysfs)
+    cf.table_khz(1)  # the warm-up
+    sys = Syscalls(monkeypatch)
+    khz = cf.requested_khz(1)
+    monkeypatch.undo()
+    assert khz in cf.table_khz(1)
+    assert sys.opened_under(root) == ["scaling_cur_freq"]
+    assert sys.calls["pread"] == 1, sys.calls
+
+
 def test_a_cpus_first_request_in_its_own_turn_costs_a_dozen_syscalls(
     sim_sysfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

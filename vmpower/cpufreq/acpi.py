@@ -109,9 +109,11 @@ class SetspeedBackend(Backend):
 
     def read_requested(self, cpu: int) -> int | None:
         d = self.dir(cpu)
-        if self.sysfs.read(f"{d}/scaling_governor") != "userspace":
+        # Through the fds prepare() kept open, where it did: one pread each (first
+        # contact asks this of every CPU a requester is new to).
+        if self.sysfs.read_kept(f"{d}/scaling_governor") != "userspace":
             return None
-        text = self.sysfs.read(f"{d}/scaling_setspeed")
+        text = self.sysfs.read_kept(f"{d}/scaling_setspeed")
         if not text.isdigit():
             return None
         khz = int(text)
@@ -141,7 +143,7 @@ class SetspeedBackend(Backend):
 
     def _policy_boost(self, cpu: int) -> str | None:
         try:
-            return self.sysfs.read(f"{self.dir(cpu)}/boost")
+            return self.sysfs.read_kept(f"{self.dir(cpu)}/boost")  # kept once written
         except SysfsError:
             return None
 
