@@ -216,7 +216,7 @@ class PowerManager:
         self.clock = clock
         self.send_replies = send_replies
         # Called when a policy is installed (the daemon: the policy engine wakes, its
-        # evaluation sleeps while none is): every `self.policies[...] =` calls it.
+        # evaluation sleeps while none is): _put_policy calls it.
         self.policy_installed: Callable[[], None] | None = None
         self.query_allowed: set[str] = set()
         self.wishes: dict[int, dict[str, Wish]] = {}
@@ -538,12 +538,7 @@ class PowerManager:
                         record = PolicyRecord(
                             channel.owner, spec, cpus=frozenset({channel.cpu}), installed_at=now
                         )
-                        self.policies[channel.owner] = record
-                        if self.policy_installed is not None:
-                            self.policy_installed()
-                        self.logs.policies.note(
-                            channel.owner, "installed", f"{spec.type.name} policy installed"
-                        )
+                        self._put_policy(record, f"{spec.type.name} policy installed")
             except Refused as exc:
                 kind, detail = exc.kind, str(exc)
             except Exception as exc:  # one message's failure stops only that message
@@ -756,14 +751,8 @@ class PowerManager:
         for cpu in cpus:
             self._check_cpu(cpu)
         vcpus = None if decoded.core_type == _PHYSICAL else decoded.control_list
-        self.policies[channel.owner] = PolicyRecord(
-            channel.owner, spec, cpus=cpus, vcpus=vcpus, installed_at=self.clock()
-        )
-        if self.policy_installed is not None:
-            self.policy_installed()
-        self.logs.policies.note(
-            channel.owner,
-            "installed",
+        self._put_policy(
+            PolicyRecord(channel.owner, spec, cpus=cpus, vcpus=vcpus, installed_at=self.clock()),
             f"{spec.type.name} policy installed on host CPUs {sorted(cpus)}",
         )
         self._ack(channel, packet)
@@ -892,6 +881,14 @@ class PowerManager:
             stats.acks += count
         self._pending.clear()
         return channels
+
+    def _put_policy(self, record: PolicyRecord, detail: str) -> None:
+        """Install ``record`` as its owner's policy: the policy engine is woken, the
+        installation logged."""
+        self.policies[record.owner] = record
+        if self.policy_installed is not None:
+            self.policy_installed()
+        self.logs.policies.note(record.owner, "installed", detail)
 
     def _policy_wishes(self, cpu: int) -> dict[str, Wish] | None:
         """The wishes that set ``cpu``'s policy: its own CPU's, or, for a policy shared

@@ -130,13 +130,12 @@ class _ChangeLog:
         return change
 
     def read(self, rel: str) -> str:
-        text = self._sysfs.read(rel)
-        if self.change is not None:
-            self._read[rel] = text
-        return text
+        return self._noted(rel, self._sysfs.read(rel))
 
     def read_kept(self, rel: str) -> str:
-        text = self._sysfs.read_kept(rel)
+        return self._noted(rel, self._sysfs.read_kept(rel))
+
+    def _noted(self, rel: str, text: str) -> str:
         if self.change is not None:
             self._read[rel] = text
         return text
@@ -796,7 +795,7 @@ class CpuFreq:
         switches = backend.turbo_switches(leader)
         c = _Cpu(leader, info, switches, self._read_switches(switches))
         self._cpus[cpu] = self._cpus[leader] = c
-        if not (self._reserved and self._reserved_policy(cpu)):
+        if not self._reserved_policy(cpu):
             backend.prepare(leader)  # never a reserved CPU's files, not even opened
         return c
 
