@@ -14,6 +14,7 @@ lets one Python thread keep up with many busy channels.
 from __future__ import annotations
 
 import bisect
+import gc
 import heapq
 import itertools
 import logging
@@ -81,6 +82,13 @@ class LoopStats:
             },
             "command_longest_cpu_ms": {
                 name: round(s * 1e3, 3) for name, s in sorted(self.command_longest_cpu_s.items())
+            },
+            # The cyclic collector pauses the loop thread inside turns: whether it runs,
+            # how much the start froze out of its passes, its passes per generation.
+            "collector": {
+                "enabled": gc.isenabled(),
+                "frozen_objects": gc.get_freeze_count(),
+                "collections": [generation["collections"] for generation in gc.get_stats()],
             },
         }
 
