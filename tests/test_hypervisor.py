@@ -8,9 +8,12 @@ listening sockets in a per-test directory.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -870,3 +873,67 @@ def test_a_hung_libvirt_call_holds_neither_the_request_path_nor_the_operator(
     assert hv.process_events() == []
     assert any("libvirt answers again" in r.message for r in caplog.records)
     assert hv.set_pcpu("vm1", 0, frozenset({1})).vcpu_pcpus[0] == {1}
+
+
+# ---------------------------------------------------------------- the event thread
+
+# Run in a fresh interpreter: libvirt's event loop thread is process-wide, and the test
+# process started it long ago.
+_FIRST_READ_SCRIPT = """
+import json, sys, threading, time
+from pathlib import Path
+import libvirt
+from vmpower.hypervisor import Hypervisor
+
+node, channels, new_xml = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+during_read = []
+real_xml_desc = libvirt.virDomain.XMLDesc
+
+def xml_desc(self, flags=0):
+    alive = any(t.name == "libvirt-events" for t in threading.enumerate())
+    if not during_read:  # a VM defined while the first read runs: its event must come
+        self.connect().defineXML(new_xml)
+    during_read.append(alive)
+    return real_xml_desc(self, flags)
+
+libvirt.virDomain.XMLDesc = xml_desc
+woke = threading.Event()
+hv = Hypervisor(f"test://{node}", channels, wake=woke.set)
+hv.connect()
+events, deadline = [], time.monotonic() + 10
+while not any(e.kind == "defined" for e in events) and time.monotonic() < deadline:
+    if woke.wait(0.5):
+        woke.clear()
+        events += hv.process_events()
+print(json.dumps({
+    "reads": len(during_read),
+    "event_thread_during_read": any(during_read),
+    "event_thread_after": any(t.name == "libvirt-events" for t in threading.enumerate()),
+    "events": [[e.kind, e.vm] for e in events],
+}))
+hv.close()
+"""
+
+
+def test_the_first_read_runs_before_the_event_thread_and_loses_no_event(
+    tmp_path: Path,
+) -> None:
+    # While libvirt's event thread runs, each call wakes it and it takes the interpreter
+    # lock back from the domain readers: the first read of every domain (the start) runs
+    # before it starts. Events received meanwhile wait in libvirt's queue, not lost.
+    channels = tmp_path / "ch"
+    channels.mkdir()
+    node = node_xml(tmp_path, channels)
+    new_xml = NEW_VM_XML.format(name="born-during-read", channels=channels)
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_READ_SCRIPT, str(node), str(channels), new_xml],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["reads"] >= 4  # every running VM's live XML
+    assert seen["event_thread_during_read"] is False
+    assert seen["event_thread_after"] is True
+    assert ["defined", "born-during-read"] in seen["events"]

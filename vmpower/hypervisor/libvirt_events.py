@@ -94,21 +94,39 @@ class EventLoop:
     The event implementation is process-wide by libvirt's design: it must be registered once,
     before any connection that wants events is opened, and run by exactly one thread. That is
     why this is class state rather than per-Hypervisor state.
+
+    Registering and running are apart: while the thread runs, each libvirt call wakes it
+    (the client turns its socket's watch off and on around a call, virNetClientIO, and
+    a watch that changes wakes the loop's main context), and each wake takes the
+    interpreter lock back from the threads reading domains. So the first read of every
+    domain runs before the thread starts; what libvirt receives meanwhile (events)
+    waits in its queue, whose flush timer is due when the thread first runs.
     """
 
     _lock = threading.Lock()
+    _registered = False
     _thread: threading.Thread | None = None
 
     @classmethod
-    def ensure_running(cls) -> None:
+    def register(cls) -> None:
+        """Register the default implementation (once; before opening a connection)."""
         with cls._lock:
-            if cls._thread is not None:
+            if cls._registered:
                 return
             libvirt.virEventRegisterDefaultImpl()
             # libvirt's default error handler prints every error to stderr, including the
             # ones we expect and handle (a domain gone, a connection lost); the same message
             # reaches us in the libvirtError, so the printout is only noise.
             libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+            cls._registered = True
+
+    @classmethod
+    def ensure_running(cls) -> None:
+        """Register (if not yet) and start the thread that runs the loop (once)."""
+        cls.register()
+        with cls._lock:
+            if cls._thread is not None:
+                return
             thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
             thread.start()
             cls._thread = thread

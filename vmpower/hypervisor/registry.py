@@ -171,11 +171,20 @@ class Hypervisor:
             if self._generation is not None:
                 return
             wants = self._wants_snapshot()
-        EventLoop.ensure_running()
-        job = self._worker.submit(functools.partial(self._session.open, wants), self._after_connect)
-        if job is None:
-            raise HypervisorError(f"cannot connect to {self._uri}: a connection is being opened")
-        job.wait(None)
+        # The loop's thread starts after the first read of every domain, which it would
+        # slow (EventLoop); events received meanwhile wait in libvirt's queue.
+        EventLoop.register()
+        try:
+            job = self._worker.submit(
+                functools.partial(self._session.open, wants), self._after_connect
+            )
+            if job is None:
+                raise HypervisorError(
+                    f"cannot connect to {self._uri}: a connection is being opened"
+                )
+            job.wait(None)
+        finally:
+            EventLoop.ensure_running()
         job.apply()
         if self._generation is None:
             raise HypervisorError(self._last_error or f"cannot connect to {self._uri}")
