@@ -138,7 +138,6 @@ def test_the_collector_runs_once_the_daemon_serves(info_agent: RunningAgent) -> 
     # every reference cycle it ever made.
     collector = info_agent.control("status")["loop"]["collector"]
     assert collector["enabled"] is True
-    assert collector["frozen_objects"] > 10_000  # the modules, VMs and channels
     assert len(collector["collections"]) == 3  # one count per generation
 
 
