@@ -500,6 +500,20 @@ PacketHandler = Callable[[VmChannel, list[bytes]], None]
 MessageHandler = Callable[[FifoChannel, list[object]], None]
 
 
+def _log_turn(batch: list[VmChannel], happened: str) -> None:
+    """One INFO line for the channels to which ``happened`` this turn."""
+    if len(batch) == 1:
+        channel = batch[0]
+        log.info("%s: channel %d of %s %s", channel.path, channel.index, channel.vm, happened)
+    elif batch:
+        vms = {channel.vm for channel in batch}
+        first = batch[0]
+        log.info(
+            "%d channels of %d VM(s) %s (%s: channel %d of %s, and %d more)",
+            len(batch), len(vms), happened, first.path, first.index, first.vm, len(batch) - 1,
+        )  # fmt: skip
+
+
 class ChannelRegistry:
     """Every open power endpoint, wired to the monitor loop; owned by the monitor thread."""
 
@@ -525,7 +539,9 @@ class ChannelRegistry:
         self.burst = burst
         self.send_queue_max = send_queue_max
         self.clock = clock
-        self._just_connected: list[VmChannel] = []  # logged as one line (_log_connected)
+        # Channels connected, and closed by their peers, this turn: one line each (_log_turn)
+        self._just_connected: list[VmChannel] = []
+        self._just_closed: list[VmChannel] = []
         self.vm_channels: dict[tuple[str, int], VmChannel] = {}
         # Counts kept as channels come and go (status, list_vms, reconnect: no walks).
         self.tally = ChannelTally()
@@ -624,26 +640,26 @@ class ChannelRegistry:
 
     def _log_connected(self) -> None:
         batch, self._just_connected = self._just_connected, []
-        if len(batch) == 1:
-            channel = batch[0]
-            log.info("%s: channel %d of %s connected", channel.path, channel.index, channel.vm)
-        elif batch:
-            vms = {channel.vm for channel in batch}
-            first = batch[0]
-            log.info(
-                "%d channels of %d VM(s) connected (%s: channel %d of %s, and %d more)",
-                len(batch), len(vms), first.path, first.index, first.vm, len(batch) - 1,
-            )  # fmt: skip
+        _log_turn(batch, "connected")
 
     def _readable(self, channel: VmChannel) -> None:
         packets = channel.receive()
         if packets is None:
-            log.info("%s: channel of %s closed by the other end", channel.path, channel.vm)
+            # As connects: QEMUs that go away together (a host's VMs stopped at once)
+            # close thousands of channels a turn, one INFO line for them all.
+            log.debug("%s: channel of %s closed by the other end", channel.path, channel.vm)
+            if not self._just_closed:
+                self.monitor.call_later(0.0, self._log_closed)
+            self._just_closed.append(channel)
             self.monitor.remove(channel.fileno())
             channel.close()  # reconnect() connects it again while the VM runs
             return
         if packets:
             self.on_packets(channel, packets)
+
+    def _log_closed(self) -> None:
+        batch, self._just_closed = self._just_closed, []
+        _log_turn(batch, "closed by the other end")
 
     def _close(self, channel: VmChannel) -> None:
         if channel.sock is not None:
