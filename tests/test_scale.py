@@ -128,8 +128,12 @@ def test_channels_closed_by_their_peers_in_one_turn_are_one_log_line(
     # turn at 1000 VMs, one INFO line each: summarized per turn as the connects are.
     assert wait_for(lambda: info_agent.control("status")["channels_connected"] == 4, 30)
     assert info_agent.proc is not None
+    pid = info_agent.proc.pid
     info_agent.proc.send_signal(signal.SIGSTOP)  # every hang-up waits for one turn
     try:
+        # The signal is asynchronous: closes before the stop could land in two turns.
+        stat = Path(f"/proc/{pid}/stat")
+        assert wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T", 10)
         for host in info_agent.hosts.values():
             assert host.conn is not None
             host.conn.close()
