@@ -148,6 +148,9 @@ class Sysfs:
         # Kept fds opened read-write: read_for_write reads through them (a write-only
         # attribute, without show(), is opened write-only and read on its own).
         self._readable: set[int] = set()
+        # Attributes read on the request path but never written (scaling_cur_freq, where
+        # a requester new to a CPU starts): kept read-only, read with one pread.
+        self._read_fds: dict[str, int] = {}
         self._sysfs_devices: frozenset[int] | None = None
         self._keep_max: int | None = None  # _keep_open_max(), asked once
         # The journal reads the originals it records ahead (a turn's other CPUs) through
@@ -209,15 +212,33 @@ class Sysfs:
         path = self.path(rel)
         if path in self._write_fds:
             return True
-        if self._keep_max is None:
-            self._keep_max = _keep_open_max()
-        if len(self._write_fds) >= self._keep_max:
+        if not self._may_keep():
             return False
         try:
             self._open_for_writes(path)
         except OSError:
             return False
         return True
+
+    def keep_for_reads(self, rel: str) -> bool:
+        """Open attribute ``rel`` now, read-only, for the reads to come (``read_kept``:
+        one pread each, the value as the kernel shows it at that read). False when it
+        cannot be opened (a read says why) or the fds kept reach their share."""
+        path = self.path(rel)
+        if path in self._write_fds or path in self._read_fds:
+            return True
+        if not self._may_keep():
+            return False
+        try:
+            self._read_fds[path] = open_attribute(path, os.O_RDONLY)
+        except OSError:
+            return False
+        return True
+
+    def _may_keep(self) -> bool:
+        if self._keep_max is None:
+            self._keep_max = _keep_open_max()
+        return len(self._write_fds) + len(self._read_fds) < self._keep_max
 
     def read_kept(self, rel: str) -> str:
         """Content of attribute ``rel`` as ``read`` gives it: through the fd kept for its
@@ -231,7 +252,9 @@ class Sysfs:
         kept or it cannot be read so (the caller reads the file itself)."""
         fd = self._write_fds.get(path, -1)
         if fd not in self._readable:
-            return None
+            fd = self._read_fds.get(path, -1)
+            if fd < 0:
+                return None
         try:
             return os.pread(fd, READ_MAX_BYTES, 0).decode().strip()
         except OSError:
@@ -330,17 +353,20 @@ class Sysfs:
             self._truncated.discard(fd)
             self._readable.discard(fd)
             os.close(fd)
+        fd = self._read_fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
-        """Close the attributes kept open for writing."""
-        for path in list(self._write_fds):
+        """Close the attributes kept open for writing and for reading."""
+        for path in [*self._write_fds, *self._read_fds]:
             self._drop_fd(path)
 
     def close_under(self, rel_dir: str) -> None:
         """Close the attributes kept open in directory ``rel_dir`` (a CPU reserved by a
         reload: its files are never written again)."""
         prefix = self.path(rel_dir).rstrip("/") + "/"
-        for path in [p for p in self._write_fds if p.startswith(prefix)]:
+        for path in [p for p in (*self._write_fds, *self._read_fds) if p.startswith(prefix)]:
             self._drop_fd(path)
 
     def __del__(self) -> None:

@@ -452,7 +452,7 @@ class CpuFreq:
         try:
             pinned = backend.read_requested(c.leader)
             if pinned is None:
-                pinned = self.sysfs.read_int(f"{self._topology.dir(cpu)}/scaling_cur_freq")
+                pinned = self._read_cur_khz(cpu)
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc
         return _nearest(c.info, pinned)
@@ -797,7 +797,18 @@ class CpuFreq:
         self._cpus[cpu] = self._cpus[leader] = c
         if not self._reserved_policy(cpu):
             backend.prepare(leader)  # never a reserved CPU's files, not even opened
+            # Where a requester new to the CPU starts when no target is set
+            # (requested_khz): read through a kept fd, opened once.
+            self.sysfs.keep_for_reads(f"{self._topology.dir(leader)}/scaling_cur_freq")
         return c
+
+    def _read_cur_khz(self, cpu: int) -> int:
+        rel = f"{self._topology.dir(cpu)}/scaling_cur_freq"
+        text = self.sysfs.read_kept(rel)
+        try:
+            return int(text)
+        except ValueError:
+            raise SysfsError(self.sysfs.path(rel), f"expected an integer, read {text!r}") from None
 
     def _lost(self, cpu: int, exc: SysfsError) -> CpufreqError:
         """A file access failed: drop the caches; say "offline" when that is why."""
