@@ -191,7 +191,7 @@ def test_without_files_opened_ahead_the_originals_are_still_read_before_writing(
 ) -> None:
     """Past keep_open's share of the fd limit nothing is opened ahead: the first write
     opens each file once, read-write, and reads the value before it through that fd."""
-    monkeypatch.setattr(sysfs_module, "_keep_open_max", lambda: 0)
+    monkeypatch.setattr(sysfs_module, "_keep_open_max", lambda share=4: 0)
     root = sim_sysfs("acpi-cpufreq", cpus=2)
     cf, journal = journaled(root, tmp_path, Sysfs)
     cf.table_khz(1)
@@ -314,13 +314,14 @@ def test_a_cpu_reserved_by_a_reload_has_its_files_closed(sim_sysfs) -> None:
 def test_keep_open_writes_nothing_and_stops_at_its_share_of_the_fd_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("a", "b"):
+    for name in ("a", "b", "c", "d"):
         (tmp_path / name).write_text("schedutil\n")
-    monkeypatch.setattr(sysfs_module, "_keep_open_max", lambda: 1)
+    monkeypatch.setattr(sysfs_module, "_keep_open_max", lambda share=4: 1)
     sysfs = Sysfs(tmp_path)
-    assert sysfs.keep_open("a")
+    assert sysfs.keep_for_reads("c")  # fds kept for reads have a share of their own ...
+    assert not sysfs.keep_for_reads("d")  # (full now)
+    assert sysfs.keep_open("a")  # ... and take none of the writes'
     assert not sysfs.keep_open("b")  # one fd kept already
-    assert not sysfs.keep_for_reads("b")  # the share counts the fds kept for reads too
     assert not sysfs.keep_open("missing")
     assert (tmp_path / "a").read_text() == "schedutil\n"
     assert sysfs.read_kept("a") == sysfs.read_kept("b") == "schedutil"

@@ -12,9 +12,11 @@ an attribute should be is that attribute's error, never a hang of the monitor th
 
 A file vmpower writes stays open, read-write where the attribute can be read, and may
 be opened so ahead of its first write (``keep_open``: a CPU's files while the daemon
-warms up). Reading such a file is then one ``pread`` on that fd (``read_kept``; kernfs
-runs the attribute's show() anew for every read from offset 0, so it is the kernel's
-value now, not a copy), and so is the value before a write (``read_for_write``: what a
+warms up). A file the request path reads but never writes (``scaling_cur_freq``) may be
+kept open read-only the same way (``keep_for_reads``), within a smaller share. Reading
+such a file is then one ``pread`` on that fd (``read_kept``; kernfs runs the attribute's
+show() anew for every read from offset 0, so it is the kernel's value now, not a
+copy), and so is the value before a write (``read_for_write``: what a
 failed change puts back, and the journal's original, which the journal also reads
 ahead through these fds). A value the caller has just read is handed to the journal as
 it is (``remember_original``), not read again. A CPU's first request pays for every
@@ -52,6 +54,9 @@ READ_MAX_BYTES = 64 * 1024
 # of the process's limit (RLIMIT_NOFILE): the rest is the sockets' and the VMs'. Past
 # it, a file is opened by its first write, as without keep_open.
 KEEP_OPEN_FD_SHARE = 4
+# keep_for_reads' own share, apart: fds kept for reads never take one the writes could
+# have kept (a write saves more per request than a read does).
+KEEP_FOR_READS_FD_SHARE = 16
 
 
 def open_attribute(path: str, access: int) -> int:
@@ -123,12 +128,12 @@ class WriteJournal(Protocol):
         ...
 
 
-def _keep_open_max() -> int:
-    """How many fds Sysfs may hold before keep_open declines (KEEP_OPEN_FD_SHARE)."""
+def _keep_open_max(share: int = KEEP_OPEN_FD_SHARE) -> int:
+    """How many fds Sysfs may keep before keep_open declines: 1/``share`` of the limit."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return 1 << 16
-    return int(soft) // KEEP_OPEN_FD_SHARE
+        return (1 << 18) // share
+    return int(soft) // share
 
 
 class Sysfs:
@@ -153,6 +158,7 @@ class Sysfs:
         self._read_fds: dict[str, int] = {}
         self._sysfs_devices: frozenset[int] | None = None
         self._keep_max: int | None = None  # _keep_open_max(), asked once
+        self._keep_reads_max: int | None = None  # the same, for keep_for_reads
         # The journal reads the originals it records ahead (a turn's other CPUs) through
         # these fds too. Weakly: a journal outliving this Sysfs reads the files itself.
         use = getattr(journal, "read_originals_with", None)
@@ -212,7 +218,9 @@ class Sysfs:
         path = self.path(rel)
         if path in self._write_fds:
             return True
-        if not self._may_keep():
+        if self._keep_max is None:
+            self._keep_max = _keep_open_max()
+        if len(self._write_fds) >= self._keep_max:
             return False
         try:
             self._open_for_writes(path)
@@ -223,22 +231,20 @@ class Sysfs:
     def keep_for_reads(self, rel: str) -> bool:
         """Open attribute ``rel`` now, read-only, for the reads to come (``read_kept``:
         one pread each, the value as the kernel shows it at that read). False when it
-        cannot be opened (a read says why) or the fds kept reach their share."""
+        cannot be opened (a read says why) or the fds kept for reads reach their own
+        share (``KEEP_FOR_READS_FD_SHARE``)."""
         path = self.path(rel)
         if path in self._write_fds or path in self._read_fds:
             return True
-        if not self._may_keep():
+        if self._keep_reads_max is None:
+            self._keep_reads_max = _keep_open_max(KEEP_FOR_READS_FD_SHARE)
+        if len(self._read_fds) >= self._keep_reads_max:
             return False
         try:
             self._read_fds[path] = open_attribute(path, os.O_RDONLY)
         except OSError:
             return False
         return True
-
-    def _may_keep(self) -> bool:
-        if self._keep_max is None:
-            self._keep_max = _keep_open_max()
-        return len(self._write_fds) + len(self._read_fds) < self._keep_max
 
     def read_kept(self, rel: str) -> str:
         """Content of attribute ``rel`` as ``read`` gives it: through the fd kept for its
