@@ -296,7 +296,17 @@ class VmChannel(Endpoint):
             return self.state
         self.logs.refused_sockets.forget(self.path)  # a later refusal is news again
         # Non-blocking from its creation (Python then keeps no timeout): no ioctl.
-        sock = socket.socket(socket.AF_UNIX, _STREAM_FLAGS)
+        try:
+            sock = socket.socket(socket.AF_UNIX, _STREAM_FLAGS)
+        except OSError as exc:  # EMFILE, ENFILE: past the fd limit; the tick retries
+            self.last_error = f"socket: {exc.strerror or exc}"
+            self.logs.refused_sockets.note(
+                "channels",  # one source: one line for them all, then counts
+                "fd limit",
+                f"not connected: {exc.strerror or exc} (raise the process's fd limit,"
+                " LimitNOFILE: one fd a channel)",
+            )
+            return self.state
         try:
             sock.connect(self.path)
         except (BlockingIOError, InterruptedError):
@@ -500,17 +510,28 @@ PacketHandler = Callable[[VmChannel, list[bytes]], None]
 MessageHandler = Callable[[FifoChannel, list[object]], None]
 
 
-def _log_turn(batch: list[VmChannel], happened: str) -> None:
-    """One INFO line for the channels to which ``happened`` this turn."""
+# A summary of channels closed by their peers names this many VMs (sorted), then counts.
+_CLOSED_VMS_NAMED = 10
+
+
+def _log_turn(batch: list[VmChannel], happened: str, name_vms: int = 0) -> None:
+    """One INFO line for the channels to which ``happened`` this turn; past one channel,
+    the first ``name_vms`` VMs are named."""
     if len(batch) == 1:
         channel = batch[0]
         log.info("%s: channel %d of %s %s", channel.path, channel.index, channel.vm, happened)
     elif batch:
-        vms = {channel.vm for channel in batch}
+        vms = sorted({channel.vm for channel in batch})
         first = batch[0]
+        named = ""
+        if name_vms:
+            named = ": " + ", ".join(vms[:name_vms])
+            if len(vms) > name_vms:
+                named += f" and {len(vms) - name_vms} more"
         log.info(
-            "%d channels of %d VM(s) %s (%s: channel %d of %s, and %d more)",
-            len(batch), len(vms), happened, first.path, first.index, first.vm, len(batch) - 1,
+            "%d channels of %d VM(s) %s%s (%s: channel %d of %s, and %d more)",
+            len(batch), len(vms), happened, named, first.path, first.index, first.vm,
+            len(batch) - 1,
         )  # fmt: skip
 
 
@@ -659,7 +680,8 @@ class ChannelRegistry:
 
     def _log_closed(self) -> None:
         batch, self._just_closed = self._just_closed, []
-        _log_turn(batch, "closed by the other end")
+        # Which VMs lost their channels matters (QEMUs that exited or crashed): named.
+        _log_turn(batch, "closed by the other end", _CLOSED_VMS_NAMED)
 
     def _close(self, channel: VmChannel) -> None:
         if channel.sock is not None:
