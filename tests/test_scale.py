@@ -503,3 +503,45 @@ def test_a_channel_past_the_fd_limit_waits_for_a_retry_and_says_why(tmp_path: Pa
     assert "LimitNOFILE" in first
     left = 12 - seen["connected"] - 1
     assert summary.startswith(f"channels: {left} connections refused in the last"), summary
+
+
+def test_a_socket_that_cannot_be_made_for_another_reason_names_no_fd_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # socket() failing for want of kernel memory cannot be provoked here: mocked. The
+    # channel waits for the tick as above, and the line does not send the operator to
+    # the fd limit.
+    import errno
+    import logging
+    import time
+
+    from vmpower import channels as channels_module
+    from vmpower.channels import ChannelRegistry
+    from vmpower.monitor import Monitor
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "vm.0"))
+    listener.listen(1)
+
+    def no_buffers(*_args: object, **_kwargs: object) -> socket.socket:
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    monitor = Monitor()
+    registry = ChannelRegistry(
+        monitor, tmp_path, lambda c, p: None, lambda c, m: None,
+        rate_per_s=100.0, burst=100, send_queue_max=64, clock=time.monotonic,
+    )  # fmt: skip
+    monkeypatch.setattr(channels_module.socket, "socket", no_buffers)
+    try:
+        with caplog.at_level(logging.INFO, logger="vmpower"):
+            registry.open_vm("vm", [(0, str(tmp_path / "vm.0"))])
+        (channel,) = registry.vm_channels.values()
+        assert channel.fileno() == -1
+        assert channel.last_error == "socket: No buffer space available"
+        lines = [r.getMessage() for r in caplog.records if "No buffer space" in r.getMessage()]
+        assert len(lines) == 1 and "LimitNOFILE" not in lines[0], lines
+    finally:
+        monkeypatch.undo()
+        registry.close_all()
+        monitor.close()
+        listener.close()

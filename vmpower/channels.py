@@ -300,12 +300,13 @@ class VmChannel(Endpoint):
             sock = socket.socket(socket.AF_UNIX, _STREAM_FLAGS)
         except OSError as exc:  # EMFILE, ENFILE: past the fd limit; the tick retries
             self.last_error = f"socket: {exc.strerror or exc}"
-            self.logs.refused_sockets.note(
-                "channels",  # one source: one line for them all, then counts
-                "fd limit",
-                f"not connected: {exc.strerror or exc} (raise the process's fd limit,"
-                " LimitNOFILE: one fd a channel)",
-            )
+            detail = f"not connected: {exc.strerror or exc}"
+            reason = "no socket"
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                reason = "fd limit"
+                detail += " (raise the process's fd limit, LimitNOFILE: one fd a channel)"
+            # One source: one line for them all, then counts.
+            self.logs.refused_sockets.note("channels", reason, detail)
             return self.state
         try:
             sock.connect(self.path)
