@@ -186,7 +186,13 @@ class Sysfs:
             raise SysfsError(path, f"unreadable content: {exc}") from None
 
     def read_int(self, rel: str) -> int:
-        text = self.read(rel)
+        return self._as_int(rel, self.read(rel))
+
+    def read_kept_int(self, rel: str) -> int:
+        """``read_int`` through the fd kept for ``rel`` where there is one (``read_kept``)."""
+        return self._as_int(rel, self.read_kept(rel))
+
+    def _as_int(self, rel: str, text: str) -> int:
         try:
             return int(text)
         except ValueError:

@@ -452,7 +452,7 @@ class CpuFreq:
         try:
             pinned = backend.read_requested(c.leader)
             if pinned is None:
-                pinned = self._read_cur_khz(cpu)
+                pinned = self.sysfs.read_kept_int(f"{self._topology.dir(cpu)}/scaling_cur_freq")
         except SysfsError as exc:
             raise self._lost(cpu, exc) from exc
         return _nearest(c.info, pinned)
@@ -801,14 +801,6 @@ class CpuFreq:
             # (requested_khz): read through a kept fd, opened once.
             self.sysfs.keep_for_reads(f"{self._topology.dir(leader)}/scaling_cur_freq")
         return c
-
-    def _read_cur_khz(self, cpu: int) -> int:
-        rel = f"{self._topology.dir(cpu)}/scaling_cur_freq"
-        text = self.sysfs.read_kept(rel)
-        try:
-            return int(text)
-        except ValueError:
-            raise SysfsError(self.sysfs.path(rel), f"expected an integer, read {text!r}") from None
 
     def _lost(self, cpu: int, exc: SysfsError) -> CpufreqError:
         """A file access failed: drop the caches; say "offline" when that is why."""
