@@ -1,9 +1,11 @@
 """Scale costs that must not grow with the number of VMs (issue #16), per component:
 
 * the restore journal at first contact: 512 new files (256 CPUs x governor and
-  setspeed of a simulated acpi-cpufreq tree) recorded one file at a time (one sync
-  each) and in turns of 32 CPUs (``begin_turn``: one sync per turn); bytes handed to
-  write(2) per new file at the start and at the end;
+  setspeed of a simulated acpi-cpufreq tree) recorded one file at a time and in turns
+  of 32 CPUs (``begin_turn``: one append per turn), with every append synced (a
+  journal whose boot is unknown: one sync per file, per turn) and as deployed (the
+  boot known: no sync); bytes handed to write(2) per new file at the start and at
+  the end;
 * one VM's sockets in a channels directory of 1000 and 4000 VMs x 4 sockets (what
   ``add_vm`` and a one-VM re-read look up), against one listing of the whole directory
   (what reading every domain at start does).
@@ -74,10 +76,14 @@ def _wchar() -> int:
     return 0
 
 
-def _journal_case(tmp: Path, batched: bool) -> dict[str, Any]:
-    root = tmp / ("sys-b" if batched else "sys-1")
+def _journal_case(tmp: Path, batched: bool, synced: bool) -> dict[str, Any]:
+    case = ("b" if batched else "1") + ("s" if synced else "")
+    root = tmp / f"sys-{case}"
     build_tree(root, "acpi-cpufreq", CPUS)
-    journal = RestoreJournal(tmp / ("state-b" if batched else "state-1"))
+    if synced:  # the boot unknown: every append synced (vmpower.restore)
+        journal = RestoreJournal(tmp / f"state-{case}", boot_id=lambda: None)
+    else:
+        journal = RestoreJournal(tmp / f"state-{case}")
     cpufreq = open_cpufreq(Sysfs(root, journal))
     turn_ms: list[float] = []
     first_bytes = last_bytes = 0
@@ -543,8 +549,10 @@ def run() -> dict[str, Any]:
         tmp = Path(name)
         return {
             "journal_first_contact_256_cpus": {
-                "one_sync_per_file": _journal_case(tmp, batched=False),
-                "one_sync_per_turn": _journal_case(tmp, batched=True),
+                "one_sync_per_file": _journal_case(tmp, batched=False, synced=True),
+                "one_sync_per_turn": _journal_case(tmp, batched=True, synced=True),
+                "unsynced_per_file": _journal_case(tmp, batched=False, synced=False),
+                "unsynced_per_turn": _journal_case(tmp, batched=True, synced=False),
             },
             "channels_dir_1000_vms": _channels_case(tmp, 1000),
             "channels_dir_4000_vms": _channels_case(tmp, 4000),

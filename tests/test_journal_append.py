@@ -1,6 +1,7 @@
-"""The restore journal is append-only (issue #16): a new original costs O(1) bytes and
-one sync, whatever the journal holds; a monitor turn's first writes share one sync; a
-torn last record (a host crash inside an append) is ignored, anything else is corrupt."""
+"""The restore journal is append-only (issue #16): a new original costs O(1) bytes,
+whatever the journal holds (a turn's first writes share one append, and syncs:
+test_journal_boot.py); a torn last record (a crash inside an append) is ignored,
+anything else is corrupt."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from vmpower import restore
-from vmpower.cpufreq import open_cpufreq
-from vmpower.cpufreq.simulate import build_tree, snapshot
 from vmpower.errors import RestoreError
 from vmpower.restore import JOURNAL_NAME, RestoreJournal
 from vmpower.sysfs import Sysfs
@@ -34,23 +33,6 @@ def bytes_written() -> int:
         if line.startswith("wchar:"):
             return int(line.split()[1])
     raise AssertionError("no wchar in /proc/self/io")
-
-
-class SyncCounter:
-    """Counts fsync and fdatasync calls (the journal's syncs) while installed."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = 0
-        for name in ("fsync", "fdatasync"):
-            real = getattr(os, name)
-            monkeypatch.setattr(os, name, self._wrap(real))
-
-    def _wrap(self, real):  # type: ignore[no-untyped-def]
-        def counted(fd: int) -> None:
-            self.calls += 1
-            real(fd)
-
-        return counted
 
 
 def count_realpath(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -90,35 +72,6 @@ def test_a_new_original_appends_a_few_bytes_to_the_same_file(tmp_path: Path) -> 
     data = json.loads(path.read_text())  # whole JSON after every append
     assert [e["path"] for e in data["entries"]] == [str(p) for p in paths]
     assert len(RestoreJournal(tmp_path / "state").pending()) == 1000
-
-
-def test_a_turns_first_writes_share_one_sync(tmp_path: Path, monkeypatch) -> None:
-    """16 CPUs written for the first time in one turn: the turn that learns the driver's
-    file names syncs once per name; a later turn of 16 new CPUs syncs once."""
-    root = tmp_path / "sys"
-    build_tree(root, "acpi-cpufreq", 32)
-    before = snapshot(root)
-    journal = RestoreJournal(tmp_path / "state")
-    cpufreq = open_cpufreq(Sysfs(root, journal))
-    syncs = SyncCounter(monkeypatch)
-
-    def turn(cpus: range) -> int:
-        start = syncs.calls
-        journal.begin_turn([cpufreq.policy_path_prefix(c) for c in cpus])
-        for cpu in cpus:
-            cpufreq.set_khz(cpu, min(cpufreq.table_khz(cpu)))
-        journal.end_turn()
-        return syncs.calls - start
-
-    first = turn(range(16))
-    assert first <= 3  # creating the file (2 syncs), then the setspeed name (1)
-    assert turn(range(16, 32)) == 1
-    assert turn(range(32)) == 0  # nothing new to journal
-    assert len(journal.pending()) == 64  # governor and setspeed of each CPU
-    cpufreq.close()
-    journal.close()
-    assert RestoreJournal(tmp_path / "state").recover().ok  # as after a crash
-    assert snapshot(root) == before
 
 
 def test_a_torn_last_record_is_ignored_and_a_torn_middle_is_corrupt(tmp_path: Path) -> None:

@@ -55,3 +55,30 @@ def test_restore_after_kill_9_puts_every_setting_back(agent: RunningAgent) -> No
     again = restore("--json", "--config", str(agent.config_path))
     assert again.returncode == 0
     assert json.loads(again.stdout)["restored"] == []
+
+
+def test_a_journal_of_an_earlier_boot_is_set_aside_not_restored(agent: RunningAgent) -> None:
+    """A host that rebooted since vmpowerd was killed: the kernel reset every setting the
+    journal recorded, and this boot's (here: what the crash left, standing in for what
+    this boot set up) must stay. The host cannot reboot here: the journal is made to name
+    another boot, as it would after one."""
+    agent.start()
+    agent.control("set_cpu_freq", cpu=6, op="min")
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    this_boot = agent.originals()
+    journal = agent.state_dir / "restore-journal.json"
+    text = journal.read_text()
+    kernel_boot = json.loads(text)["boot_id"]
+    earlier = "0" * 8 + kernel_boot[8:]
+    journal.write_text(text.replace(kernel_boot, earlier, 1))
+
+    done = restore("--config", str(agent.config_path))
+    assert done.returncode == 0, done.stderr
+    assert agent.originals() == this_boot
+    kept = agent.state_dir / f"restore-journal.json.boot-{earlier}"
+    assert kept.read_text() == text.replace(kernel_boot, earlier, 1)
+    assert done.stdout.splitlines() == [
+        "not restored: the journal was written in an earlier boot, whose settings the"
+        f" kernel reset when it booted; kept as {kept}"
+    ]
+    assert "restore journal" in done.stderr and "earlier boot" in done.stderr

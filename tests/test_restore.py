@@ -36,10 +36,10 @@ def make_files(tmp_path: Path, values: dict[str, str]) -> dict[str, Path]:
     return paths
 
 
-def test_remember_is_durable_before_it_returns(tmp_path):
+def test_remember_is_in_the_file_before_it_returns(tmp_path):
     journal = RestoreJournal(tmp_path / "state")
     journal.remember("/sys/a", "1")
-    # a second process (a fresh object) sees it at once: it is on disk
+    # a second process (a fresh object) sees it at once: the daemon's death keeps it
     assert RestoreJournal(tmp_path / "state").pending() == {"/sys/a": "1"}
     data = json.loads((tmp_path / "state" / JOURNAL_NAME).read_text())
     assert data["entries"] == [{"path": "/sys/a", "original": "1"}]

@@ -47,6 +47,7 @@ def restore(config: Config) -> dict[str, object]:
         "restored": [],
         "failed": [],
         "refused": [],
+        "earlier_boot": None,
     }
     if not state_dir.is_dir():
         return result  # vmpowerd never ran with this state.dir: nothing it changed
@@ -65,6 +66,7 @@ def restore(config: Config) -> dict[str, object]:
     result["restored"] = [{"setting": k, "value": originals.get(k)} for k in report.restored]
     result["failed"] = [{"setting": k, "reason": report.reasons.get(k, "")} for k in report.failed]
     result["refused"] = list(report.refused)
+    result["earlier_boot"] = report.earlier_boot
     return result
 
 
@@ -92,7 +94,13 @@ def main(config_path: Path | None, out: TextIO, err: TextIO, *, json_output: boo
             print(f"NOT restored {entry['setting']}: {entry['reason']}", file=out)
         for label in refused:
             print(f"refused {label}: outside the sysfs and msr roots, never written", file=out)
-        if not (restored or failed or refused):
+        if result["earlier_boot"]:
+            print(
+                f"not restored: the journal was written in an earlier boot, whose settings"
+                f" the kernel reset when it booted; kept as {result['earlier_boot']}",
+                file=out,
+            )
+        elif not (restored or failed or refused):
             print(f"nothing to restore: the journal in {config.state.dir} is empty", file=out)
         else:
             kept = f" (kept in {result['journal']} for vmpowerd's next start)" if failed else ""

@@ -2,27 +2,40 @@
 
 ``RestoreJournal(state_dir)`` implements ``vmpower.sysfs.WriteJournal``: before the
 first write of a file, ``Sysfs`` hands it the file's original content, and the journal
-makes it durable *before* ``remember`` returns, so a crash at any later point still
-knows every original.
+has written it to the file *before* ``remember`` returns, so the daemon's death at any
+later point (a crash, SIGKILL, the OOM killer) still leaves every original to the next
+start.
+
+A journal belongs to one boot of the host. Every setting it records lives in the
+running kernel only (cpufreq's sysfs files, MSRs): a reboot resets them all, so after a
+reboot there is nothing to put back, and putting back the originals of an earlier boot
+would overwrite what this boot set up (tuned, a udev rule, the operator). The file's
+header names the boot it was written in (``/proc/sys/kernel/random/boot_id``); one from
+an earlier boot is set aside unrestored (``restore-journal.json.boot-<id>``), with a
+warning. It follows that a record need not survive the host's crash, only the daemon's
+death, which the page cache gives on return from ``pwrite``: appends are not synced
+(issue #16: one ``fdatasync`` per turn cost 0.2-0.5 ms of the monitor loop on ext4, and
+tens of ms when the filesystem's journal was busy). Where the boot cannot be known
+(``boot_id`` gives None), every append is synced as before and the journal is
+recovered whatever boot wrote it.
 
 The file is append-only (version 3): one JSON document whose ``entries`` list ends the
 file, followed by a fixed trailer. A new original is one ``pwrite`` of the record plus
-the trailer over the old trailer, then one ``fdatasync``: O(1) per file, whatever the
-journal holds (the whole file was rewritten before, issue #16), and the file is valid
-JSON after every completed write. A restore appends ``{"restored": path}`` records
-without a sync (losing one only means writing the same original again after a crash).
-The file is compacted (rewritten atomically: temp file, fsync, rename, fsync of the
-directory) when ``recover`` or a full ``restore`` runs (start and exit), and when dead
-records outnumber the live ones. Versions 1 and 2 (the whole file rewritten each time)
-are still read.
+the trailer over the old trailer: O(1) per file, whatever the journal holds (the whole
+file was rewritten before, issue #16), and the file is valid JSON after every completed
+write. A restore appends ``{"restored": path}`` records (losing one only means writing
+the same original again after a crash). The file is compacted (rewritten atomically:
+temp file, fsync, rename, fsync of the directory, so its header is on disk whatever
+happens to the host) when ``recover`` or a full ``restore`` runs (start and exit), and
+when dead records outnumber the live ones. Versions 1 and 2 (the whole file rewritten
+each time, no boot named) are still read, and recovered as this boot's.
 
-A monitor turn's first writes share one sync: ``begin_turn(prefixes)`` names the
+A monitor turn's first writes share one append: ``begin_turn(prefixes)`` names the
 directories of the CPUs the turn is about to write (their ``cpufreq/`` directories);
 when a file in one of them must be remembered, the journal also reads and records the
-same file name in every other of those directories, in the same append and the same
-``fdatasync``, and later turns record, ahead, the names it has learnt so. The cost is
-that a file the turn then does not write is journaled anyway: it gets its own original
-back at restore.
+same file name in every other of those directories, in the same append, and later
+turns record, ahead, the names it has learnt so. The cost is that a file the turn then
+does not write is journaled anyway: it gets its own original back at restore.
 
 ``restore(select)`` puts originals back: all of them (shutdown), or those ``select``
 accepts (one CPU's files when its VM stops). Each file is independent: a failure is
@@ -79,7 +92,15 @@ FORMAT = "vmpower-restore-journal"
 # keep the journal aside as corrupt, never misread it.
 VERSION = 3
 READ_VERSIONS = (1, 2, 3)
-_HEADER = f'{{"format": "{FORMAT}", "version": {VERSION}, "entries": [\n'
+# The header of a version 3 file, whole or torn, naming its boot when it is known.
+_HEADER_RE = re.compile(
+    re.escape(f'{{"format": "{FORMAT}", "version": {VERSION}')
+    + r'(?:, "boot_id": "([0-9A-Za-z-]{1,64})")?'
+    + re.escape(', "entries": [\n')
+)
+_BOOT_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
+# The kernel's random ID of the running boot (a UUID, new at every boot, kexec included).
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 _TRAILER = b"]}\n"
 # Compact when the restored (dead) records outnumber the live ones and are at least this
 # many: an append-only file stays O(live entries) in size, and a compaction (a rewrite)
@@ -108,6 +129,8 @@ class RestoreReport:
     reasons: dict[str, str] = field(default_factory=dict)
     # Entries of a loaded journal outside the allowed roots: never written, kept aside.
     refused: list[str] = field(default_factory=list)
+    # A journal of an earlier boot, found at start: not restored, kept at this path.
+    earlier_boot: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -168,12 +191,24 @@ def _under(path: str, roots: tuple[str, ...] | None) -> bool:
     return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
 
 
+def read_boot_id(path: str = BOOT_ID_PATH) -> str | None:
+    """The running boot's ID, None when the kernel does not say (no /proc)."""
+    try:
+        with open(path, encoding="ascii") as file:
+            boot_id = file.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return boot_id if _BOOT_ID.fullmatch(boot_id) else None
+
+
 class RestoreJournal:
-    """Originals of the files (and MSRs) vmpower wrote, kept durably in ``state_dir``.
+    """Originals of the files (and MSRs) vmpower wrote, kept in ``state_dir`` for this
+    boot of the host.
 
     ``file_roots`` and ``msr_roots``, when given, are where journaled files and MSR
     devices may be: an entry elsewhere is refused by ``remember``/``remember_msr`` and,
     loaded from the file, is never written (kept aside and reported). None: anywhere.
+    ``boot_id`` gives the running boot's ID (None: unknown, see the module's docstring).
     """
 
     def __init__(
@@ -184,9 +219,16 @@ class RestoreJournal:
         file_roots: Iterable[str | os.PathLike[str]] | None = None,
         msr_roots: Iterable[str | os.PathLike[str]] | None = None,
         msr_writer: MsrWriter = write_msr,
+        boot_id: Callable[[], str | None] = read_boot_id,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_NAME
+        self._boot_id = boot_id()
+        # Only a journal whose boot cannot be told needs its records on disk: see above.
+        self._sync_appends = self._boot_id is None
+        self._header = _header(self._boot_id)
+        # A journal of an earlier boot found at start: (its boot, originals, kept as)
+        self._earlier_boot: tuple[str, int, Path] | None = None
         self._write = writer
         self._write_msr = msr_writer
         self._file_roots = _resolved_roots(file_roots)
@@ -241,9 +283,10 @@ class RestoreJournal:
         """The turn is about to write files in ``directories`` (each ending in "/").
 
         Originals of the file names learnt in such directories before are recorded now,
-        for every directory that lacks them, in one append and one sync; a file name met
-        for the first time during the turn is recorded for all of them at once
-        (``_record``). So the first writes of many CPUs in one turn share one sync.
+        for every directory that lacks them, in one append; a file name met for the first
+        time during the turn is recorded for all of them at once (``_record``). So the
+        first writes of many CPUs in one turn share one append (and one sync, where
+        appends are synced).
         """
         self._turn = turn = frozenset(directories)
         if not self._names or not turn or turn <= self._complete:
@@ -266,7 +309,7 @@ class RestoreJournal:
         self._turn = frozenset()
 
     def remember(self, path: str, original: str) -> None:
-        """Record ``original`` for ``path`` unless already recorded; durable on return."""
+        """Record ``original`` for ``path`` unless already recorded; in the file on return."""
         if not os.path.isabs(path):
             raise RestoreError(f"journal paths must be absolute, got {path!r}")
         self._record(path, original, self._file_roots)
@@ -297,15 +340,16 @@ class RestoreJournal:
             self._record_batch(batch)
 
     def _record_batch(self, batch: list[tuple[Key, str | bytes]]) -> None:
-        """Record new entries in one append and one sync (under the lock)."""
+        """Record new entries in one append (under the lock)."""
         if not batch:
             return
         for key, original in batch:
             self._add(key, original)
         try:
-            self._append([_row_text(key, original) for key, original in batch], sync=True)
+            rows = [_row_text(key, original) for key, original in batch]
+            self._append(rows, sync=self._sync_appends)
         except RestoreError:
-            # not durable, so not recorded: the caller must not write the file
+            # not in the file, so not recorded: the caller must not write the file
             for key, _ in batch:
                 self._drop(key)
             raise
@@ -430,6 +474,7 @@ class RestoreJournal:
         if self._corrupt is not None:
             error, self._corrupt = self._corrupt, None
             raise error
+        earlier, self._earlier_boot = self._earlier_boot, None
         if self._originals:
             log.warning(
                 "restore journal %s holds %d originals from a previous run: restoring",
@@ -438,6 +483,8 @@ class RestoreJournal:
             )
         report = self.restore()
         report.refused, self._refused = self._refused, []
+        if earlier is not None:
+            report.earlier_boot = str(earlier[2])
         return report
 
     def restore(self, select: Callable[[str], bool] | None = None) -> RestoreReport:
@@ -592,8 +639,14 @@ class RestoreJournal:
         if text is None:
             return
         try:
-            entries, torn = _parse(text)
+            entries, torn, written_in = _parse(text)
         except ValueError as exc:
+            # A host crash can leave any damage past the header (appends are not synced):
+            # an earlier boot's file is not this run's to be corrupt.
+            header = _HEADER_RE.match(text)
+            if header is not None and self._earlier(header.group(1)):
+                self._keep_earlier_boot(header.group(1), None)
+                return
             kept = self._keep_aside()
             self._corrupt = RestoreError(
                 f"restore journal {self.path} is corrupt ({exc}); kept as {kept}: the"
@@ -601,9 +654,14 @@ class RestoreJournal:
             )
             log.error("%s", self._corrupt)
             return
+        if self._earlier(written_in):
+            assert written_in is not None
+            self._keep_earlier_boot(written_in, len(entries))
+            return
         if torn:
-            # A crash (of the host) inside an append: that record's file was never
-            # written, since the write waits for the record's sync.
+            # A crash inside an append (the daemon killed while the kernel copied a
+            # record across a page, or a host crash where the boot is not known): that
+            # record's file was never written, since the write waits for the append.
             log.warning("restore journal %s: ignored a torn last record: %r", self.path, torn)
         refused: list[tuple[Key, str | bytes]] = []
         for key, original in entries:
@@ -618,6 +676,33 @@ class RestoreJournal:
         if refused:
             self._set_aside(refused)
 
+    def _earlier(self, written_in: str | None) -> bool:
+        """Whether a journal naming ``written_in`` is of another boot than this one."""
+        return written_in is not None and self._boot_id is not None and written_in != self._boot_id
+
+    def _keep_earlier_boot(self, written_in: str, originals: int | None) -> None:
+        """An earlier boot's journal: the kernel reset its settings at boot; kept aside."""
+        kept = self.path.with_name(f"{JOURNAL_NAME}.boot-{written_in}")
+        try:
+            os.replace(self.path, kept)
+            _fsync_dir(self.state_dir)
+        except OSError as exc:
+            raise RestoreError(
+                f"restore journal {self.path} is from an earlier boot ({written_in}) and"
+                f" cannot be moved aside: {exc}"
+            ) from exc
+        what = "its originals" if originals is None else f"its {originals} originals"
+        log.warning(
+            "restore journal %s was written in an earlier boot (%s; this one is %s): %s are"
+            " not restored, since the kernel reset those settings when it booted; kept as %s",
+            self.path,
+            written_in,
+            self._boot_id,
+            what,
+            kept,
+        )
+        self._earlier_boot = (written_in, originals or 0, kept)
+
     def _set_aside(self, refused: list[tuple[Key, str | bytes]]) -> None:
         """Entries outside the roots: never written; kept in a file beside, reported."""
         labels = [_label(key) for key, _ in refused]
@@ -625,7 +710,7 @@ class RestoreJournal:
             f"{JOURNAL_NAME}.refused-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         )
         try:
-            _write_durably(kept, _render(refused), os.O_EXCL)
+            _write_durably(kept, _render(refused, self._header), os.O_EXCL)
             self._compact()  # the live journal no longer names them
         except (OSError, RestoreError) as exc:
             raise RestoreError(
@@ -695,7 +780,7 @@ class RestoreJournal:
                     os.unlink(self.path)
                     _fsync_dir(self.state_dir)
                 return
-            data = _render(self._originals.items()).encode()
+            data = _render(self._originals.items(), self._header).encode()
             tmp = self.path.with_name(f".{JOURNAL_NAME}.{os.getpid()}.tmp")
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(tmp, flags, 0o600)
@@ -765,13 +850,19 @@ def _restored_row(key: Key) -> dict[str, object]:
     return {"restored": key[0], "msr_offset": key[1]}
 
 
-def _render(entries: Iterable[tuple[Key, str | bytes]]) -> str:
-    """A version 3 file holding ``entries``: the header, one record a line, the trailer."""
+def _header(boot_id: str | None) -> str:
+    """A version 3 file's header, naming the boot it is written in when that is known."""
+    boot = "" if boot_id is None else f', "boot_id": "{boot_id}"'
+    return f'{{"format": "{FORMAT}", "version": {VERSION}{boot}, "entries": [\n'
+
+
+def _render(entries: Iterable[tuple[Key, str | bytes]], header: str) -> str:
+    """A version 3 file holding ``entries``: ``header``, one record a line, the trailer."""
     lines = [
         ("," if i else "") + _row_text(key, original) + "\n"
         for i, (key, original) in enumerate(entries)
     ]
-    return _HEADER + "".join(lines) + _TRAILER.decode()
+    return header + "".join(lines) + _TRAILER.decode()
 
 
 def _write_durably(path: Path, text: str, extra_flags: int) -> None:
@@ -785,22 +876,29 @@ def _write_durably(path: Path, text: str, extra_flags: int) -> None:
         os.close(fd)
 
 
-def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str]:
-    """The live entries of a journal's text, in order of first recording, and the torn
-    last record a crash inside an append left ("" when none)."""
+def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str, str | None]:
+    """The live entries of a journal's text, in order of first recording, the torn last
+    record a crash inside an append left ("" when none), and the boot it names (None:
+    none, as in every file written before boot IDs)."""
     torn = ""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if not text.startswith(_HEADER):
+        header = _HEADER_RE.match(text)
+        if header is None:
             raise ValueError(f"not JSON: {exc}") from None
-        rows, torn = _parse_lines(text[len(_HEADER) :], exc)
+        rows, torn = _parse_lines(text[header.end() :], exc)
         data = {"format": FORMAT, "version": VERSION, "entries": rows}
+        if header.group(1) is not None:
+            data["boot_id"] = header.group(1)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
     version = data.get("version")
     if version not in READ_VERSIONS:
         raise ValueError(f"unknown version {version!r} (expected {VERSION})")
+    boot_id = data.get("boot_id")
+    if boot_id is not None and not (isinstance(boot_id, str) and _BOOT_ID.fullmatch(boot_id)):
+        raise ValueError(f"boot_id {boot_id!r} is not a boot ID")
     entries = data.get("entries")
     if not isinstance(entries, list):
         raise ValueError('"entries" is not a list')
@@ -824,7 +922,7 @@ def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str]:
         else:
             raise ValueError(f"entry {i} is not {{path: absolute path, original: string}}")
         live.setdefault(key, original)  # the first original wins
-    return list(live.items()), torn
+    return list(live.items()), torn, boot_id
 
 
 def _parse_lines(body: str, error: json.JSONDecodeError) -> tuple[list[object], str]:
