@@ -465,9 +465,9 @@ def test_add_vm_waits_for_libvirt_without_holding_the_loop(turned: TurnedAgent) 
     answering = threading.Event()
     real = session.read_vms
 
-    def slow_read_vms(names):  # type: ignore[no-untyped-def]
+    def slow_read_vms(names, *args):  # type: ignore[no-untyped-def]
         answering.wait(30)  # libvirt is slow to answer
-        return real(names)
+        return real(names, *args)
 
     client = Client(turned)
     host = turned.hosts["vm1.0"]

@@ -35,6 +35,7 @@ from typing import Any
 import libvirt
 
 from vmpower.errors import HypervisorError, UnknownVmError
+from vmpower.hypervisor.domain_xml import scan_channels_dir
 from vmpower.hypervisor.libvirt_events import (
     EventInbox,
     EventLoop,
@@ -120,7 +121,8 @@ class Hypervisor:
 
         self._lock = threading.RLock()
         self._events = EventInbox(wake)
-        self._session = LibvirtSession(uri, Path(channels_dir), self._events, clock)
+        self._channels_dir = Path(channels_dir)
+        self._session = LibvirtSession(uri, self._channels_dir, self._events, clock)
         self._worker = LibvirtWorker(post, clock)
         # The live connection's generation (its events carry it); None while disconnected.
         self._generation: int | None = None
@@ -702,8 +704,16 @@ class Hypervisor:
             generation = self._require_connected()
             if name in self._vms:
                 return None
+        # The VM's sockets in the channels directory are looked up here, on the owner
+        # thread, and handed to the worker's read. Each of the 64 candidates' access(2)
+        # gives up the interpreter lock; in the worker, under guest traffic, the loop
+        # took it at each one and the read waited for the loop's turn to end, 64 times:
+        # at 1000 VMs under 1000 req/s the read took 1.0-1.3 ms (median), 0.4-0.5 ms
+        # without them, and add_vm's median inside the daemon went from 2.0-2.7 ms to
+        # 1.6-2.5. Here the look-up holds the loop 0.13 ms (0.6 under that traffic).
+        dir_sockets = {name: scan_channels_dir(self._channels_dir).get(name, {})}
         return self._submit_now(
-            functools.partial(self._session.read_vms, [name]),
+            functools.partial(self._session.read_vms, [name], dir_sockets),
             functools.partial(self._after_add, generation, name),
         )
 

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,10 +306,14 @@ class LibvirtSession:
             self._raise_if_lost(exc)
             raise HypervisorError(f"refresh: {_message(exc)}") from None
 
-    def read_vms(self, names: Iterable[str]) -> dict[str, VmRead | str | None]:
-        """Each VM read afresh: a VmRead, None when libvirt no longer has it, or the error."""
+    def read_vms(
+        self, names: Iterable[str], dir_sockets: Mapping[str, dict[int, str]] | None = None
+    ) -> dict[str, VmRead | str | None]:
+        """Each VM read afresh: a VmRead, None when libvirt no longer has it, or the error.
+        ``dir_sockets``: each VM's sockets in the channels directory, when the caller
+        has looked them up already (else they are looked up here)."""
         conn = self._require()
-        sockets = scan_channels_dir(self._channels_dir)
+        sockets = scan_channels_dir(self._channels_dir) if dir_sockets is None else dir_sockets
         out: dict[str, VmRead | str | None] = {}
         for name in names:
             try:
