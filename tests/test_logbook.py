@@ -185,3 +185,46 @@ def test_logs_driven_as_one_ticker_are_each_summarized_when_due(
     clock.now = 130.0
     assert group.run_due() == 1
     assert group.next_due() is None
+
+
+def test_summaries_due_together_from_many_sources_are_one_line(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """256 host CPUs first changed within one first contact have their summaries due
+    together every interval: 256 lines at once, 8 ms of the loop. Past a few sources a
+    run writes one line: the total, the busiest sources with their details, the rest
+    counted."""
+    caplog.set_level(logging.INFO, LOGGER)
+    changes = KindLog(
+        logging.getLogger(LOGGER),
+        "frequency changes",
+        one="frequency change",
+        level=logging.INFO,
+        interval_s=10.0,
+        clock=clock,
+    )
+    for cpu in range(256):
+        changes.note(f"host CPU {cpu}", "change", "now 1700000 kHz")  # at once, each
+    assert len(lines(caplog)) == 256
+    for cpu in range(256):
+        changes.note(f"host CPU {cpu}", "change", f"now {1800000 + cpu} kHz", count=1 + cpu)
+    clock.now += 10
+    assert changes.run_due() == 1
+    assert lines(caplog) == [
+        "32896 frequency changes in the last 10 s from 256 sources: host CPU 255: now"
+        " 1800255 kHz (256); host CPU 254: now 1800254 kHz (255); host CPU 253: now"
+        " 1800253 kHz (254); host CPU 252: now 1800252 kHz (253); host CPU 251: now"
+        " 1800251 kHz (252); host CPU 250: now 1800250 kHz (251); host CPU 249: now"
+        " 1800249 kHz (250); host CPU 248: now 1800248 kHz (249); and 248 more sources"
+    ]
+    # A few sources due together keep a line each, as before.
+    for cpu in range(3):
+        changes.note(f"host CPU {cpu}", "change", "now 1700000 kHz")
+    clock.now += 10
+    assert changes.run_due() == 3
+    assert len(lines(caplog)) == 3
+    # flush (exit) writes what is counted the same way.
+    for cpu in range(100):
+        changes.note(f"host CPU {cpu}", "change", "now 1700000 kHz", count=2)
+    assert changes.flush() == 1
+    assert lines(caplog)[0].startswith("200 frequency changes in the last ")

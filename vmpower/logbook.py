@@ -6,8 +6,11 @@ each (source, reason) at once, with its detail, then counts: at most one summary
 per source per interval, with the count of each reason seen since ("vm1.0: 52311
 requests refused in the last 10 s: host CPU 4 is not pinned to vm1 (52000); rate
 limit (311)", or with one reason only, "vm1.0: 52311 requests refused in the last
-10 s: host CPU 4 is not pinned to vm1"). A reason is a *kind* from a small fixed set
-("not pinned", "rate limit"); its detail, the latest of the interval, says which.
+10 s: host CPU 4 is not pinned to vm1"). Summaries of more than a few sources due
+together are one line ("52311 requests refused in the last 10 s from 4000 sources:
+vm1.0: host CPU 4 is not pinned to vm1 (52000); ...; and 3992 more sources"). A reason
+is a *kind* from a small fixed set ("not pinned", "rate limit"); its detail, the latest
+of the interval, says which.
 Counters shown to the operator (``show_vm``) are kept elsewhere and stay exact; this
 is only what goes to the log.
 
@@ -17,6 +20,7 @@ Owned by the monitor thread; the daemon drives ``run_due`` from the loop (it is 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +30,11 @@ DEFAULT_INTERVAL_S = 10.0
 # counted are forgotten (their next event is logged at once again): a peer that makes
 # up new source names cannot grow this without bound.
 MAX_SOURCES = 4096
+# Summaries one run writes as lines of their own; past it, the run writes one line for all
+# of them (the busiest this many named). 256 host CPUs first changed within one first
+# contact had their summaries due together every interval: 256 lines at once, 8 ms of
+# the loop (issue #16).
+MAX_SUMMARY_LINES = 8
 
 
 class _Source:
@@ -101,13 +110,14 @@ class KindLog:
     def flush(self) -> int:
         """Write every summary still counted now (at exit); returns how many lines."""
         now = self.clock()
-        lines = 0
+        ready = []
         for source, entry in self._sources.items():
             if entry.counts:
-                self._summary(source, entry, now - (entry.window_end - self.interval_s))
-                entry.counts = {}
-                entry.details = {}
-                lines += 1
+                ready.append((source, entry, now - (entry.window_end - self.interval_s)))
+        lines = self._write(ready)
+        for _, entry, _ in ready:
+            entry.counts = {}
+            entry.details = {}
         self._due = None
         return lines
 
@@ -129,42 +139,67 @@ class KindLog:
     def run_due(self) -> int:
         """Write the summaries whose interval has passed; returns how many lines."""
         now = self.clock()
-        lines = 0
+        ready = []
         due: float | None = None
         for source, entry in self._sources.items():
             if not entry.counts:
                 continue
             if entry.window_end <= now:
-                self._summary(source, entry, now - (entry.window_end - self.interval_s))
-                entry.counts = {}
-                entry.details = {}
-                entry.window_end = now + self.interval_s
-                lines += 1
+                ready.append((source, entry, now - (entry.window_end - self.interval_s)))
             elif due is None or entry.window_end < due:
                 due = entry.window_end
+        lines = self._write(ready)
+        for _, entry, _ in ready:
+            entry.counts = {}
+            entry.details = {}
+            entry.window_end = now + self.interval_s
         self._due = due
         return lines
 
+    def _write(self, ready: list[tuple[str, _Source, float]]) -> int:
+        """The summaries of ``ready`` (source, entry, span): a line each, or one line for
+        all past MAX_SUMMARY_LINES; returns how many lines."""
+        if len(ready) <= MAX_SUMMARY_LINES:
+            for source, entry, span_s in ready:
+                self._summary(source, entry, span_s)
+            return len(ready)
+        totals = [(sum(entry.counts.values()), source, entry) for source, entry, _ in ready]
+        busiest = heapq.nlargest(MAX_SUMMARY_LINES, totals, key=lambda item: item[0])
+        self.logger.log(
+            self.level,
+            "%d %s in the last %.0f s from %d sources: %s; and %d more sources",
+            sum(total for total, _, _ in totals),
+            self.what,
+            max(max(span_s for _, _, span_s in ready), 0.0),
+            len(ready),
+            "; ".join(f"{source}: {_parts(entry)} ({total})" for total, source, entry in busiest),
+            len(ready) - len(busiest),
+        )
+        return 1
+
     def _summary(self, source: str, entry: _Source, span_s: float) -> None:
-        counts = entry.counts
-        total = sum(counts.values())
-        if len(counts) == 1:
-            reason = next(iter(counts))
-            parts = entry.details.get(reason) or reason
-        else:
-            parts = "; ".join(
-                f"{entry.details.get(reason) or reason} ({n})"
-                for reason, n in sorted(counts.items(), key=lambda item: -item[1])
-            )
         self.logger.log(
             self.level,
             "%s: %d %s in the last %.0f s: %s",
             source,
-            total,
+            sum(entry.counts.values()),
             self.what,
             max(span_s, 0.0),
-            parts,
+            _parts(entry),
         )
+
+
+def _parts(entry: _Source) -> str:
+    """What a source's summary says of its reasons: the detail of its only one, or each
+    with its count, most frequent first."""
+    counts = entry.counts
+    if len(counts) == 1:
+        reason = next(iter(counts))
+        return entry.details.get(reason) or reason
+    return "; ".join(
+        f"{entry.details.get(reason) or reason} ({n})"
+        for reason, n in sorted(counts.items(), key=lambda item: -item[1])
+    )
 
 
 class KindLogs:
