@@ -215,7 +215,7 @@ def test_summaries_due_together_from_many_sources_are_one_line(
         " 1800255 kHz (256); host CPU 254: now 1800254 kHz (255); host CPU 253: now"
         " 1800253 kHz (254); host CPU 252: now 1800252 kHz (253); host CPU 251: now"
         " 1800251 kHz (252); host CPU 250: now 1800250 kHz (251); host CPU 249: now"
-        " 1800249 kHz (250); host CPU 248: now 1800248 kHz (249); and 248 more sources"
+        " 1800249 kHz (250); host CPU 248: now 1800248 kHz (249); and 248 more"
     ]
     # A few sources due together keep a line each, as before.
     for cpu in range(3):
@@ -228,3 +228,34 @@ def test_summaries_due_together_from_many_sources_are_one_line(
         changes.note(f"host CPU {cpu}", "change", "now 1700000 kHz", count=2)
     assert changes.flush() == 1
     assert lines(caplog)[0].startswith("200 frequency changes in the last ")
+
+
+def test_sources_first_noted_over_many_turns_are_summarized_together(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the daemon's clock the 256 CPUs of a first contact are met over ~100 ms of
+    turns, so their intervals end a few per turn; the ticker runs every turn. They are
+    summarized in one line all the same, and their next intervals end together."""
+    caplog.set_level(logging.INFO, LOGGER)
+    changes = KindLog(
+        logging.getLogger(LOGGER), "frequency changes", level=logging.INFO, clock=clock
+    )
+    for cpu in range(256):  # one CPU met every 0.4 ms, the ticker run each turn
+        changes.note(f"host CPU {cpu}", "change", "now 1700000 kHz", count=2)
+        if changes.next_due() is not None and changes.next_due() <= clock.now:
+            changes.run_due()
+        clock.now += 0.0004
+    assert len(lines(caplog)) == 256  # each CPU's first change, at once
+    runs = []
+    for _turn in range(2 * 25_000):  # 20 s of 0.4 ms turns
+        clock.now += 0.0004
+        due = changes.next_due()
+        if due is not None and due <= clock.now:
+            runs.append(changes.run_due())
+        if _turn % 100 == 0:
+            for cpu in range(256):
+                changes.note(f"host CPU {cpu}", "change", "now 1800000 kHz")
+    got = lines(caplog)
+    assert runs == [1, 1], runs
+    assert len(got) == 2 and all(" from 256 sources: " in line for line in got), got
+    assert " frequency changes in the last 10 s from 256 sources: " in got[0]
