@@ -60,7 +60,7 @@ def test_an_earlier_boots_journal_is_kept_aside_and_nothing_restored(
     assert not (state / JOURNAL_NAME).exists()
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "earlier boot (boot-a; this one is boot-b)" in warning
-    assert "its 4 originals are not restored" in warning  # governor and setspeed of 2 CPUs
+    assert "its 4 settings are not restored" in warning  # governor and setspeed of 2 CPUs
 
     # This boot's journal works as ever: its own originals come back.
     cpufreq = open_cpufreq(Sysfs(root, journal))
@@ -112,11 +112,56 @@ def test_a_journal_written_before_boot_ids_is_recovered_as_this_boots(tmp_path: 
     before = snapshot(root)
     crashed_run(root, state, "boot-a", range(2))
     path = state / JOURNAL_NAME
-    path.write_text(path.read_text().replace(', "boot_id": "boot-a"', "", 1))
-    assert "boot_id" not in json.loads(path.read_text())
+    text = path.read_text()
+    version_3 = text.replace('"version": 4, "boot_id": "boot-a"', '"version": 3', 1)
+    assert version_3 != text and "boot_id" not in json.loads(version_3)
+    path.write_text(version_3[: version_3.rindex(",{")] + ',{"pa')  # torn, as it may be
     report = RestoreJournal(state, boot_id=boot("boot-b")).recover()
-    assert report.ok and len(report.restored) == 4 and report.earlier_boot is None
-    assert snapshot(root) == before
+    assert report.ok and len(report.restored) == 3 and report.earlier_boot is None
+    assert snapshot(root) != before  # the torn record's file: written by this test only
+    path.write_text(version_3)
+    path.chmod(0o600)
+    report = RestoreJournal(state, boot_id=boot("boot-b")).recover()
+    assert report.ok and snapshot(root) == before
+
+
+def test_an_earlier_boots_msrs_are_restored_and_their_records_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reboot by kexec does not reset MSRs (the PMU event selects BRANCH_RATIO
+    programs): of an earlier boot's journal, its MSRs are still put back."""
+    state, msr = tmp_path / "state", tmp_path / "msr"
+    msr.write_bytes(bytes(16))
+    journal = RestoreJournal(state, boot_id=boot("boot-a"))
+    journal.remember("/sys/a", "1")  # creates the file
+    syncs = SyncCounter(monkeypatch)
+    journal.remember("/sys/b", "2")
+    assert syncs.calls == 0
+    journal.remember_msr(str(msr), 8, bytes(range(1, 9)))
+    assert syncs.calls == 1  # the MSR's record is on disk whatever happens to the host
+    journal.close()
+    monkeypatch.undo()
+    msr.write_bytes(bytes(16))  # programmed by the crashed run (here: zeroed)
+    report = RestoreJournal(state, boot_id=boot("boot-b")).recover()
+    assert report.restored == [f"{msr}@0x8"] and report.earlier_boot is not None
+    assert msr.read_bytes() == bytes(8) + bytes(range(1, 9))
+    assert not (state / JOURNAL_NAME).exists()  # nothing left to restore
+
+
+def test_a_session_journal_of_an_earlier_boot_is_removed_not_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A telemetry session's directory is removed once finished: its journal of an
+    earlier boot goes with it, and the warning says so (not "kept as")."""
+    state = tmp_path / "session"
+    journal = RestoreJournal(state, boot_id=boot("boot-a"))
+    journal.remember("/sys/a", "1")
+    journal.close()
+    with caplog.at_level(logging.WARNING, logger="vmpower.restore"):
+        report = RestoreJournal(state, boot_id=boot("boot-b"), keep_earlier_boot=False).recover()
+    assert report.restored == [] and report.earlier_boot is None
+    assert list(state.iterdir()) == []
+    assert caplog.records[-1].getMessage().endswith("when it booted; removed")
 
 
 class SyncCounter:

@@ -371,18 +371,18 @@ def test_sysfs_error_from_a_kernel_writer_is_isolated(sim_sysfs, tmp_path):
 
 
 def test_msr_originals_round_trip_in_the_append_only_journal(tmp_path):
-    """Version 3 (append-only) holds files and MSRs; the file is whole JSON after each
+    """The append-only version holds files and MSRs; the file is whole JSON after each
     record, so an older vmpowerd finds an unknown version and keeps it aside, never
     misreads it."""
     state = tmp_path / "state"
     journal = RestoreJournal(state)
     journal.remember("/sys/a", "1")
-    assert json.loads((state / JOURNAL_NAME).read_text())["version"] == 3
+    assert json.loads((state / JOURNAL_NAME).read_text())["version"] == 4
     msr = tmp_path / "msr"
     msr.write_bytes(bytes(16))
     journal.remember_msr(str(msr), 8, b"\x01\x02\x03\x04\x05\x06\x07\x08")
     data = json.loads((state / JOURNAL_NAME).read_text())
-    assert data["version"] == 3
+    assert data["version"] == 4
     assert data["entries"][1] == {"path": str(msr), "offset": 8, "bytes": "0102030405060708"}
     again = RestoreJournal(state, writer=lambda path, value: None)
     assert again.pending() == {"/sys/a": "1", f"{msr}@0x8": "0102030405060708"}

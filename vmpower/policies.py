@@ -133,7 +133,7 @@ class MsrReader:
     A regular file cannot hold overlapping 8-byte values; simulated trees therefore
     space them ``stride`` bytes apart (tests use 8; the real device needs 1).
 
-    The event selects' original bytes go to the restore ``journal`` (durably, before
+    The event selects' original bytes go to the restore ``journal`` (synced, before
     the first write) when there is one, so that a crash does not leave the PMU
     programmed: the next start's ``recover()`` writes them back. Without a journal
     (unit tests) they are kept in memory only.
@@ -165,7 +165,7 @@ class MsrReader:
                 return None
             try:
                 self._program(cpu, fd)
-            except (OSError, VmpowerError) as exc:  # RestoreError: the original not durable
+            except (OSError, VmpowerError) as exc:  # RestoreError: the original not recorded
                 os.close(fd)
                 self.unavailable[cpu] = f"cannot program the event selects: {exc}"
                 log.warning("BRANCH_RATIO unavailable on host CPU %d: %s", cpu, exc)

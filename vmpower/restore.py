@@ -6,29 +6,33 @@ has written it to the file *before* ``remember`` returns, so the daemon's death 
 later point (a crash, SIGKILL, the OOM killer) still leaves every original to the next
 start.
 
-A journal belongs to one boot of the host. Every setting it records lives in the
-running kernel only (cpufreq's sysfs files, MSRs): a reboot resets them all, so after a
-reboot there is nothing to put back, and putting back the originals of an earlier boot
-would overwrite what this boot set up (tuned, a udev rule, the operator). The file's
-header names the boot it was written in (``/proc/sys/kernel/random/boot_id``); one from
-an earlier boot is set aside unrestored (``restore-journal.json.boot-<id>``), with a
-warning. It follows that a record need not survive the host's crash, only the daemon's
-death, which the page cache gives on return from ``pwrite``: appends are not synced
-(issue #16: one ``fdatasync`` per turn cost 0.2-0.5 ms of the monitor loop on ext4, and
-tens of ms when the filesystem's journal was busy). Where the boot cannot be known
-(``boot_id`` gives None), every append is synced as before and the journal is
+A journal belongs to one boot of the host. The sysfs files it records live in the
+running kernel only: a reboot resets them, so after a reboot there is nothing of them to
+put back, and putting back the originals of an earlier boot would overwrite what this
+boot set up (tuned, a udev rule, the operator). The file's header names the boot it was
+written in (``/proc/sys/kernel/random/boot_id``); one from an earlier boot is set aside
+(``restore-journal.json.boot-<id>``) with a warning, its files unrestored. It follows
+that a file's record need not survive the host's crash, only the daemon's death, which
+the page cache gives on return from ``pwrite``: those appends are not synced (issue #16:
+one ``fdatasync`` per turn cost 0.2-0.5 ms of the monitor loop on ext4, and tens of ms
+when the filesystem's journal was busy). What that gives up: a disk that fails to write
+the page back loses the record without a word (the error would only show at a sync).
+MSRs are the exception: a reboot by kexec does not reset them, so an earlier boot's MSR
+originals are still restored, and their records are synced. Where the boot cannot be
+known (``boot_id`` gives None), every append is synced as before and the journal is
 recovered whatever boot wrote it.
 
-The file is append-only (version 3): one JSON document whose ``entries`` list ends the
-file, followed by a fixed trailer. A new original is one ``pwrite`` of the record plus
-the trailer over the old trailer: O(1) per file, whatever the journal holds (the whole
-file was rewritten before, issue #16), and the file is valid JSON after every completed
-write. A restore appends ``{"restored": path}`` records (losing one only means writing
-the same original again after a crash). The file is compacted (rewritten atomically:
-temp file, fsync, rename, fsync of the directory, so its header is on disk whatever
-happens to the host) when ``recover`` or a full ``restore`` runs (start and exit), and
-when dead records outnumber the live ones. Versions 1 and 2 (the whole file rewritten
-each time, no boot named) are still read, and recovered as this boot's.
+The file is append-only (version 4; version 3 named no boot): one JSON document whose
+``entries`` list ends the file, followed by a fixed trailer. A new original is one
+``pwrite`` of the record plus the trailer over the old trailer: O(1) per file, whatever
+the journal holds (the whole file was rewritten before, issue #16), and the file is
+valid JSON after every completed write. A restore appends ``{"restored": path}``
+records (losing one only means writing the same original again after a crash). The
+file is compacted (rewritten atomically: temp file, fsync, rename, fsync of the
+directory, so its header is on disk whatever happens to the host) when ``recover`` or a
+full ``restore`` runs (start and exit), and when dead records outnumber the live ones.
+Versions 1 to 3 (1 and 2 rewritten whole each time; none names its boot) are still
+read, and recovered as this boot's.
 
 A monitor turn's first writes share one append: ``begin_turn(prefixes)`` names the
 directories of the CPUs the turn is about to write (their ``cpufreq/`` directories);
@@ -88,14 +92,17 @@ JOURNAL_NAME = "restore-journal.json"
 FORMAT = "vmpower-restore-journal"
 # Version 1: files only; 2 adds MSR entries ({path, offset, bytes}); both were rewritten
 # whole for each new entry. Version 3 is the append-only layout (records appended before a
-# fixed trailer, "restored" records). Older vmpowerd versions find version 3 unknown: they
-# keep the journal aside as corrupt, never misread it.
-VERSION = 3
-READ_VERSIONS = (1, 2, 3)
-# The header of a version 3 file, whole or torn, naming its boot when it is known.
+# fixed trailer, "restored" records). Version 4 is version 3 whose header names the boot
+# it was written in, and whose file records are not synced (see above). Older vmpowerd
+# versions find a newer version unknown: they keep the journal aside as corrupt, never
+# misread it (a version 3 reader would restore an earlier boot's originals).
+VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
+# The header of an append-only file (version 3, or 4 naming its boot when it is known),
+# whole or torn.
 _HEADER_RE = re.compile(
-    re.escape(f'{{"format": "{FORMAT}", "version": {VERSION}')
-    + r'(?:, "boot_id": "([0-9A-Za-z-]{1,64})")?'
+    re.escape(f'{{"format": "{FORMAT}", "version": ')
+    + r'([34])(?:, "boot_id": "([0-9A-Za-z-]{1,64})")?'
     + re.escape(', "entries": [\n')
 )
 _BOOT_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
@@ -220,6 +227,7 @@ class RestoreJournal:
         msr_roots: Iterable[str | os.PathLike[str]] | None = None,
         msr_writer: MsrWriter = write_msr,
         boot_id: Callable[[], str | None] = read_boot_id,
+        keep_earlier_boot: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_NAME
@@ -227,8 +235,11 @@ class RestoreJournal:
         # Only a journal whose boot cannot be told needs its records on disk: see above.
         self._sync_appends = self._boot_id is None
         self._header = _header(self._boot_id)
+        # An earlier boot's journal is kept aside for the operator (False: removed, where
+        # its directory goes anyway, as a telemetry session's does).
+        self._keep_earlier_boot = keep_earlier_boot
         # A journal of an earlier boot found at start: (its boot, originals, kept as)
-        self._earlier_boot: tuple[str, int, Path] | None = None
+        self._earlier_boot: tuple[str, int, Path | None] | None = None
         self._write = writer
         self._write_msr = msr_writer
         self._file_roots = _resolved_roots(file_roots)
@@ -347,7 +358,11 @@ class RestoreJournal:
             self._add(key, original)
         try:
             rows = [_row_text(key, original) for key, original in batch]
-            self._append(rows, sync=self._sync_appends)
+            # An MSR record is synced whatever the boot: a reboot by kexec keeps MSRs,
+            # so an earlier boot's MSR originals are still restored (_load). Rare: the
+            # BRANCH_RATIO policy programs two event selects per CPU, once.
+            msr = any(not isinstance(key, str) for key, _ in batch)
+            self._append(rows, sync=self._sync_appends or msr)
         except RestoreError:
             # not in the file, so not recorded: the caller must not write the file
             for key, _ in batch:
@@ -483,7 +498,7 @@ class RestoreJournal:
             )
         report = self.restore()
         report.refused, self._refused = self._refused, []
-        if earlier is not None:
+        if earlier is not None and earlier[2] is not None:
             report.earlier_boot = str(earlier[2])
         return report
 
@@ -644,8 +659,8 @@ class RestoreJournal:
             # A host crash can leave any damage past the header (appends are not synced):
             # an earlier boot's file is not this run's to be corrupt.
             header = _HEADER_RE.match(text)
-            if header is not None and self._earlier(header.group(1)):
-                self._keep_earlier_boot(header.group(1), None)
+            if header is not None and self._earlier(header.group(2)):
+                self._set_aside_earlier_boot(header.group(2), None, [])
                 return
             kept = self._keep_aside()
             self._corrupt = RestoreError(
@@ -656,8 +671,11 @@ class RestoreJournal:
             return
         if self._earlier(written_in):
             assert written_in is not None
-            self._keep_earlier_boot(written_in, len(entries))
-            return
+            files = [(key, original) for key, original in entries if isinstance(key, str)]
+            msrs = [(key, original) for key, original in entries if not isinstance(key, str)]
+            self._set_aside_earlier_boot(written_in, len(files), [key for key, _ in msrs])
+            entries = msrs  # restored: a reboot by kexec keeps MSRs as they were
+            torn = ""
         if torn:
             # A crash inside an append (the daemon killed while the kernel copied a
             # record across a page, or a host crash where the boot is not known): that
@@ -680,28 +698,36 @@ class RestoreJournal:
         """Whether a journal naming ``written_in`` is of another boot than this one."""
         return written_in is not None and self._boot_id is not None and written_in != self._boot_id
 
-    def _keep_earlier_boot(self, written_in: str, originals: int | None) -> None:
-        """An earlier boot's journal: the kernel reset its settings at boot; kept aside."""
+    def _set_aside_earlier_boot(self, written_in: str, files: int | None, msrs: list[Key]) -> None:
+        """An earlier boot's journal: the kernel reset its sysfs files at boot, so they
+        are not restored; the file is kept aside (or removed). Its MSRs, which a reboot
+        by kexec does not reset, the caller restores."""
         kept = self.path.with_name(f"{JOURNAL_NAME}.boot-{written_in}")
         try:
-            os.replace(self.path, kept)
+            if self._keep_earlier_boot:
+                os.replace(self.path, kept)
+            else:
+                os.unlink(self.path)
             _fsync_dir(self.state_dir)
         except OSError as exc:
             raise RestoreError(
                 f"restore journal {self.path} is from an earlier boot ({written_in}) and"
                 f" cannot be moved aside: {exc}"
             ) from exc
-        what = "its originals" if originals is None else f"its {originals} originals"
+        what = "its settings" if files is None else f"its {files} settings"
+        where = f"kept as {kept}" if self._keep_earlier_boot else "removed"
+        also = f"; its {len(msrs)} MSRs are restored (kexec keeps them)" if msrs else ""
         log.warning(
             "restore journal %s was written in an earlier boot (%s; this one is %s): %s are"
-            " not restored, since the kernel reset those settings when it booted; kept as %s",
+            " not restored, since the kernel reset them when it booted%s; %s",
             self.path,
             written_in,
             self._boot_id,
             what,
-            kept,
+            also,
+            where,
         )
-        self._earlier_boot = (written_in, originals or 0, kept)
+        self._earlier_boot = (written_in, files or 0, kept if self._keep_earlier_boot else None)
 
     def _set_aside(self, refused: list[tuple[Key, str | bytes]]) -> None:
         """Entries outside the roots: never written; kept in a file beside, reported."""
@@ -851,13 +877,13 @@ def _restored_row(key: Key) -> dict[str, object]:
 
 
 def _header(boot_id: str | None) -> str:
-    """A version 3 file's header, naming the boot it is written in when that is known."""
+    """An append-only file's header, naming the boot it is written in when that is known."""
     boot = "" if boot_id is None else f', "boot_id": "{boot_id}"'
     return f'{{"format": "{FORMAT}", "version": {VERSION}{boot}, "entries": [\n'
 
 
 def _render(entries: Iterable[tuple[Key, str | bytes]], header: str) -> str:
-    """A version 3 file holding ``entries``: ``header``, one record a line, the trailer."""
+    """An append-only file holding ``entries``: ``header``, one record a line, the trailer."""
     lines = [
         ("," if i else "") + _row_text(key, original) + "\n"
         for i, (key, original) in enumerate(entries)
@@ -888,9 +914,9 @@ def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str, str | None]:
         if header is None:
             raise ValueError(f"not JSON: {exc}") from None
         rows, torn = _parse_lines(text[header.end() :], exc)
-        data = {"format": FORMAT, "version": VERSION, "entries": rows}
-        if header.group(1) is not None:
-            data["boot_id"] = header.group(1)
+        data = {"format": FORMAT, "version": int(header.group(1)), "entries": rows}
+        if header.group(2) is not None:
+            data["boot_id"] = header.group(2)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
     version = data.get("version")
@@ -906,7 +932,7 @@ def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str, str | None]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ValueError(f"entry {i} has no path")
-        if version == VERSION and "restored" in entry:
+        if version >= 3 and "restored" in entry:
             live.pop(_restored_key(entry, i), None)
             continue
         if not isinstance(entry.get("path"), str):
@@ -926,7 +952,7 @@ def _parse(text: str) -> tuple[list[tuple[Key, str | bytes]], str, str | None]:
 
 
 def _parse_lines(body: str, error: json.JSONDecodeError) -> tuple[list[object], str]:
-    """A version 3 file that is not whole JSON: records one a line; only the last line
+    """An append-only file that is not whole JSON: records one a line; only the last line
     may be torn (a host crash inside an append), anything else is corruption."""
     lines = body.split("\n")
     rows: list[object] = []

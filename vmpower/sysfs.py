@@ -120,7 +120,8 @@ class WriteJournal(Protocol):
     """What Sysfs needs from a restore journal (implemented by restore.RestoreJournal)."""
 
     def remember(self, path: str, original: str) -> None:
-        """Record ``original`` for absolute ``path`` unless already recorded; durable on return."""
+        """Record ``original`` for absolute ``path`` unless already recorded; in the
+        journal's file on return."""
         ...
 
     def knows(self, path: str) -> bool:
@@ -324,7 +325,7 @@ class Sysfs:
         text = str(value)
         journal = self.journal
         if journal is not None and not journal.knows(path):
-            self.read_for_write(rel)  # hands the journal the original, durably
+            self.read_for_write(rel)  # hands the journal the original, recorded on return
         data = text.encode()
         try:
             fd = self._write_fds.get(path)

@@ -172,7 +172,8 @@ def finish_session(session_dir: Path) -> RestoreReport | None:
         if removed:
             log.info("session %s: removed %d leftover files", spec.key, len(removed))
     try:
-        journal = RestoreJournal(session_dir)
+        # An earlier boot's session journal goes with the session's directory.
+        journal = RestoreJournal(session_dir, keep_earlier_boot=False)
         report = journal.recover()
     except RestoreError as exc:
         log.error("session %s: %s", session_dir.name, exc)
