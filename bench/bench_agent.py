@@ -469,6 +469,7 @@ def measure(
         expect("measuring", 30)
         cpu_from, cpu_ns_from = cpu_seconds(agent.pid), cpu_ns(agent.pid)
         counters_from = proc_counters(agent.pid)
+        ticks_from = host_cpu_ticks()
         figures = parse_figures(expect(None, longest_s))
         # Sampled before the generator closes the channels: the agent is still as loaded.
         cpu_to, cpu_ns_to = cpu_seconds(agent.pid), cpu_ns(agent.pid)
@@ -479,7 +480,11 @@ def measure(
         if figures.get("nacks"):
             raise RuntimeError(f"{kind} {mode}: {figures['nacks']} requests refused (NACK)")
         served = figures["requests"] if mode == "latency" else figures["replies"]
-        result: dict[str, Any] = {"figures": figures, "loadavg": _load_note()}
+        result: dict[str, Any] = {
+            "figures": figures,
+            "loadavg": _load_note(),
+            "host_steal_percent": steal_percent(ticks_from, host_cpu_ticks()),
+        }
         if cpu_ns_from is not None and cpu_ns_to is not None:
             used_s = (cpu_ns_to - cpu_ns_from) / 1e9
         else:
@@ -512,6 +517,24 @@ def parse_figures(line: str) -> dict[str, Any]:
 
 
 # -- the bench ----------------------------------------------------------------------------
+
+
+def host_cpu_ticks() -> list[int]:
+    """This machine's CPU time by state since boot (/proc/stat's "cpu" line, in ticks)."""
+    try:
+        return [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_percent(before: list[int], after: list[int]) -> float | None:
+    """The share of this VM's CPU time its hypervisor gave to others between two
+    ``host_cpu_ticks()`` (proc(5): steal, the 8th field): what a shared host takes from
+    a run, so its timings can be read against it. None where the kernel does not say."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    total = sum(after) - sum(before)
+    return round((after[7] - before[7]) * 100 / total, 2) if total > 0 else 0.0
 
 
 def _load_note() -> str:

@@ -53,8 +53,10 @@ from bench.bench_agent import (
     build_programs,
     cpu_ns,
     cpu_seconds,
+    host_cpu_ticks,
     memory_mib,
     proc_counters,
+    steal_percent,
     stop_process,
 )
 from vmpower import control
@@ -399,11 +401,13 @@ def _under_load(
     """Guest load on ``channels`` channels while ``work()`` runs (None: load alone); the
     guests' round trips, with the longest loop turn the daemon saw meanwhile."""
     before = _loop(sock)
+    ticks = host_cpu_ticks()
     stub.start_load(rate, duration_s, 0, channels)
     time.sleep(0.2)  # the load is under way
     out = work() if work is not None else None
     guests = stub.load_result(duration_s)
     guests["longest_turn"] = _longest_new_turn(before, _loop(sock))
+    guests["host_steal_percent"] = steal_percent(ticks, host_cpu_ticks())
     return guests, out
 
 
