@@ -259,3 +259,41 @@ def test_sources_first_noted_over_many_turns_are_summarized_together(
     assert runs == [1, 1], runs
     assert len(got) == 2 and all(" from 256 sources: " in line for line in got), got
     assert " frequency changes in the last 10 s from 256 sources: " in got[0]
+
+
+def test_firsts_of_one_turn_are_one_line_where_the_log_batches_them(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first contact meets 256 host CPUs in ~100 ms: their first frequency changes
+    were 256 INFO lines, 55 us each on the loop (14 ms while it was busiest). A log
+    that batches its firsts writes those of one turn as one line at the turn's end:
+    still at once, with the first few named."""
+    caplog.set_level(logging.INFO, LOGGER)
+    changes = KindLog(
+        logging.getLogger(LOGGER),
+        "frequency changes",
+        one="frequency change",
+        level=logging.INFO,
+        clock=clock,
+        firsts_per_turn=True,
+    )
+    for cpu in range(36):
+        changes.note(f"host CPU {cpu}", "set", f"now {1700000 + cpu} kHz", count=2)
+    assert lines(caplog) == []  # until the turn ends
+    assert changes.end_turn() == 1
+    assert lines(caplog) == [
+        "frequency change on 36 sources: host CPU 0: now 1700000 kHz; host CPU 1: now"
+        " 1700001 kHz; host CPU 2: now 1700002 kHz; host CPU 3: now 1700003 kHz; host CPU"
+        " 4: now 1700004 kHz; host CPU 5: now 1700005 kHz; host CPU 6: now 1700006 kHz;"
+        " host CPU 7: now 1700007 kHz; and 28 more"
+    ]
+    assert changes.end_turn() == 0
+    changes.note("host CPU 40", "set", "now 1800000 kHz")  # one source: its usual line
+    changes.note("host CPU 0", "set", "now 1800000 kHz")  # not a first: counted
+    assert changes.end_turn() == 1
+    assert lines(caplog) == ["host CPU 40: frequency change: now 1800000 kHz"]
+    changes.note("host CPU 41", "restored", "original settings restored (2 files)")
+    assert changes.flush() == 2  # at exit: the pending first, then the summary
+    got = lines(caplog)
+    assert got[0] == "host CPU 41: frequency change: original settings restored (2 files)"
+    assert got[1].startswith("37 frequency changes in the last 0 s from 36 sources: ")

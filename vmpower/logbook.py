@@ -49,7 +49,13 @@ class _Source:
 
 class KindLog:
     """First event of each (source, reason) at once; then one summary per source per
-    interval, in one line for all sources when more than MAX_SUMMARY_LINES are due."""
+    interval, in one line for all sources when more than MAX_SUMMARY_LINES are due.
+
+    ``firsts_per_turn``: the first events wait for ``end_turn()`` (the monitor turn's
+    end), which writes those of the turn as one line, the first few named: for a log
+    whose sources come many at once in the normal course of things (256 host CPUs met
+    in one first contact), not for one whose first line is a warning to read at once.
+    """
 
     def __init__(
         self,
@@ -60,6 +66,7 @@ class KindLog:
         level: int = logging.WARNING,
         clock: Callable[[], float] = time.monotonic,
         one: str | None = None,
+        firsts_per_turn: bool = False,
     ) -> None:
         self.logger = logger
         self.what = what  # "requests refused", "replies dropped", ...
@@ -70,6 +77,11 @@ class KindLog:
         self._sources: dict[str, _Source] = {}
         self._due: float | None = None  # earliest window end with counts waiting
         self.group: KindLogs | None = None  # the ticker driving this log with others
+        self.firsts_per_turn = firsts_per_turn
+        # This turn's first events (firsts_per_turn): the first few (source, detail),
+        # and how many more.
+        self._firsts: list[tuple[str, str]] = []
+        self._firsts_more = 0
 
     def enabled(self) -> bool:
         """Whether this log's level reaches the logger (a caller may skip building a
@@ -90,7 +102,12 @@ class KindLog:
             now = self.clock()
             if entry.window_end <= now:
                 entry.window_end = now + self.interval_s
-            self.logger.log(self.level, "%s: %s: %s", source, self.one, detail or reason)
+            if not self.firsts_per_turn:
+                self.logger.log(self.level, "%s: %s: %s", source, self.one, detail or reason)
+            elif len(self._firsts) < MAX_SUMMARY_LINES:
+                self._firsts.append((source, detail or reason))
+            else:
+                self._firsts_more += 1
             count -= 1
             if count <= 0:
                 return
@@ -108,14 +125,36 @@ class KindLog:
         if detail:
             entry.details[reason] = detail
 
+    def end_turn(self) -> int:
+        """Write the turn's first events (``firsts_per_turn``): one source's line as it
+        would have been at once, or one line for them all; returns how many lines."""
+        firsts = self._firsts
+        if not firsts:
+            return 0
+        if len(firsts) == 1:
+            self.logger.log(self.level, "%s: %s: %s", firsts[0][0], self.one, firsts[0][1])
+        else:
+            self.logger.log(
+                self.level,
+                "%s on %d sources: %s%s",
+                self.one,
+                len(firsts) + self._firsts_more,
+                "; ".join(f"{source}: {detail}" for source, detail in firsts),
+                f"; and {self._firsts_more} more" if self._firsts_more else "",
+            )
+        self._firsts = []
+        self._firsts_more = 0
+        return 1
+
     def flush(self) -> int:
         """Write every summary still counted now (at exit); returns how many lines."""
+        lines = self.end_turn()
         now = self.clock()
         ready = []
         for source, entry in self._sources.items():
             if entry.counts:
                 ready.append((source, entry, now - (entry.window_end - self.interval_s)))
-        lines = self._write(ready)
+        lines += self._write(ready)
         for _, entry, _ in ready:
             entry.counts = {}
             entry.details = {}
