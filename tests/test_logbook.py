@@ -266,8 +266,9 @@ def test_firsts_of_one_turn_are_one_line_where_the_log_batches_them(
 ) -> None:
     """A first contact meets 256 host CPUs in ~100 ms: their first frequency changes
     were 256 INFO lines, 55 us each on the loop (14 ms while it was busiest). A log
-    that batches its firsts writes those of one turn as one line at the turn's end:
-    still at once, with the first few named."""
+    that gathers its firsts writes them as one line at a turn's end, at most every
+    0.1 s, with the first few named; the first at once, and a loop with no turn meanwhile
+    is woken for the rest (the ticker)."""
     caplog.set_level(logging.INFO, LOGGER)
     changes = KindLog(
         logging.getLogger(LOGGER),
@@ -290,8 +291,13 @@ def test_firsts_of_one_turn_are_one_line_where_the_log_batches_them(
     assert changes.end_turn() == 0
     changes.note("host CPU 40", "set", "now 1800000 kHz")  # one source: its usual line
     changes.note("host CPU 0", "set", "now 1800000 kHz")  # not a first: counted
-    assert changes.end_turn() == 1
+    assert changes.next_due() == pytest.approx(100.1)  # the ticker wakes the loop then
+    clock.now += 0.05
+    assert changes.end_turn() == 0 and lines(caplog) == []  # within 0.1 s of the last
+    clock.now += 0.05
+    assert changes.run_due() == 1  # no turn came: the ticker's run writes them
     assert lines(caplog) == ["host CPU 40: frequency change: now 1800000 kHz"]
+    assert changes.next_due() == pytest.approx(110.0)  # the summaries' turn
     changes.note("host CPU 41", "restored", "original settings restored (2 files)")
     assert changes.flush() == 2  # at exit: the pending first, then the summary
     got = lines(caplog)

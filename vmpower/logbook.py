@@ -35,6 +35,9 @@ MAX_SOURCES = 4096
 # contact had their summaries due together every interval: 256 lines at once, 8 ms of
 # the loop (issue #16).
 MAX_SUMMARY_LINES = 8
+# A log that gathers its first events (firsts_per_turn) writes them at most this often:
+# a first contact meets its 256 CPUs over ~100 turns, a few each.
+FIRSTS_WINDOW_S = 0.1
 
 
 class _Source:
@@ -52,9 +55,11 @@ class KindLog:
     interval, in one line for all sources when more than MAX_SUMMARY_LINES are due.
 
     ``firsts_per_turn``: the first events wait for ``end_turn()`` (the monitor turn's
-    end), which writes those of the turn as one line, the first few named: for a log
-    whose sources come many at once in the normal course of things (256 host CPUs met
-    in one first contact), not for one whose first line is a warning to read at once.
+    end), which writes those gathered as one line, the first few named, at most once
+    per FIRSTS_WINDOW_S (the first at once; the ticker wakes the loop for the rest):
+    for a log whose sources come many at once in the normal course of things (256 host
+    CPUs met in one first contact), not for one whose first line is a warning to read
+    at once.
     """
 
     def __init__(
@@ -82,6 +87,8 @@ class KindLog:
         # and how many more.
         self._firsts: list[tuple[str, str]] = []
         self._firsts_more = 0
+        self._firsts_due: float | None = None  # when they are written (end_turn, run_due)
+        self._firsts_last = float("-inf")  # when the last were
 
     def enabled(self) -> bool:
         """Whether this log's level reaches the logger (a caller may skip building a
@@ -104,10 +111,8 @@ class KindLog:
                 entry.window_end = now + self.interval_s
             if not self.firsts_per_turn:
                 self.logger.log(self.level, "%s: %s: %s", source, self.one, detail or reason)
-            elif len(self._firsts) < MAX_SUMMARY_LINES:
-                self._firsts.append((source, detail or reason))
             else:
-                self._firsts_more += 1
+                self._gather_first(source, detail or reason, now)
             count -= 1
             if count <= 0:
                 return
@@ -125,9 +130,27 @@ class KindLog:
         if detail:
             entry.details[reason] = detail
 
+    def _gather_first(self, source: str, detail: str, now: float) -> None:
+        if len(self._firsts) < MAX_SUMMARY_LINES:
+            self._firsts.append((source, detail))
+        else:
+            self._firsts_more += 1
+        if self._firsts_due is None:
+            self._firsts_due = max(now, self._firsts_last + FIRSTS_WINDOW_S)
+            group = self.group
+            if group is not None and (group.due is None or self._firsts_due < group.due):
+                group.due = self._firsts_due
+
     def end_turn(self) -> int:
-        """Write the turn's first events (``firsts_per_turn``): one source's line as it
-        would have been at once, or one line for them all; returns how many lines."""
+        """Write the first events gathered (``firsts_per_turn``) when they are due: one
+        source's line as it would have been at once, or one line for them all; returns
+        how many lines."""
+        due = self._firsts_due
+        if due is None or self.clock() < due:
+            return 0
+        return self._write_firsts()
+
+    def _write_firsts(self) -> int:
         firsts = self._firsts
         if not firsts:
             return 0
@@ -144,11 +167,13 @@ class KindLog:
             )
         self._firsts = []
         self._firsts_more = 0
+        self._firsts_due = None
+        self._firsts_last = self.clock()
         return 1
 
     def flush(self) -> int:
         """Write every summary still counted now (at exit); returns how many lines."""
-        lines = self.end_turn()
+        lines = self._write_firsts()
         now = self.clock()
         ready = []
         for source, entry in self._sources.items():
@@ -174,7 +199,10 @@ class KindLog:
     # -- Ticker ------------------------------------------------------------------------
 
     def next_due(self) -> float | None:
-        return self._due
+        firsts = self._firsts_due
+        if firsts is None:
+            return self._due
+        return firsts if self._due is None or firsts < self._due else self._due
 
     def run_due(self) -> int:
         """Write the summaries whose interval has passed; returns how many lines.
@@ -184,6 +212,7 @@ class KindLog:
         would otherwise come due a few per turn, each run writing a line each. Their
         next intervals then end together. Still at most one summary per source per
         interval."""
+        firsts = self.end_turn()  # the loop may have had no turn since they came due
         now = self.clock()
         ready = []
         due: float | None = None
@@ -203,7 +232,7 @@ class KindLog:
             entry.details = {}
             entry.window_end = now + self.interval_s
         self._due = due
-        return lines
+        return firsts + lines
 
     def _write(self, ready: list[tuple[str, _Source, float]]) -> int:
         """The summaries of ``ready`` (source, entry, span): a line each, or one line for
