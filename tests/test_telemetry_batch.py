@@ -487,10 +487,14 @@ def test_sessions_left_by_a_crash_are_recovered_at_start(lone_agent: RunningAgen
     RestoreJournal(session_dir).remember(str(limit), original)
     limit.write_text("1500000\n")
     stale = session_paths(SHM, key)
-    stale.signals.write_bytes(b"stale")
-    stale.channel.to_worker.write_bytes(b"stale")
-    agent.start()
-    assert limit.read_text().strip() == original
-    assert not session_dir.exists()
-    assert not stale.signals.exists() and not stale.channel.to_worker.exists()
-    assert agent.stop() == 0
+    try:
+        stale.signals.write_bytes(b"stale")
+        stale.channel.to_worker.write_bytes(b"stale")
+        agent.start()
+        assert limit.read_text().strip() == original
+        assert not session_dir.exists()
+        assert not stale.signals.exists() and not stale.channel.to_worker.exists()
+        assert agent.stop() == 0
+    finally:  # a run stopped before the daemon's start leaves no /dev/shm file behind
+        stale.signals.unlink(missing_ok=True)
+        stale.channel.to_worker.unlink(missing_ok=True)
