@@ -36,6 +36,19 @@ def refusals(clock: FakeClock) -> KindLog:
     )
 
 
+def changes_log(clock: FakeClock, firsts_per_turn: bool = False) -> KindLog:
+    """The daemon's frequency-changes log: INFO, 10 s summaries."""
+    return KindLog(
+        logging.getLogger(LOGGER),
+        "frequency changes",
+        one="frequency change",
+        level=logging.INFO,
+        interval_s=10.0,
+        clock=clock,
+        firsts_per_turn=firsts_per_turn,
+    )
+
+
 def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     got = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     caplog.clear()
@@ -195,14 +208,7 @@ def test_summaries_due_together_from_many_sources_are_one_line(
     run writes one line: the total, the busiest sources with their details, the rest
     counted."""
     caplog.set_level(logging.INFO, LOGGER)
-    changes = KindLog(
-        logging.getLogger(LOGGER),
-        "frequency changes",
-        one="frequency change",
-        level=logging.INFO,
-        interval_s=10.0,
-        clock=clock,
-    )
+    changes = changes_log(clock)
     for cpu in range(256):
         changes.note(f"host CPU {cpu}", "change", "now 1700000 kHz")  # at once, each
     assert len(lines(caplog)) == 256
@@ -270,14 +276,7 @@ def test_firsts_of_one_turn_are_one_line_where_the_log_batches_them(
     0.1 s, with the first few named; the first at once, and a loop with no turn meanwhile
     is woken for the rest (the ticker)."""
     caplog.set_level(logging.INFO, LOGGER)
-    changes = KindLog(
-        logging.getLogger(LOGGER),
-        "frequency changes",
-        one="frequency change",
-        level=logging.INFO,
-        clock=clock,
-        firsts_per_turn=True,
-    )
+    changes = changes_log(clock, firsts_per_turn=True)
     for cpu in range(36):
         changes.note(f"host CPU {cpu}", "set", f"now {1700000 + cpu} kHz", count=2)
     assert lines(caplog) == []  # until the turn ends
