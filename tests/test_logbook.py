@@ -36,7 +36,7 @@ def refusals(clock: FakeClock) -> KindLog:
     )
 
 
-def changes_log(clock: FakeClock, firsts_per_turn: bool = False) -> KindLog:
+def changes_log(clock: FakeClock, gather_firsts: bool = False) -> KindLog:
     """The daemon's frequency-changes log: INFO, 10 s summaries."""
     return KindLog(
         logging.getLogger(LOGGER),
@@ -45,7 +45,7 @@ def changes_log(clock: FakeClock, firsts_per_turn: bool = False) -> KindLog:
         level=logging.INFO,
         interval_s=10.0,
         clock=clock,
-        firsts_per_turn=firsts_per_turn,
+        gather_firsts=gather_firsts,
     )
 
 
@@ -272,27 +272,27 @@ def test_firsts_of_one_turn_are_one_line_where_the_log_batches_them(
 ) -> None:
     """A first contact meets 256 host CPUs in ~100 ms: their first frequency changes
     were 256 INFO lines, 55 us each on the loop (14 ms while it was busiest). A log
-    that gathers its firsts writes them as one line at a turn's end, at most every
-    0.1 s, with the first few named; the first at once, and a loop with no turn meanwhile
-    is woken for the rest (the ticker)."""
+    that gathers its firsts writes them as one line from its ticker run, at most every
+    0.1 s, with the first few named: the first in the turn after, the rest when due."""
     caplog.set_level(logging.INFO, LOGGER)
-    changes = changes_log(clock, firsts_per_turn=True)
+    changes = changes_log(clock, gather_firsts=True)
     for cpu in range(36):
         changes.note(f"host CPU {cpu}", "set", f"now {1700000 + cpu} kHz", count=2)
     assert lines(caplog) == []  # until the turn ends
-    assert changes.end_turn() == 1
+    assert changes.write_due_firsts(clock.now) == 1
     assert lines(caplog) == [
         "frequency change on 36 sources: host CPU 0: now 1700000 kHz; host CPU 1: now"
         " 1700001 kHz; host CPU 2: now 1700002 kHz; host CPU 3: now 1700003 kHz; host CPU"
         " 4: now 1700004 kHz; host CPU 5: now 1700005 kHz; host CPU 6: now 1700006 kHz;"
         " host CPU 7: now 1700007 kHz; and 28 more"
     ]
-    assert changes.end_turn() == 0
+    assert changes.write_due_firsts(clock.now) == 0
     changes.note("host CPU 40", "set", "now 1800000 kHz")  # one source: its usual line
     changes.note("host CPU 0", "set", "now 1800000 kHz")  # not a first: counted
     assert changes.next_due() == pytest.approx(100.1)  # the ticker wakes the loop then
     clock.now += 0.05
-    assert changes.end_turn() == 0 and lines(caplog) == []  # within 0.1 s of the last
+    assert changes.write_due_firsts(clock.now) == 0  # within 0.1 s of the last
+    assert lines(caplog) == []
     clock.now += 0.05
     assert changes.run_due() == 1  # no turn came: the ticker's run writes them
     assert lines(caplog) == ["host CPU 40: frequency change: now 1800000 kHz"]

@@ -522,11 +522,11 @@ def _log_turn(batch: list[VmChannel], happened: str, name_vms: int = 0) -> None:
         channel = batch[0]
         log.info("%s: channel %d of %s %s", channel.path, channel.index, channel.vm, happened)
     elif batch:
-        vms = sorted({channel.vm for channel in batch})
+        vms = {channel.vm for channel in batch}
         first = batch[0]
         named = ""
         if name_vms:
-            named = ": " + ", ".join(vms[:name_vms])
+            named = ": " + ", ".join(sorted(vms)[:name_vms])
             if len(vms) > name_vms:
                 named += f" and {len(vms) - name_vms} more"
         log.info(

@@ -35,7 +35,7 @@ MAX_SOURCES = 4096
 # contact had their summaries due together every interval: 256 lines at once, 8 ms of
 # the loop (issue #16).
 MAX_SUMMARY_LINES = 8
-# A log that gathers its first events (firsts_per_turn) writes them at most this often:
+# A log that gathers its first events (gather_firsts) writes them at most this often:
 # a first contact meets its 256 CPUs over ~100 turns, a few each.
 FIRSTS_WINDOW_S = 0.1
 
@@ -54,9 +54,9 @@ class KindLog:
     """First event of each (source, reason) at once; then one summary per source per
     interval, in one line for all sources when more than MAX_SUMMARY_LINES are due.
 
-    ``firsts_per_turn``: the first events wait for ``end_turn()`` (the monitor turn's
-    end), which writes those gathered as one line, the first few named, at most once
-    per FIRSTS_WINDOW_S (the first at once; the ticker wakes the loop for the rest):
+    ``gather_firsts``: the first events are gathered and written by the log's ticker
+    run (``write_due_firsts``) as one line, the first few named, at most once per
+    FIRSTS_WINDOW_S (the first in the turn after it came; the rest when due):
     for a log whose sources come many at once in the normal course of things (256 host
     CPUs met in one first contact), not for one whose first line is a warning to read
     at once.
@@ -71,7 +71,7 @@ class KindLog:
         level: int = logging.WARNING,
         clock: Callable[[], float] = time.monotonic,
         one: str | None = None,
-        firsts_per_turn: bool = False,
+        gather_firsts: bool = False,
     ) -> None:
         self.logger = logger
         self.what = what  # "requests refused", "replies dropped", ...
@@ -82,13 +82,12 @@ class KindLog:
         self._sources: dict[str, _Source] = {}
         self._due: float | None = None  # earliest window end with counts waiting
         self.group: KindLogs | None = None  # the ticker driving this log with others
-        self.firsts_per_turn = firsts_per_turn
-        # This turn's first events (firsts_per_turn): the first few (source, detail),
-        # and how many more.
+        self.gather_firsts = gather_firsts
+        # The first events gathered (gather_firsts): the first few (source, detail), how
+        # many more, and when the last were written (the next are due a window after).
         self._firsts: list[tuple[str, str]] = []
         self._firsts_more = 0
-        self._firsts_due: float | None = None  # when they are written (end_turn, run_due)
-        self._firsts_last = float("-inf")  # when the last were
+        self._firsts_last = float("-inf")
 
     def enabled(self) -> bool:
         """Whether this log's level reaches the logger (a caller may skip building a
@@ -109,7 +108,7 @@ class KindLog:
             now = self.clock()
             if entry.window_end <= now:
                 entry.window_end = now + self.interval_s
-            if not self.firsts_per_turn:
+            if not self.gather_firsts:
                 self.logger.log(self.level, "%s: %s: %s", source, self.one, detail or reason)
             else:
                 self._gather_first(source, detail or reason, now)
@@ -135,22 +134,21 @@ class KindLog:
             self._firsts.append((source, detail))
         else:
             self._firsts_more += 1
-        if self._firsts_due is None:
-            self._firsts_due = max(now, self._firsts_last + FIRSTS_WINDOW_S)
+        if len(self._firsts) == 1 and not self._firsts_more:  # the ticker's next due
+            due = self._firsts_last + FIRSTS_WINDOW_S
             group = self.group
-            if group is not None and (group.due is None or self._firsts_due < group.due):
-                group.due = self._firsts_due
+            if group is not None and (group.due is None or due < group.due):
+                group.due = due
 
-    def end_turn(self) -> int:
-        """Write the first events gathered (``firsts_per_turn``) when they are due: one
+    def write_due_firsts(self, now: float) -> int:
+        """Write the first events gathered (``gather_firsts``) when they are due: one
         source's line as it would have been at once, or one line for them all; returns
         how many lines."""
-        due = self._firsts_due
-        if due is None or self.clock() < due:
+        if not self._firsts or now < self._firsts_last + FIRSTS_WINDOW_S:
             return 0
-        return self._write_firsts()
+        return self._write_firsts(now)
 
-    def _write_firsts(self) -> int:
+    def _write_firsts(self, now: float) -> int:
         firsts = self._firsts
         if not firsts:
             return 0
@@ -167,14 +165,13 @@ class KindLog:
             )
         self._firsts = []
         self._firsts_more = 0
-        self._firsts_due = None
-        self._firsts_last = self.clock()
+        self._firsts_last = now
         return 1
 
     def flush(self) -> int:
         """Write every summary still counted now (at exit); returns how many lines."""
-        lines = self._write_firsts()
         now = self.clock()
+        lines = self._write_firsts(now)
         ready = []
         for source, entry in self._sources.items():
             if entry.counts:
@@ -199,9 +196,9 @@ class KindLog:
     # -- Ticker ------------------------------------------------------------------------
 
     def next_due(self) -> float | None:
-        firsts = self._firsts_due
-        if firsts is None:
+        if not self._firsts:
             return self._due
+        firsts = self._firsts_last + FIRSTS_WINDOW_S
         return firsts if self._due is None or firsts < self._due else self._due
 
     def run_due(self) -> int:
@@ -212,13 +209,13 @@ class KindLog:
         would otherwise come due a few per turn, each run writing a line each. Their
         next intervals then end together. Still at most one summary per source per
         interval."""
-        firsts = self.end_turn()  # the loop may have had no turn since they came due
         now = self.clock()
+        firsts = self.write_due_firsts(now)
+        if self._due is None or self._due > now:
+            return firsts  # no summary due (the firsts were, or nothing)
         ready = []
         due: float | None = None
         soon = now + self.interval_s / 2
-        if self._due is not None and self._due > now:
-            soon = now  # a run not due (flush aside, the ticker runs only due logs)
         for source, entry in self._sources.items():
             if not entry.counts:
                 continue

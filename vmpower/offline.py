@@ -95,14 +95,15 @@ def main(config_path: Path | None, out: TextIO, err: TextIO, *, json_output: boo
         for label in refused:
             print(f"refused {label}: outside the sysfs and msr roots, never written", file=out)
         if result["earlier_boot"]:
+            # Its sysfs files; its MSRs (a reboot by kexec keeps them) are listed above.
             print(
                 f"not restored: the journal was written in an earlier boot, whose settings"
                 f" the kernel reset when it booted; kept as {result['earlier_boot']}",
                 file=out,
             )
-        elif not (restored or failed or refused):
-            print(f"nothing to restore: the journal in {config.state.dir} is empty", file=out)
-        else:
+        if restored or failed or refused:
             kept = f" (kept in {result['journal']} for vmpowerd's next start)" if failed else ""
             print(f"{len(restored)} settings restored, {len(failed)} not restored{kept}", file=out)
+        elif not result["earlier_boot"]:
+            print(f"nothing to restore: the journal in {config.state.dir} is empty", file=out)
     return EXIT_FAILED if failed else EXIT_OK

@@ -115,7 +115,7 @@ class PowerLogs:
     def build(
         cls, interval_s: float = DEFAULT_INTERVAL_S, clock: Callable[[], float] = time.monotonic
     ) -> PowerLogs:
-        def kind_log(what: str, one: str, level: int, firsts_per_turn: bool = False) -> KindLog:
+        def kind_log(what: str, one: str, level: int, gather_firsts: bool = False) -> KindLog:
             return KindLog(
                 log,
                 what,
@@ -123,13 +123,13 @@ class PowerLogs:
                 level=level,
                 interval_s=interval_s,
                 clock=clock,
-                firsts_per_turn=firsts_per_turn,
+                gather_firsts=gather_firsts,
             )
 
         return cls(
             refusals=kind_log("requests refused", "request refused", logging.WARNING),
             # A first contact meets every CPU at once (256 INFO lines, 55 us each, while
-            # the loop was busiest): one line per turn.
+            # the loop was busiest): one line per 0.1 s, written by the log's ticker.
             changes=kind_log("frequency changes", "frequency change", logging.INFO, True),
             failures=kind_log("changes failed", "change failed", logging.ERROR),
             policies=kind_log("policy requests", "policy request", logging.INFO),
@@ -822,7 +822,6 @@ class PowerManager:
         channels = self.flush()
         if channels and self.send_replies is not None:
             self.send_replies(channels)
-        self.logs.changes.end_turn()  # after the replies: a log line waits for no guest
 
     def flush(self) -> set[Endpoint]:
         """Apply this turn's changed wishes, then queue the replies; returns channels to send on."""

@@ -98,14 +98,15 @@ FORMAT = "vmpower-restore-journal"
 # misread it (a version 3 reader would restore an earlier boot's originals).
 VERSION = 4
 READ_VERSIONS = (1, 2, 3, 4)
+# A boot ID as the journal takes it (from /proc and from the file): it names a file.
+_BOOT_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 # The header of an append-only file (version 3, or 4 naming its boot when it is known),
 # whole or torn.
 _HEADER_RE = re.compile(
     re.escape(f'{{"format": "{FORMAT}", "version": ')
-    + r'([34])(?:, "boot_id": "([0-9A-Za-z-]{1,64})")?'
+    + rf'([34])(?:, "boot_id": "({_BOOT_ID.pattern})")?'
     + re.escape(', "entries": [\n')
 )
-_BOOT_ID = re.compile(r"[0-9A-Za-z-]{1,64}")
 # The kernel's random ID of the running boot (a UUID, new at every boot, kexec included).
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 _TRAILER = b"]}\n"
@@ -200,12 +201,8 @@ def _under(path: str, roots: tuple[str, ...] | None) -> bool:
 
 def read_boot_id(path: str = BOOT_ID_PATH) -> str | None:
     """The running boot's ID, None when the kernel does not say (no /proc)."""
-    try:
-        with open(path, encoding="ascii") as file:
-            boot_id = file.read().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return boot_id if _BOOT_ID.fullmatch(boot_id) else None
+    boot_id = _read_original(path)
+    return boot_id if boot_id is not None and _BOOT_ID.fullmatch(boot_id) else None
 
 
 class RestoreJournal:
@@ -239,7 +236,7 @@ class RestoreJournal:
         # its directory goes anyway, as a telemetry session's does).
         self._keep_earlier_boot = keep_earlier_boot
         # A journal of an earlier boot found at start: (its boot, originals, kept as)
-        self._earlier_boot: tuple[str, int, Path | None] | None = None
+        self._earlier_boot_kept: str | None = None
         self._write = writer
         self._write_msr = msr_writer
         self._file_roots = _resolved_roots(file_roots)
@@ -489,7 +486,6 @@ class RestoreJournal:
         if self._corrupt is not None:
             error, self._corrupt = self._corrupt, None
             raise error
-        earlier, self._earlier_boot = self._earlier_boot, None
         if self._originals:
             log.warning(
                 "restore journal %s holds %d originals from a previous run: restoring",
@@ -498,8 +494,7 @@ class RestoreJournal:
             )
         report = self.restore()
         report.refused, self._refused = self._refused, []
-        if earlier is not None and earlier[2] is not None:
-            report.earlier_boot = str(earlier[2])
+        report.earlier_boot, self._earlier_boot_kept = self._earlier_boot_kept, None
         return report
 
     def restore(self, select: Callable[[str], bool] | None = None) -> RestoreReport:
@@ -660,9 +655,11 @@ class RestoreJournal:
             # an earlier boot's file is not this run's to be corrupt.
             header = _HEADER_RE.match(text)
             if header is not None and self._earlier(header.group(2)):
-                self._set_aside_earlier_boot(header.group(2), None, [])
+                self._set_aside_earlier_boot(header.group(2), None, 0)
                 return
-            kept = self._keep_aside()
+            kept = self._keep_aside(
+                f"corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}", "is corrupt"
+            )
             self._corrupt = RestoreError(
                 f"restore journal {self.path} is corrupt ({exc}); kept as {kept}: the"
                 " settings it recorded were not restored, check them by hand"
@@ -671,9 +668,8 @@ class RestoreJournal:
             return
         if self._earlier(written_in):
             assert written_in is not None
-            files = [(key, original) for key, original in entries if isinstance(key, str)]
             msrs = [(key, original) for key, original in entries if not isinstance(key, str)]
-            self._set_aside_earlier_boot(written_in, len(files), [key for key, _ in msrs])
+            self._set_aside_earlier_boot(written_in, len(entries) - len(msrs), len(msrs))
             entries = msrs  # restored: a reboot by kexec keeps MSRs as they were
             torn = ""
         if torn:
@@ -698,25 +694,15 @@ class RestoreJournal:
         """Whether a journal naming ``written_in`` is of another boot than this one."""
         return written_in is not None and self._boot_id is not None and written_in != self._boot_id
 
-    def _set_aside_earlier_boot(self, written_in: str, files: int | None, msrs: list[Key]) -> None:
+    def _set_aside_earlier_boot(self, written_in: str, files: int | None, msrs: int) -> None:
         """An earlier boot's journal: the kernel reset its sysfs files at boot, so they
         are not restored; the file is kept aside (or removed). Its MSRs, which a reboot
         by kexec does not reset, the caller restores."""
-        kept = self.path.with_name(f"{JOURNAL_NAME}.boot-{written_in}")
-        try:
-            if self._keep_earlier_boot:
-                os.replace(self.path, kept)
-            else:
-                os.unlink(self.path)
-            _fsync_dir(self.state_dir)
-        except OSError as exc:
-            raise RestoreError(
-                f"restore journal {self.path} is from an earlier boot ({written_in}) and"
-                f" cannot be moved aside: {exc}"
-            ) from exc
+        suffix = f"boot-{written_in}" if self._keep_earlier_boot else None
+        kept = self._keep_aside(suffix, f"is from an earlier boot ({written_in})")
         what = "its settings" if files is None else f"its {files} settings"
-        where = f"kept as {kept}" if self._keep_earlier_boot else "removed"
-        also = f"; its {len(msrs)} MSRs are restored (kexec keeps them)" if msrs else ""
+        where = f"kept as {kept}" if kept is not None else "removed"
+        also = f"; its {msrs} MSRs are restored (kexec keeps them)" if msrs else ""
         log.warning(
             "restore journal %s was written in an earlier boot (%s; this one is %s): %s are"
             " not restored, since the kernel reset them when it booted%s; %s",
@@ -727,7 +713,7 @@ class RestoreJournal:
             also,
             where,
         )
-        self._earlier_boot = (written_in, files or 0, kept if self._keep_earlier_boot else None)
+        self._earlier_boot_kept = None if kept is None else str(kept)
 
     def _set_aside(self, refused: list[tuple[Key, str | bytes]]) -> None:
         """Entries outside the roots: never written; kept in a file beside, reported."""
@@ -755,15 +741,19 @@ class RestoreJournal:
         )
         self._refused = labels
 
-    def _keep_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        kept = self.path.with_name(f"{JOURNAL_NAME}.corrupt-{stamp}-{os.getpid()}")
+    def _keep_aside(self, suffix: str | None, why: str) -> Path | None:
+        """Move the journal file to ``<journal>.<suffix>`` and return where (None: remove
+        it); ``why`` it goes, for the error when it cannot."""
+        kept = None if suffix is None else self.path.with_name(f"{JOURNAL_NAME}.{suffix}")
         try:
-            os.replace(self.path, kept)
+            if kept is None:
+                os.unlink(self.path)
+            else:
+                os.replace(self.path, kept)
             _fsync_dir(self.state_dir)
         except OSError as exc:
             raise RestoreError(
-                f"restore journal {self.path} is corrupt and cannot be moved aside: {exc}"
+                f"restore journal {self.path} {why} and cannot be moved aside: {exc}"
             ) from exc
         return kept
 

@@ -255,8 +255,8 @@ class Sysfs:
 
     def read_kept(self, rel: str) -> str:
         """Content of attribute ``rel`` as ``read`` gives it: through the fd kept for its
-        writes when there is one (one ``pread``: kernfs shows the value anew for each
-        read from offset 0), else opened, read and closed as ``read`` does."""
+        writes or for reads when there is one (one ``pread``: kernfs shows the value anew
+        for each read from offset 0), else opened, read and closed as ``read`` does."""
         text = self.read_kept_path(self.path(rel))
         return self.read(rel) if text is None else text  # read says why, if it fails
 
