@@ -82,3 +82,30 @@ def test_a_journal_of_an_earlier_boot_is_set_aside_not_restored(agent: RunningAg
         f" kernel reset when it booted; kept as {kept}"
     ]
     assert "restore journal" in done.stderr and "earlier boot" in done.stderr
+
+
+def test_an_earlier_boots_msrs_are_counted_beside_its_note(tmp_path: Path) -> None:
+    """An earlier boot's journal still gets its MSRs back (kexec keeps them): the
+    summary counts them, and the earlier-boot line says what was left."""
+    from vmpower.restore import RestoreJournal
+
+    state, msr_dir = tmp_path / "state", tmp_path / "msr"
+    msr_dir.mkdir()
+    msr = msr_dir / "msr"
+    msr.write_bytes(bytes(16))
+    journal = RestoreJournal(state, boot_id=lambda: "boot-a")
+    journal.remember("/sys/a", "1")
+    journal.remember_msr(str(msr), 8, bytes(range(1, 9)))
+    journal.close()
+    config = tmp_path / "vmpowerd.toml"
+    config.write_text(
+        f'[state]\ndir = "{state}"\n[cpufreq]\nsysfs_root = "{tmp_path}"\n'
+        f'[policies]\nmsr_root = "{msr_dir}"\n'
+    )
+    done = restore("--config", str(config))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"restored {msr}@0x8 = ")
+    assert lines[1].startswith("not restored: the journal was written in an earlier boot")
+    assert lines[2] == "1 settings restored, 0 not restored"
+    assert msr.read_bytes() == bytes(8) + bytes(range(1, 9))
