@@ -10,12 +10,15 @@ DPDK-format CPU_POWER requests and reads the replies:
 * throughput: 64 channels, 16 requests in flight on each: replies per second, with the
   agent's CPU seconds over the measured window and its memory (VmRSS, VmHWM).
 
-The same load runs against three agents:
+The same load runs against these agents:
 
 * ``vmpower``: ``vmpowerd``, a real subprocess (libvirt's test:/// driver, a simulated
   acpi-cpufreq tree on tmpfs, the restore journal);
 * ``cagent``: bench/c/cagent.c, DPDK's per-request work one packet at a time (read 464
   bytes, one sysfs write, one 464-byte reply): the latency reference;
+* ``pyagent``: bench/pyagent.py, the same work in plain Python: the Python floor. Against
+  ``cagent`` it is the interpreter's share of vmpowerd's distance to C; vmpowerd against
+  it is the share of vmpowerd's own work (its checks, journal, logs and counters);
 * ``cagent_batch_each``: bench/c/cagent_batch.c --write-each, a C agent that batches
   reads and replies (one read of every whole packet waiting on a channel, one write of
   all a channel's replies) and makes DPDK's sysfs write per request (throughput only);
@@ -61,7 +64,8 @@ REPO = HERE.parent
 C_SOURCES = HERE / "c"
 BUILD_DIR = HERE / "build"
 PROGRAMS = ("loadgen", "cagent", "cagent_batch")
-AGENTS = ("vmpower", "cagent", "cagent_batch", "cagent_batch_each")  # each round's order
+AGENTS = ("vmpower", "cagent", "pyagent", "cagent_batch", "cagent_batch_each")  # a round's order
+PYAGENT = HERE / "pyagent.py"
 MODES = ("latency", "throughput")
 THROUGHPUT_ONLY = frozenset({"cagent_batch_each"})
 
@@ -386,11 +390,16 @@ def _start_agent(
         argv = [sys.executable, "-m", "vmpower.daemon", "--config", str(node.config)]
     else:
         table = node.table_khz()
+        program = (
+            [sys.executable, str(PYAGENT)]
+            if kind == "pyagent"
+            else [str(programs[kind.removesuffix("_each")])]
+        )
         batch = ["--max-batch", str(BATCH_PACKETS)] if kind.startswith("cagent_batch") else []
         if kind == "cagent_batch_each":
             batch.append("--write-each")
         argv = [
-            str(programs[kind.removesuffix("_each")]),
+            *program,
             *batch,
             "--sysfs-root", str(node.sysfs_root),
             "--high-khz", str(table[0]),
@@ -583,6 +592,12 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("inf")
 
 
+def _cpu_excess(agent: dict[str, Any], reference: dict[str, Any]) -> float | None:
+    """The agent's CPU µs per request at one in flight beyond the reference's."""
+    mine, theirs = agent["latency_cpu_us_per_request"], reference["latency_cpu_us_per_request"]
+    return round(mine - theirs, 2) if mine is not None and theirs is not None else None
+
+
 def run(load: Load | None = None) -> dict[str, object]:
     load = load or Load()
     programs = build_programs()
@@ -610,7 +625,7 @@ def run(load: Load | None = None) -> dict[str, object]:
         for kind in AGENTS
     }
     vm, per_packet, batch = agents["vmpower"], agents["cagent"], agents["cagent_batch"]
-    batch_each = agents["cagent_batch_each"]
+    batch_each, python = agents["cagent_batch_each"], agents["pyagent"]
     ratios = {
         "throughput_vmpower_to_cagent_batch_each": _ratio(
             vm["throughput_per_s"], batch_each["throughput_per_s"]
@@ -625,6 +640,12 @@ def run(load: Load | None = None) -> dict[str, object]:
         ),
         "p50_vmpower_to_cagent_batch": _ratio(vm["p50_us"], batch["p50_us"]),
         "p99_vmpower_to_cagent_batch": _ratio(vm["p99_us"], batch["p99_us"]),
+        # The Python floor: the interpreter's share (pyagent / cagent) and vmpowerd's own
+        # work's (vmpower / pyagent) of the distance to C.
+        "p50_pyagent_to_cagent": _ratio(python["p50_us"], per_packet["p50_us"]),
+        "p99_pyagent_to_cagent": _ratio(python["p99_us"], per_packet["p99_us"]),
+        "p50_vmpower_to_pyagent": _ratio(vm["p50_us"], python["p50_us"]),
+        "p99_vmpower_to_pyagent": _ratio(vm["p99_us"], python["p99_us"]),
     }
 
     def round_ratios(round_no: int) -> dict[str, float]:
@@ -667,12 +688,10 @@ def run(load: Load | None = None) -> dict[str, object]:
         "ratios": ratios,
         # What vmpowerd adds to one request's round trip over the per-packet C agent.
         "p50_excess_us_vs_cagent": round(vm["p50_us"] - per_packet["p50_us"], 1),
-        "latency_cpu_excess_us_vs_cagent": (
-            round(vm["latency_cpu_us_per_request"] - per_packet["latency_cpu_us_per_request"], 2)
-            if vm["latency_cpu_us_per_request"] is not None
-            and per_packet["latency_cpu_us_per_request"] is not None
-            else None
-        ),
+        "latency_cpu_excess_us_vs_cagent": _cpu_excess(vm, per_packet),
+        # ... and over the same work in plain Python: vmpowerd's own work per request.
+        "p50_excess_us_vs_pyagent": round(vm["p50_us"] - python["p50_us"], 1),
+        "latency_cpu_excess_us_vs_pyagent": _cpu_excess(vm, python),
         "targets": TARGETS,
         "met": {
             "p50_ratio_to_cagent": ratios["p50_vmpower_to_cagent"]

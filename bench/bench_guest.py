@@ -12,16 +12,18 @@ The same guest's channels are served, one agent at a time, by:
 
 * vmpowerd (``python -m vmpower.daemon``, ``log.level = "warning"`` as in the agent
   bench, a simulated acpi-cpufreq tree), and
-* bench/c/cagent.c, DPDK's per-packet work (read 464 bytes, one pwrite, one reply).
+* bench/c/cagent.c, DPDK's per-packet work (read 464 bytes, one pwrite, one reply), and
+* bench/pyagent.py, the same work in plain Python: the Python floor (how much of
+  vmpowerd's distance to C is the interpreter's, and how much its own work's).
 
-Rounds interleave the two (vmpowerd then C, C then vmpowerd, ...); an agent is stopped,
-its process gone, before the other starts, and QEMU's channel socket then accepts the
-new client (checked every round: the warm-up must be ACKed, and the agent must show it
-served it: vmpowerd's request count, the C agent's sysfs write). Figures per agent are
-the medians over its rounds of each round's p50, p99 and max, with every round listed
-and the load average; the ratios vmpowerd / C face the issue's targets (p50 ≤ 1.1x,
-p99 ≤ 1.5x), reported as measured. Both agents run on the same fixed host CPU
-(taskset), the last one, away from vCPU 0's.
+Rounds interleave them (vmpowerd, C, Python, then the other way round, ...); an agent
+is stopped, its process gone, before the next starts, and QEMU's channel socket then
+accepts the new client (checked every round: the warm-up must be ACKed, and the agent
+must show it served it: vmpowerd's request count, the reference agent's sysfs write).
+Figures per agent are the medians over its rounds of each round's p50, p99 and max,
+with every round listed and the load average; the ratios vmpowerd / C face the issue's
+targets (p50 ≤ 1.1x, p99 ≤ 1.5x), reported as measured, the floor's ratios beside them.
+Every agent runs on the same fixed host CPU (taskset), the last one, away from vCPU 0's.
 
 The DPDK client (tests/e2e/dpdk_client.c) is not used: its ``rtt:N`` step sends
 SCALE_MAX, which the C agent NACKs, and librte_power's CPU_POWER_CONNECT probe gets a
@@ -59,7 +61,8 @@ VM_NAME = "vmpower-bench-guest"
 LOCK_WAIT_S = 300.0
 UNITS = ("SCALE_UP", "SCALE_DOWN")
 TARGETS = {"p50_ratio_max": 1.1, "p99_ratio_max": 1.5}
-AGENTS = ("vmpowerd", "c_agent")
+AGENTS = ("vmpowerd", "c_agent", "py_agent")
+PYAGENT = HERE / "pyagent.py"
 
 
 @dataclass(frozen=True)
@@ -99,17 +102,20 @@ def _summary_us(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-class CAgent:
-    """bench/build/cagent on the guest's channel sockets (``PATH:CPU``), its own sysfs tree."""
+class RefAgent:
+    """A reference agent (bench/build/cagent, bench/pyagent.py: the same command line) on
+    the guest's channel sockets (``PATH:CPU``), with its own sysfs tree."""
 
     def __init__(
         self,
-        binary: Path,
+        label: str,
+        command: list[str],
         work_dir: Path,
         channels: list[tuple[Path, int]],
         host_cpus: tuple[int, ...],
     ) -> None:
-        self.binary = binary
+        self.label = label
+        self.command = command
         self.sysfs_root = work_dir / "sysfs"
         build_tree(self.sysfs_root, "acpi-cpufreq", 8, turbo=True)
         # Two adjacent entries below the boost one: the one-step move DPDK makes.
@@ -117,7 +123,7 @@ class CAgent:
         self.high_khz, self.low_khz = table[1], table[2]
         self.channels = channels
         self.host_cpus = host_cpus
-        self.log_path = work_dir / "cagent.log"
+        self.log_path = work_dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def table_khz(self) -> list[int]:
@@ -130,7 +136,7 @@ class CAgent:
     def start(self) -> None:
         argv = [
             "taskset", "-c", ",".join(map(str, self.host_cpus)),
-            str(self.binary),
+            *self.command,
             "--sysfs-root", str(self.sysfs_root),
             "--high-khz", str(self.high_khz),
             "--low-khz", str(self.low_khz),
@@ -155,7 +161,7 @@ class CAgent:
 
 
 class Session:
-    """One guest and the two agents that take turns on its channels."""
+    """One guest and the agents that take turns on its channels."""
 
     def __init__(self, env: ModuleType, run_dir: Path, load: Load, agent_cpus: tuple[int, ...]):
         self.env = env
@@ -164,7 +170,7 @@ class Session:
         self.agent_cpus = agent_cpus
         self.vm: Any = None
         self.vmpowerd: Any = None
-        self.cagent: CAgent | None = None
+        self.refs: dict[str, RefAgent] = {}
         self.switches = 0
 
     # -- set-up and clean-up ------------------------------------------------------------
@@ -187,17 +193,22 @@ class Session:
             log_level="warning",
             host_cpus=self.agent_cpus,
         )
-        c_work = self.run_dir / "cagent"
-        c_work.mkdir()
         # vCPU i is pinned to host CPU i (GuestVm's pins): channel i drives CPU i.
         channels = [(vm.channel_socket(v), vm.pins[v]) for v in range(vm.vcpus)]
-        self.cagent = CAgent(cagent_binary, c_work, channels, self.agent_cpus)
+        commands = {
+            "c_agent": ("the C agent", [str(cagent_binary)]),
+            "py_agent": ("the Python agent", [sys.executable, str(PYAGENT)]),
+        }
+        for name, (label, command) in commands.items():
+            ref_work = self.run_dir / name
+            ref_work.mkdir()
+            self.refs[name] = RefAgent(label, command, ref_work, channels, self.agent_cpus)
 
     def close(self) -> list[str]:
         """Everything started here, stopped; what could not be, as messages."""
         problems = []
-        if self.cagent is not None:
-            self.cagent.stop()
+        for ref in self.refs.values():
+            ref.stop()
         if self.vmpowerd is not None:
             self.vmpowerd.close()
         if self.vm is not None:
@@ -223,14 +234,14 @@ class Session:
             self.vmpowerd.wait_connected(vm.name, vm.vcpus)
             served_from = self.vmpowerd.control("status")["requests"]
         else:
-            assert self.cagent is not None
-            mark = self.cagent.setspeed_path(vm.pins[load.vcpu])
-            mark.write_text("0\n")  # the C agent's first write replaces it
-            self.cagent.start()
+            ref = self.refs[agent]
+            mark = ref.setspeed_path(vm.pins[load.vcpu])
+            mark.write_text("0\n")  # the agent's first write replaces it
+            ref.start()
         try:
             vm.control.round_trips(load.vcpu, load.warmup, timeout_s=120, units=UNITS)
         except self.env.SetupError as exc:
-            log = self.vmpowerd.log() if agent == "vmpowerd" else self.cagent.log()
+            log = self.vmpowerd.log() if agent == "vmpowerd" else self.refs[agent].log()
             raise self.env.SetupError(f"{agent} did not serve the guest: {exc}\n{log}") from None
         first_s = time.monotonic() - started
         if agent == "vmpowerd":
@@ -238,10 +249,9 @@ class Session:
             proof = f"vmpowerd counted {served} requests"
             ok = served >= load.warmup
         else:
-            assert self.cagent is not None
             written = mark.read_text().strip()
-            proof = f"the C agent wrote {written} kHz"
-            ok = written in (str(self.cagent.high_khz), str(self.cagent.low_khz))
+            proof = f"{ref.label} wrote {written} kHz"
+            ok = written in (str(ref.high_khz), str(ref.low_khz))
         if not ok:
             raise self.env.SetupError(f"the warm-up was ACKed, but not by {agent}: {proof}")
         return {"ready_s": round(first_s, 3), "proof": proof}
@@ -252,8 +262,7 @@ class Session:
             if code != 0:
                 raise self.env.SetupError(f"vmpowerd exited {code}:\n{self.vmpowerd.log()[-3000:]}")
         else:
-            assert self.cagent is not None
-            self.cagent.stop()
+            self.refs[agent].stop()
         self.switches += 1
 
     def round(self, agent: str, index: int) -> dict[str, Any]:
@@ -323,12 +332,12 @@ def _measure(env: ModuleType, load: Load, agent_cpus: tuple[int, ...]) -> dict[s
         raise RuntimeError("; ".join(problems))
 
     figures: dict[str, Any] = {name: _aggregate(rows[name]) for name in AGENTS}
-    v, c = figures["vmpowerd"], figures["c_agent"]
-    ratios = {
-        "p50": _ratio(v["p50_us"], c["p50_us"]),
-        "p99": _ratio(v["p99_us"], c["p99_us"]),
-        "max": _ratio(v["max_us"], c["max_us"]),
-    }
+    v, c, py = figures["vmpowerd"], figures["c_agent"], figures["py_agent"]
+
+    def ratios_of(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+        return {key: _ratio(a[f"{key}_us"], b[f"{key}_us"]) for key in ("p50", "p99", "max")}
+
+    ratios = ratios_of(v, c)
     # Each round's two runs are back to back under about the same load: their ratio is
     # less moved by the load's drift than the ratio of the medians (informative).
     per_round = {}
@@ -351,6 +360,10 @@ def _measure(env: ModuleType, load: Load, agent_cpus: tuple[int, ...]) -> dict[s
         "loadavg_end": _loadavg(),
         **figures,
         "ratios_vmpowerd_to_c": ratios,
+        # The Python floor: the interpreter's share of the distance to C, and vmpowerd's
+        # own work's (its checks, journal, logs and counters per request and turn).
+        "ratios_py_agent_to_c": ratios_of(py, c),
+        "ratios_vmpowerd_to_py_agent": ratios_of(v, py),
         "ratios_per_round": per_round,
         "targets": TARGETS,
         "met": {
