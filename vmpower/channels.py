@@ -272,7 +272,7 @@ class VmChannel(Endpoint):
         self.send_queue_max = send_queue_max
         self._tx: deque[tuple[bytes, int]] = deque()  # (chunk of replies, how many)
         self._tx_count = 0
-        self._tx_head: memoryview | None = None  # replies being sent: never dropped
+        self._tx_head: bytes | memoryview | None = None  # being sent: never dropped
         self.connects = 0
 
     def fileno(self) -> int:
@@ -409,12 +409,11 @@ class VmChannel(Endpoint):
                     return True
                 # One send for everything queued: replies of a turn leave together.
                 if len(tx) == 1:
-                    data = tx.popleft()[0]
+                    head = tx.popleft()[0]
                 else:
-                    data = b"".join(chunk for chunk, _ in tx)
+                    head = b"".join(chunk for chunk, _ in tx)
                     tx.clear()
                 self._tx_count = 0
-                head = memoryview(data)
             try:
                 sent = sock.send(head)
             except (BlockingIOError, InterruptedError):
@@ -424,9 +423,12 @@ class VmChannel(Endpoint):
                 self.last_error = f"send: {exc.strerror or exc}"
                 self._clear_output()
                 return True
-            self._tx_head = head[sent:] if sent < len(head) else None
-            if self._tx_head is not None:
+            if sent < len(head):  # the rest when the socket is writable: no copy of it
+                self._tx_head = memoryview(head)[sent:]
                 return False
+            self._tx_head = None
+            if not tx:
+                return True
 
     def describe(self) -> dict[str, object]:
         info = super().describe()

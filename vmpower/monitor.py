@@ -130,6 +130,11 @@ class Monitor:
         self._epoll.register(self._wake_fd, READ)
         self._end_of_turn: list[Callable[[], None]] = []
         self._tickers: list[Ticker] = []
+        # The tickers' earliest due as the turn's wait was computed (-inf: ask them all).
+        # A ticker whose due comes sooner during a turn (work done in the turn) is run
+        # in the next: its new due bounds that turn's wait, zero when already past. So
+        # a turn asks the tickers once, not twice (the latency case's turn, issue #16).
+        self._tickers_due: float | None = None
         self._stopping = False
         self.turns = 0
         self.stats = LoopStats()
@@ -258,14 +263,16 @@ class Monitor:
         self._run_calls()
         now = self.clock()
         self._run_timers(now)
-        for ticker in self._tickers:
-            due = ticker.next_due()
-            if due is None or due > now:
-                continue  # most turns: nothing due, skip the dispatch
-            try:
-                ticker.run_due()
-            except Exception:
-                log.exception("scheduler failed; the loop goes on")
+        tickers_due = self._tickers_due
+        if tickers_due is not None and tickers_due <= now:  # most turns: none is due
+            for ticker in self._tickers:
+                due = ticker.next_due()
+                if due is None or due > now:
+                    continue
+                try:
+                    ticker.run_due()
+                except Exception:
+                    log.exception("scheduler failed; the loop goes on")
         for hook in self._end_of_turn:
             try:
                 hook()
@@ -276,16 +283,18 @@ class Monitor:
 
     def _timeout(self, max_wait_s: float | None) -> float:
         if self._calls:
+            self._tickers_due = float("-inf")
             return 0.0
-        deadline: float | None = None
-        while self._timers and self._timers[0][2].cancelled:
-            heapq.heappop(self._timers)
-        if self._timers:
-            deadline = self._timers[0][0]
+        tickers_due: float | None = None
         for ticker in self._tickers:
             due = ticker.next_due()
-            if due is not None and (deadline is None or due < deadline):
-                deadline = due
+            if due is not None and (tickers_due is None or due < tickers_due):
+                tickers_due = due
+        self._tickers_due = deadline = tickers_due
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if self._timers and (deadline is None or self._timers[0][0] < deadline):
+            deadline = self._timers[0][0]
         wait = -1.0 if deadline is None else max(0.0, deadline - self.clock())
         if max_wait_s is not None and (wait < 0 or wait > max_wait_s):
             wait = max_wait_s
