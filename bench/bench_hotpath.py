@@ -8,13 +8,15 @@ request, start-up excluded. Three shapes: 16 requests per read (throughput), one
 read (a flush per request, the latency case), and ``bench/turn_driver.py``: one request
 per monitor turn through a whole in-process ``daemon.Agent`` (epoll, recv, timers,
 the write, send; the driver's own peer side is counted too, the same on both sides).
-With ``VMPOWER_BASELINE=/path/to/other/checkout`` the
+The daemon turn's bytecodes by module (bench/bytecodes.py) come with it: which of
+vmpowerd's layers the instructions go to. With ``VMPOWER_BASELINE=/path/to/checkout``, the
 same driver also runs against that checkout, and the ratio is reported: this is the
 "no regression beyond 5 %" check of a refactoring.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -80,4 +82,19 @@ def run() -> dict[str, object]:
             base = per_request(Path(baseline), per_read)
             figures[f"{shape}baseline_instructions_per_request"] = round(base)
             figures[f"{shape}ratio_to_baseline"] = round(here / base, 4)
+    figures["daemon_turn_bytecodes"] = bytecodes_per_turn()
     return figures
+
+
+def bytecodes_per_turn() -> dict[str, object]:
+    """The daemon turn's profile: its bytecodes, by module (bench/bytecodes.py)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.bytecodes"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=HERE.parent,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        check=True,
+    )
+    return json.loads(run.stdout.splitlines()[-1])
