@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Generator, Mapping
+from pathlib import Path
 from typing import cast
 
 from vmpower.cpufreq.backend import CPU_DIR, Backend
@@ -56,7 +57,7 @@ from vmpower.cpufreq.topology import Topology
 from vmpower.cpuset import format_cpu_list
 from vmpower.errors import CpufreqError, SysfsError, UnsupportedError, VmpowerError
 from vmpower.restore import PLACEHOLDERS
-from vmpower.sysfs import Sysfs
+from vmpower.sysfs import Sysfs, WriteJournal
 
 log = logging.getLogger("vmpower.cpufreq")
 
@@ -110,17 +111,28 @@ class _ChangeLog:
 
     def __init__(self, sysfs: Sysfs) -> None:
         self._sysfs = sysfs
-        self.path = sysfs.path
-        self.read_int = sysfs.read_int
-        self.exists = sysfs.exists
-        self.listdir = sysfs.listdir
+        # The wrapped Sysfs's other methods, bound here once. Not a __getattr__: CPython
+        # (3.11) does not specialize attribute access on a type that overrides it, so
+        # every attribute of this object, its own included, was a slow look-up, a
+        # dozen a request (issue #16).
+        own = set(dir(type(self)))
+        for name in dir(sysfs):
+            if not name.startswith("_") and name not in own:
+                method = getattr(sysfs, name)
+                if callable(method):
+                    setattr(self, name, method)
         # rel → its value before the change's first write to it, in the order written
         self.change: dict[str, str | None] | None = None
         self._read: dict[str, str] = {}  # rel → read in the open change since its last write
         self._written: dict[str, str] = {}  # rel → what vmpower wrote there last
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._sysfs, name)
+    @property
+    def root(self) -> Path:
+        return self._sysfs.root
+
+    @property
+    def journal(self) -> WriteJournal | None:
+        return self._sysfs.journal
 
     def end(self) -> dict[str, str | None]:
         """The change is over (gone through or undone): what it overwrote."""
