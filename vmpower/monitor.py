@@ -260,9 +260,12 @@ class Monitor:
                     reader(fd)
             except Exception:
                 log.exception("fd %d handler failed; the loop goes on", fd)
-        self._run_calls()
+        if self._calls:  # the checks inline: most turns have neither
+            self._run_calls()
         now = self.clock()
-        self._run_timers(now)
+        timers = self._timers
+        if timers and timers[0][0] <= now:
+            self._run_timers(now)
         tickers_due = self._tickers_due
         if tickers_due is not None and tickers_due <= now:  # most turns: none is due
             for ticker in self._tickers:
@@ -303,8 +306,6 @@ class Monitor:
         return wait
 
     def _run_calls(self) -> None:
-        if not self._calls:
-            return
         with self._calls_lock:
             calls, self._calls = self._calls, deque()
         for call in calls:

@@ -115,6 +115,7 @@ _TRAILER = b"]}\n"
 # comes once per that many restores at the most.
 COMPACT_MIN_DEAD = 512
 MSR_BYTES_MAX = 8  # one MSR (arch/x86/kernel/msr.c reads and writes 8 bytes)
+_NO_DIRECTORIES: frozenset[str] = frozenset()  # between turns (end_turn)
 # _save's temp file; one whose writer is dead is a crash between write and rename.
 _TEMP_NAME = re.compile(re.escape(f".{JOURNAL_NAME}.") + r"(\d+)\.tmp")
 # cpufreq.rst: scaling_setspeed reads "<unsupported>" unless the governor is userspace.
@@ -314,7 +315,7 @@ class RestoreJournal:
         self._complete |= turn
 
     def end_turn(self) -> None:
-        self._turn = frozenset()
+        self._turn = _NO_DIRECTORIES
 
     def remember(self, path: str, original: str) -> None:
         """Record ``original`` for ``path`` unless already recorded; in the file on return."""
