@@ -281,6 +281,46 @@ def test_repeated_packets_step_the_cpu_as_the_first_one_did(rig: Rig) -> None:
     rig.assert_restored()
 
 
+def test_a_read_of_steps_ends_where_the_steps_one_by_one_end(rig: Rig) -> None:
+    """A flood's read of known UP/DOWN packets is applied at once (issue #16): it must
+    end where stepping one packet after the other ends, held at the top (the nominal
+    entry: no turbo without ENABLE_TURBO) and at the bottom of the table on the way."""
+    up = cpu_power(Unit.SCALE_UP, 0, "vm1")  # vm1's vCPU 0: host CPU 2
+    down = cpu_power(Unit.SCALE_DOWN, 0, "vm1")
+    for packet in (up, down):
+        assert rig.exchange("vm1", packet) == [ack(packet)]  # the routes are learnt
+    table = rig.cpufreq.table_khz(2)
+    top, bottom = table.index(NOMINAL_KHZ), len(table) - 1
+    index = table.index(START_KHZ)
+    reads = [
+        [down, up] * 8,  # a flood's read: no bound met
+        [up] * 12,  # the top after 7 steps: held there for the rest
+        [down] * 3 + [up] * 2 + [down] * 20,  # on to the bottom, held
+        [up, up, down, down, down, up],  # from the bottom: held at its first DOWN
+        [up] * 3 + [down] * 16,  # down past where it started, to the bottom again
+        [up] * 4 + [down, up] * 6,  # a walk within the table after a climb
+    ]
+    for read in reads:
+        for packet in read:  # the reference: one step a packet, held at each end
+            index = min(max(index + (-1 if packet == up else 1), top), bottom)
+        assert rig.exchange("vm1", *read) == [ack(p) for p in read]
+        assert rig.wish_khz(2) == {"vm1": table[index]}
+        assert rig.setspeed(2) == table[index]
+    stats = rig.pm.stats
+    requests = 2 + sum(len(read) for read in reads)
+    assert (stats.requests, stats.acks, stats.nacks) == (requests, requests, 0)
+
+    # The map changes: a read of known packets is checked again as a whole, and
+    # follows the new map (vCPU 0 on host CPU 5 now).
+    rig.pm.pinning_changed(rig.hv.set_pcpu("vm1", 0, frozenset({5})))
+    rig.end_turn()
+    assert rig.exchange("vm1", down, down, down) == [ack(down)] * 3
+    assert rig.untouched(2)
+    assert rig.setspeed(5) == START_KHZ - 3 * STEP_KHZ
+    rig.pm.restore_all()
+    rig.assert_restored()
+
+
 def test_after_a_pinning_change_a_repeated_packet_follows_the_new_map(rig: Rig) -> None:
     vcpu0_max = cpu_power(Unit.SCALE_MAX, 0, "vm1")
     cpu2_min = cpu_power(Unit.SCALE_MIN, 2, "vm1", CoreType.PHYSICAL)
