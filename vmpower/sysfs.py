@@ -321,7 +321,7 @@ class Sysfs:
 
     def write(self, rel: str, value: str | int) -> None:
         """Write ``value`` to an attribute; the journal sees the original first."""
-        path = self.path(rel)
+        path = self._paths.get(rel) or self.path(rel)  # the request path: no call
         text = str(value)
         journal = self.journal
         if journal is not None and not journal.knows(path):

@@ -578,7 +578,9 @@ class Hypervisor:
         Raises UnknownVmError for a VM not tracked (or, inline, gone).
         """
         with self._lock:
-            info = self._get(name)
+            info = self._vms.get(name)  # _get's look-up inline: this runs every read
+            if info is None:
+                info = self._get(name)  # raises
             generation = self._generation
             now = self._clock()
             if generation is None or now - info.map_read_at < self._map_refresh_s:
