@@ -111,10 +111,12 @@ class TokenBucket:
     def take_many(self, now: float, count: int) -> int:
         """Take up to ``count`` tokens at once; returns how many were granted."""
         tokens = self.tokens
-        if tokens < self.burst:
-            tokens = min(self.burst, tokens + (now - self.stamp) * self.rate_per_s)
+        if tokens < self.burst:  # compared inline, not min(): this runs every read
+            tokens += (now - self.stamp) * self.rate_per_s
+            if tokens > self.burst:
+                tokens = self.burst
         self.stamp = now
-        granted = min(count, int(tokens))
+        granted = count if tokens >= count else int(tokens)
         self.tokens = tokens - granted
         return granted
 

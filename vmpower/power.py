@@ -606,7 +606,11 @@ class PowerManager:
             per_cpu = self.wishes[cpu] = {}
         if cpu not in self._dirty:
             self._dirty.add(cpu)
-            self._snapshot[cpu] = {o: (w.freq_khz, w.turbo) for o, w in per_cpu.items()}
+            # A loop, not a comprehension (a frame of its own): this runs once per
+            # written CPU and turn, mostly for one requester.
+            snapshot = self._snapshot[cpu] = {}
+            for owner, wish in per_cpu.items():
+                snapshot[owner] = (wish.freq_khz, wish.turbo)
         return per_cpu
 
     def _table(self, cpu: int) -> tuple[tuple[int, ...], dict[int, int], int]:

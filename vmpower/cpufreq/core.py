@@ -418,7 +418,9 @@ class CpuFreq:
         if self._reserved and self._reserved_policy(cpu):
             raise self._reserved_error(cpu)
         c = self._cpus.get(cpu) or self._cpu(cpu)
-        if isinstance(freq_khz, bool) or not isinstance(freq_khz, int):
+        if type(freq_khz) is not int and (
+            isinstance(freq_khz, bool) or not isinstance(freq_khz, int)
+        ):
             raise CpufreqError(f"cpu {cpu}: frequency must be an integer kHz, got {freq_khz!r}")
         info = c.info
         if info.continuous:
