@@ -33,8 +33,8 @@ beside it, as the limit.
 The machine is shared (2 CPUs). The generator and the agent under test run on fixed
 CPUs (``taskset``: the generator on the first CPU this process may use, the agent on the
 second); with fewer than 2 CPUs or no ``taskset`` they run unpinned and ``pinning``
-says why. ``Load.rounds`` rounds interleave the agents (vmpower, cagent, cagent_batch,
-then again), so a burst of load from other processes hits them alike; each figure is
+says why. ``Load.rounds`` rounds interleave the agents (``AGENTS`` in order, then
+again), so a burst of load from other processes hits them alike; each figure is
 the MEDIAN over rounds, every round listed beside it with the load average. The C
 programs are built here with gcc into bench/build/. Every process and temporary file
 is gone when ``run()`` returns.

@@ -311,8 +311,8 @@ def _measure(env: ModuleType, load: Load, agent_cpus: tuple[int, ...]) -> dict[s
         loadavg_start = _loadavg()
         started = time.monotonic()
         for index in range(load.rounds):
-            # vmpowerd first in even rounds, C first in odd ones: a drift in the machine's
-            # load over the run weighs on both alike.
+            # vmpowerd, C, Python in even rounds, the other way round in odd ones: a drift
+            # in the machine's load over the run weighs on every agent alike.
             order = AGENTS if index % 2 == 0 else AGENTS[::-1]
             for agent in order:
                 rows[agent].append(session.round(agent, index))

@@ -44,6 +44,14 @@ def connect(path: str) -> socket.socket:
     raise SystemExit(f"pyagent: cannot connect to {path}")
 
 
+def drop(
+    epoll: select.epoll, channels: dict[int, tuple[socket.socket, int, bytearray]], fd: int
+) -> None:
+    """Forget a channel whose peer hung up or went away."""
+    epoll.unregister(fd)
+    channels.pop(fd)[0].close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sysfs-root", required=True)
@@ -69,10 +77,12 @@ def main() -> None:
     while True:
         for fd, _ in epoll.poll():
             sock, setspeed_fd, pending = channels[fd]
-            data = sock.recv(PACKET_SIZE - len(pending))
+            try:
+                data = sock.recv(PACKET_SIZE - len(pending))
+            except OSError:  # reset by the peer: dropped, as a hang-up
+                data = b""
             if not data:
-                epoll.unregister(fd)
-                sock.close()
+                drop(epoll, channels, fd)
                 continue
             pending += data
             if len(pending) < PACKET_SIZE:
@@ -83,7 +93,10 @@ def main() -> None:
             text = text_of.get(unit) if command == CPU_POWER else None
             ok = text is not None and os.pwrite(setspeed_fd, text, 0) == len(text)
             packet[12:16] = ACK if ok else NACK
-            sock.sendall(packet)
+            try:
+                sock.sendall(packet)
+            except OSError:  # the peer went away: its channel is dropped
+                drop(epoll, channels, fd)
 
 
 if __name__ == "__main__":

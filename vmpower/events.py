@@ -261,7 +261,7 @@ class EventQueue:
 
         A time in the past means "call ``run_due`` now" (poll with a zero timeout).
         """
-        if not self._heap:  # the loop asks twice a turn; a push from elsewhere wakes it
+        if not self._heap:  # the loop asks every turn; a push from elsewhere wakes it
             return None
         with self._lock:
             if self._blocked:

@@ -280,7 +280,7 @@ def _parts(entry: _Source) -> str:
 class KindLogs:
     """Several KindLogs driven as one monitor ticker.
 
-    The loop asks every ticker when it is due twice a turn; a daemon has a log per kind
+    The loop asks every ticker when it is due once a turn; a daemon has a log per kind
     of event (refusals, changes, failures, dropped replies, ...), and asking each was
     a tenth of a one-request turn. Each log tells the group when it has something due,
     so the group's answer is one attribute.
