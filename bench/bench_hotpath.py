@@ -31,11 +31,16 @@ TURN_DRIVER = HERE / "turn_driver.py"
 SMALL, LARGE = 4_000, 20_000
 
 
-def _instructions(pythonpath: Path, count: int, per_read: int) -> int:
-    """Instructions of one driver run; ``per_read`` 0 is the whole-daemon turn driver."""
-    driver = [str(TURN_DRIVER), str(count)]
+def _driver(count: int, per_read: int) -> list[str]:
+    """The driver's command line; ``per_read`` 0 is the whole-daemon turn driver."""
     if per_read:
-        driver = [str(DRIVER), str(count), str(per_read)]
+        return [str(DRIVER), str(count), str(per_read)]
+    return [str(TURN_DRIVER), str(count)]
+
+
+def _instructions(pythonpath: Path, count: int, per_read: int) -> int:
+    """Instructions of one driver run (``_driver``)."""
+    driver = _driver(count, per_read)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         run = subprocess.run(
@@ -61,9 +66,10 @@ def _instructions(pythonpath: Path, count: int, per_read: int) -> int:
 def _warm(pythonpath: Path, per_read: int) -> None:
     """One short run outside callgrind: a stale or missing .pyc is compiled and written
     now, not in the first measured run (the parser's cost in one count, not the other)."""
-    driver = [str(TURN_DRIVER), "2"] if not per_read else [str(DRIVER), "16", str(per_read)]
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    subprocess.run([sys.executable, *driver], capture_output=True, env=env, check=True)
+    subprocess.run(
+        [sys.executable, *_driver(16, per_read)], capture_output=True, env=env, check=True
+    )
 
 
 def per_request(pythonpath: Path, per_read: int) -> float:

@@ -111,7 +111,7 @@ class KindLog:
             if not self.gather_firsts:
                 self.logger.log(self.level, "%s: %s: %s", source, self.one, detail or reason)
             else:
-                self._gather_first(source, detail or reason, now)
+                self._gather_first(source, detail or reason)
             count -= 1
             if count <= 0:
                 return
@@ -129,7 +129,7 @@ class KindLog:
         if detail:
             entry.details[reason] = detail
 
-    def _gather_first(self, source: str, detail: str, now: float) -> None:
+    def _gather_first(self, source: str, detail: str) -> None:
         if len(self._firsts) < MAX_SUMMARY_LINES:
             self._firsts.append((source, detail))
         else:

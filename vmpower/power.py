@@ -834,10 +834,10 @@ class PowerManager:
             dirty, self._dirty = self._dirty, set()
             journal = self.journal
             if journal is not None:
-                # The originals of this turn's first writes share one sync (restore:
+                # The originals of this turn's first writes share one append (restore:
                 # begin_turn, which answers at once for directories it holds whole);
-                # one that cannot be saved fails its CPU in _apply, as before.
-                # (map and filter: no comprehension frames on the latency case's turn)
+                # one that cannot be saved fails its CPU in _apply, as before. Map and
+                # filter: no comprehension frames on the latency case's turn.
                 wished = filter(self.wishes.get, dirty)
                 try:
                     journal.begin_turn(map(self.cpufreq.policy_path_prefix, wished))

@@ -230,13 +230,11 @@ class RestoreJournal:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / JOURNAL_NAME
         self._boot_id = boot_id()
-        # Only a journal whose boot cannot be told needs its records on disk: see above.
-        self._sync_appends = self._boot_id is None
         self._header = _header(self._boot_id)
         # An earlier boot's journal is kept aside for the operator (False: removed, where
         # its directory goes anyway, as a telemetry session's does).
         self._keep_earlier_boot = keep_earlier_boot
-        # A journal of an earlier boot found at start: (its boot, originals, kept as)
+        # Where a journal of an earlier boot found at start was kept (for recover's report)
         self._earlier_boot_kept: str | None = None
         self._write = writer
         self._write_msr = msr_writer
@@ -359,8 +357,10 @@ class RestoreJournal:
             # An MSR record is synced whatever the boot: a reboot by kexec keeps MSRs,
             # so an earlier boot's MSR originals are still restored (_load). Rare: the
             # BRANCH_RATIO policy programs two event selects per CPU, once.
+            # Only a journal whose boot cannot be told needs its file records on disk
+            # (see the module's docstring).
             msr = any(not isinstance(key, str) for key, _ in batch)
-            self._append(rows, sync=self._sync_appends or msr)
+            self._append(rows, sync=self._boot_id is None or msr)
         except RestoreError:
             # not in the file, so not recorded: the caller must not write the file
             for key, _ in batch:

@@ -35,7 +35,6 @@ from typing import Any
 import libvirt
 
 from vmpower.errors import HypervisorError, UnknownVmError
-from vmpower.hypervisor.domain_xml import scan_channels_dir
 from vmpower.hypervisor.libvirt_events import (
     EventInbox,
     EventLoop,
@@ -121,8 +120,7 @@ class Hypervisor:
 
         self._lock = threading.RLock()
         self._events = EventInbox(wake)
-        self._channels_dir = Path(channels_dir)
-        self._session = LibvirtSession(uri, self._channels_dir, self._events, clock)
+        self._session = LibvirtSession(uri, Path(channels_dir), self._events, clock)
         self._worker = LibvirtWorker(post, clock)
         # The live connection's generation (its events carry it); None while disconnected.
         self._generation: int | None = None
@@ -713,7 +711,7 @@ class Hypervisor:
         # at 1000 VMs under 1000 req/s the read took 1.0-1.3 ms (median), 0.4-0.5 ms
         # without them, and add_vm's median inside the daemon went from 2.0-2.7 ms to
         # 1.6-2.5. Here the look-up holds the loop 0.13 ms (0.6 under that traffic).
-        dir_sockets = {name: scan_channels_dir(self._channels_dir).get(name, {})}
+        dir_sockets = self._session.dir_sockets(name)
         return self._submit_now(
             functools.partial(self._session.read_vms, [name], dir_sockets),
             functools.partial(self._after_add, generation, name),

@@ -306,6 +306,11 @@ class LibvirtSession:
             self._raise_if_lost(exc)
             raise HypervisorError(f"refresh: {_message(exc)}") from None
 
+    def dir_sockets(self, name: str) -> dict[str, dict[int, str]]:
+        """``name``'s sockets in the channels directory, as ``read_vms`` takes them. No
+        libvirt call: the owner thread looks them up (``Hypervisor.add_vm_start``)."""
+        return {name: scan_channels_dir(self._channels_dir).get(name, {})}
+
     def read_vms(
         self, names: Iterable[str], dir_sockets: Mapping[str, dict[int, str]] | None = None
     ) -> dict[str, VmRead | str | None]:
