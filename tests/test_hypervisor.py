@@ -372,6 +372,49 @@ def test_a_map_re_read_is_one_round_trip_and_a_vcpu_count_change_reads_the_vm(
     assert (fresh.vcpu_count, fresh.vcpu_pcpus) == (1, (frozenset({6}),))
 
 
+def test_a_map_re_read_parses_the_live_xml_only_when_it_changed(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue #16: at 1000 busy VMs the re-reads run at their cap, almost all of them on
+    # an XML that has not changed; its parse was over half of each one's CPU, taken
+    # from the monitor loop (the interpreter lock). libvirt is still asked every time.
+    from vmpower.hypervisor import session
+
+    parses: list[str] = []
+    real_parse = session.pins_from_xml
+
+    def counting(xml: str, host_cpus: int) -> tuple[frozenset[int], ...] | None:
+        parses.append(xml)
+        return real_parse(xml, host_cpus)
+
+    monkeypatch.setattr(session, "pins_from_xml", counting)
+    calls = LibvirtCalls(monkeypatch)
+    assert env.hv.conn is not None
+    dom = env.hv.conn.lookupByName("vm1")
+    first = env.hv.ensure_fresh("vm1")
+
+    env.clock.now += 1.0
+    again = env.hv.ensure_fresh("vm1")
+    assert calls.counts == {"XMLDesc": 1}  # read afresh, as before
+    assert (again.vcpu_pcpus, again.map_read_at) == (first.vcpu_pcpus, env.clock.now)
+    assert parses == []  # the same text the connect's read parsed: not parsed again
+
+    # A pinning changed behind vmpower's back changes the text: parsed, and followed.
+    dom.pinVcpu(1, cpumap({5}))
+    env.clock.now += 1.0
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus == (frozenset({2}), frozenset({5}))
+    assert len(parses) == 1
+    env.clock.now += 1.0
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus == (frozenset({2}), frozenset({5}))
+    assert len(parses) == 1 and calls.counts == {"XMLDesc": 3}
+
+    # Back to the first pinning: a text seen before, but not the last one: parsed.
+    dom.pinVcpu(1, cpumap({3}))
+    env.clock.now += 1.0
+    assert env.hv.ensure_fresh("vm1").vcpu_pcpus == first.vcpu_pcpus
+    assert len(parses) == 2
+
+
 def test_refresh_rereads_now_and_ensure_fresh_follows_a_stop(env: Env) -> None:
     assert env.hv.conn is not None
     env.hv.conn.lookupByName("vm2").pinVcpu(1, cpumap({0, 1}))

@@ -14,6 +14,7 @@ Errors: a failed call raises ``HypervisorError`` with libvirt's message, or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import threading
@@ -102,6 +103,12 @@ def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
     return frozenset(itertools.compress(range(len(flags)), flags))
 
 
+def _xml_digest(xml: str) -> bytes:
+    """A live XML's identity for ``_live_map``: 128 bits of BLAKE2b (~2 us for a
+    domain's XML, against ~50-140 us to parse it)."""
+    return hashlib.blake2b(xml.encode(), digest_size=16).digest()
+
+
 class LibvirtSession:
     """The one libvirt connection; every method runs on the worker thread."""
 
@@ -119,6 +126,9 @@ class LibvirtSession:
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._doms: dict[str, libvirt.virDomain] = {}
+        # Per VM: the digest of the live XML a map re-read last parsed, the host CPU
+        # count it was parsed for, and what pins_from_xml gave (``_live_map``).
+        self._map_xml: dict[str, tuple[bytes, int, tuple[frozenset[int], ...] | None]] = {}
         self._generation = 0
         self._host_cpus = 0
         self._online_cpus: frozenset[int] = frozenset()
@@ -145,6 +155,7 @@ class LibvirtSession:
             # Set before reading: every VmInfo records the host CPU count it was read with.
             self._read_host_cpus(conn)
             self._conn, self._callback_ids, self._doms = conn, ids, {}
+            self._map_xml = {}
             vms = self.read_all(wants)
         except libvirt.libvirtError as exc:
             self._conn = None
@@ -156,6 +167,7 @@ class LibvirtSession:
         """Drop the connection (unregister callbacks, close); never raises."""
         conn, ids = self._conn, self._callback_ids
         self._conn, self._callback_ids, self._doms = None, [], {}
+        self._map_xml = {}
         if conn is not None:
             self._teardown(conn, ids)
 
@@ -239,17 +251,19 @@ class LibvirtSession:
                     continue  # undefined while we were listing
                 raise
             self._doms[name] = dom
+        # Only the domains just listed keep a remembered XML: bounded by libvirt's.
+        self._map_xml = {n: v for n, v in self._map_xml.items() if n in vms}
         return vms
 
     def _describe_all(
         self, running: Sequence[tuple[libvirt.virDomain, str, dict[int, str]]]
-    ) -> dict[str, tuple[float, DomainXml | Exception]]:
+    ) -> dict[str, tuple[float, DomainXml | Exception, bytes]]:
         """Each running domain's live XML, read ``_XML_READERS`` at a time and parsed:
         name → (when it was read, DomainXml or the exception its read raised, which
-        ``_read_domain`` raises in order). The threads only call libvirt, the clock and
-        the parser; they are joined here, so the session's state stays the worker
-        thread's."""
-        out: dict[str, tuple[float, DomainXml | Exception]] = {}
+        ``_read_domain`` raises in order, and the XML's ``_xml_digest``). The threads
+        only call libvirt, the clock and the parser; they are joined here, so the
+        session's state stays the worker thread's."""
+        out: dict[str, tuple[float, DomainXml | Exception, bytes]] = {}
         if len(running) < _XML_READERS_FROM:
             return out  # read one by one in _read_domain
         work = iter(running)
@@ -265,12 +279,11 @@ class LibvirtSession:
                 dom, name, dir_sockets = item
                 read_at = clock()  # the map's age counts from its read, not the batch's end
                 try:
-                    out[name] = (
-                        read_at,
-                        parse_domain(name, dom.XMLDesc(0), dir_sockets, host_cpus),
-                    )
+                    xml = dom.XMLDesc(0)
+                    facts = parse_domain(name, xml, dir_sockets, host_cpus)
+                    out[name] = (read_at, facts, _xml_digest(xml))
                 except Exception as exc:  # raised in order by _read_domain, on the caller
-                    out[name] = (read_at, exc)
+                    out[name] = (read_at, exc, b"")
 
         # Daemon threads: a call that hangs (libvirtd stopped) must not hold the
         # process's exit; the worker thread that waits here is abandoned the same way.
@@ -328,6 +341,7 @@ class LibvirtSession:
             except libvirt.libvirtError as exc:
                 if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
                     self._doms.pop(name, None)
+                    self._map_xml.pop(name, None)
                     out[name] = None
                     continue
                 self._raise_if_lost(exc)
@@ -364,7 +378,20 @@ class LibvirtSession:
         vcpuPinInfo with the online CPUs is four. libvirt's API answers where the XML
         cannot say (placement='auto'; a definition no longer running, which then raises).
         () when its vCPU count changed: the whole VM is read again."""
-        pins = pins_from_xml(dom.XMLDesc(0), self._host_cpus)
+        xml = dom.XMLDesc(0)
+        # A live XML identical to the last one parsed for this VM gives the same pins
+        # (pins_from_xml is a function of the text and the host CPU count): its digest
+        # is compared, not the text parsed again. At 1000 busy VMs the re-reads run at
+        # their cap (MAP_REREADS_PER_S), mostly on unchanged XMLs, and the parse was
+        # over half of each one's CPU (140 of 260 us), all of it holding the
+        # interpreter lock the monitor loop serves guests with (issue #16).
+        digest = _xml_digest(xml)
+        known = self._map_xml.get(info.name)
+        if known is not None and known[0] == digest and known[1] == self._host_cpus:
+            pins = known[2]
+        else:
+            pins = pins_from_xml(xml, self._host_cpus)
+            self._map_xml[info.name] = (digest, self._host_cpus, pins)
         if pins is None:
             return self._vcpu_map(dom, info.vcpu_count)
         if len(pins) != info.vcpu_count:
@@ -377,7 +404,7 @@ class LibvirtSession:
         name: str,
         dir_sockets: dict[int, str],
         state_code: int | None = None,
-        described: tuple[float, DomainXml | Exception] | None = None,
+        described: tuple[float, DomainXml | Exception, bytes] | None = None,
     ) -> VmRead:
         """One domain; ``state_code`` when already known (``read_all``): no ``info()``
         then, and ``described``, its live XML already read (when, and what it gave). A
@@ -395,11 +422,16 @@ class LibvirtSession:
         if state is not VmState.SHUTOFF:
             facts: DomainXml | Exception
             if described is None:
-                facts = parse_domain(name, dom.XMLDesc(0), dir_sockets, self._host_cpus)
+                xml = dom.XMLDesc(0)
+                facts = parse_domain(name, xml, dir_sockets, self._host_cpus)
+                digest = _xml_digest(xml)
             else:
-                read_at, facts = described
+                read_at, facts, digest = described
             if isinstance(facts, Exception):
                 raise facts
+            # The pins parsed from this XML are what its next map re-read would parse
+            # (pins_from_xml gives vcpu_pins of the same root): remembered for it.
+            self._map_xml[name] = (digest, self._host_cpus, facts.vcpu_pcpus)
             if facts.vcpu_pcpus is not None:
                 pcpus = self._unpinned_as_every_cpu(facts.vcpu_pcpus)
             else:
