@@ -115,6 +115,16 @@ static void bind_all(void)
 	}
 }
 
+/* The agent closed the channel (rm_vm): a request in flight on it is lost. */
+static void drop_channel(struct channel *ch)
+{
+	epoll_ctl(ep, EPOLL_CTL_DEL, ch->fd, NULL);
+	close(ch->fd);
+	ch->fd = -1;
+	ch->inflight = 0;
+	ch->rx_len = 0;
+}
+
 static void on_readable(int i, uint64_t *lat, uint64_t *n_lat, uint64_t *nacks)
 {
 	struct channel *ch = &chans[i];
@@ -125,12 +135,7 @@ static void on_readable(int i, uint64_t *lat, uint64_t *n_lat, uint64_t *nacks)
 		if (got < 0 && (errno == EAGAIN || errno == EINTR))
 			return;
 		if (got == 0 || (got < 0 && errno == ECONNRESET)) {
-			/* the agent closed it (rm_vm): a request in flight is lost */
-			epoll_ctl(ep, EPOLL_CTL_DEL, ch->fd, NULL);
-			close(ch->fd);
-			ch->fd = -1;
-			ch->inflight = 0;
-			ch->rx_len = 0;
+			drop_channel(ch); /* the agent closed it (rm_vm) */
 			return;
 		}
 		if (got < 0)
@@ -220,15 +225,23 @@ static void accept_all(void)
 	fflush(stdout);
 }
 
-static void send_request(struct channel *ch)
+/* 1 when the request went out, 0 when the channel turned out closed. */
+static int send_request(struct channel *ch)
 {
 	unsigned char pkt[PACKET_SIZE];
 	build_request(pkt, ch->vcpu, &ch->next_unit);
 	ch->sent_ns = now_ns();
 	ssize_t n = send(ch->fd, pkt, PACKET_SIZE, MSG_NOSIGNAL);
+	if (n < 0 && (errno == EPIPE || errno == ECONNRESET)) {
+		/* closed by the agent (rm_vm) after this turn's events were read: the
+		 * request is lost, as one in flight at the close would be */
+		drop_channel(ch);
+		return 0;
+	}
 	if (n != PACKET_SIZE) /* an idle socket buffer always takes one packet */
 		die("%s: send: %s", ch->path, n < 0 ? strerror(errno) : "short");
 	ch->inflight = 1;
+	return 1;
 }
 
 static void run_load(double rate, double duration_s, int first, int count)
@@ -252,12 +265,10 @@ static void run_load(double rate, double duration_s, int first, int count)
 		while (sent + skipped < total && t0 + (uint64_t)((double)(sent + skipped) * gap_ns) <= now) {
 			struct channel *ch = &chans[first + next];
 			next = (next + 1) % count;
-			if (ch->inflight || ch->fd < 0)
+			if (ch->inflight || ch->fd < 0 || !send_request(ch))
 				skipped++;
-			else {
-				send_request(ch);
+			else
 				sent++;
-			}
 		}
 		uint64_t due = t0 + (uint64_t)((double)(sent + skipped) * gap_ns);
 		if (due > end)
