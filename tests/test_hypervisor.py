@@ -372,12 +372,26 @@ def test_a_map_re_read_is_one_round_trip_and_a_vcpu_count_change_reads_the_vm(
     assert (fresh.vcpu_count, fresh.vcpu_pcpus) == (1, (frozenset({6}),))
 
 
+@pytest.mark.parametrize("readers_from", [None, 1], ids=["one-by-one", "concurrent"])
 def test_a_map_re_read_parses_the_live_xml_only_when_it_changed(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readers_from: int | None
 ) -> None:
     # Issue #16: at 1000 busy VMs the re-reads run at their cap, almost all of them on
     # an XML that has not changed; its parse was over half of each one's CPU, taken
     # from the monitor loop (the interpreter lock). libvirt is still asked every time.
+    # The connect's read remembers what it parsed, one by one or (many VMs) concurrently.
+    from vmpower.hypervisor import session
+
+    if readers_from is not None:
+        monkeypatch.setattr(session, "_XML_READERS_FROM", readers_from)
+    env = make_env(tmp_path, map_refresh_s=1.0)
+    try:
+        check_re_reads_parse_only_changes(env, monkeypatch)
+    finally:
+        env.hv.close()
+
+
+def check_re_reads_parse_only_changes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     from vmpower.hypervisor import session
 
     parses: list[str] = []

@@ -103,6 +103,11 @@ def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
     return frozenset(itertools.compress(range(len(flags)), flags))
 
 
+# What a live XML's pins were parsed from: the text's ``_xml_digest`` and the host CPU
+# count (pins are cut to the host's CPUs). The same key gives the same pins.
+_XmlKey = tuple[bytes, int]
+
+
 def _xml_digest(xml: str) -> bytes:
     """A live XML's identity for ``_live_map``: 128 bits of BLAKE2b (~2 us for a
     domain's XML, against ~50-140 us to parse it)."""
@@ -126,9 +131,9 @@ class LibvirtSession:
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._doms: dict[str, libvirt.virDomain] = {}
-        # Per VM: the digest of the live XML a map re-read last parsed, the host CPU
-        # count it was parsed for, and what pins_from_xml gave (``_live_map``).
-        self._map_xml: dict[str, tuple[bytes, int, tuple[frozenset[int], ...] | None]] = {}
+        # Per VM, for ``_live_map``: the last live XML parsed (by a full read or a map
+        # re-read) as its ``_XmlKey``, and the pins that parse gave.
+        self._map_xml: dict[str, tuple[_XmlKey, tuple[frozenset[int], ...] | None]] = {}
         self._generation = 0
         self._host_cpus = 0
         self._online_cpus: frozenset[int] = frozenset()
@@ -251,19 +256,21 @@ class LibvirtSession:
                     continue  # undefined while we were listing
                 raise
             self._doms[name] = dom
-        # Only the domains just listed keep a remembered XML: bounded by libvirt's.
-        self._map_xml = {n: v for n, v in self._map_xml.items() if n in vms}
+        # Only the domains just read keep a handle and a remembered XML: what rm_vm
+        # left out, or libvirt undefined unseen, goes (bounded by libvirt's domains).
+        self._doms = {n: dom for n, dom in self._doms.items() if n in vms}
+        self._map_xml = {n: known for n, known in self._map_xml.items() if n in vms}
         return vms
 
     def _describe_all(
         self, running: Sequence[tuple[libvirt.virDomain, str, dict[int, str]]]
-    ) -> dict[str, tuple[float, DomainXml | Exception, bytes]]:
+    ) -> dict[str, tuple[float, DomainXml | Exception, _XmlKey | None]]:
         """Each running domain's live XML, read ``_XML_READERS`` at a time and parsed:
         name → (when it was read, DomainXml or the exception its read raised, which
-        ``_read_domain`` raises in order, and the XML's ``_xml_digest``). The threads
+        ``_read_domain`` raises in order, and the parse's ``_XmlKey``). The threads
         only call libvirt, the clock and the parser; they are joined here, so the
         session's state stays the worker thread's."""
-        out: dict[str, tuple[float, DomainXml | Exception, bytes]] = {}
+        out: dict[str, tuple[float, DomainXml | Exception, _XmlKey | None]] = {}
         if len(running) < _XML_READERS_FROM:
             return out  # read one by one in _read_domain
         work = iter(running)
@@ -281,9 +288,9 @@ class LibvirtSession:
                 try:
                     xml = dom.XMLDesc(0)
                     facts = parse_domain(name, xml, dir_sockets, host_cpus)
-                    out[name] = (read_at, facts, _xml_digest(xml))
+                    out[name] = (read_at, facts, (_xml_digest(xml), host_cpus))
                 except Exception as exc:  # raised in order by _read_domain, on the caller
-                    out[name] = (read_at, exc, b"")
+                    out[name] = (read_at, exc, None)
 
         # Daemon threads: a call that hangs (libvirtd stopped) must not hold the
         # process's exit; the worker thread that waits here is abandoned the same way.
@@ -385,13 +392,13 @@ class LibvirtSession:
         # their cap (MAP_REREADS_PER_S), mostly on unchanged XMLs, and the parse was
         # over half of each one's CPU (140 of 260 us), all of it holding the
         # interpreter lock the monitor loop serves guests with (issue #16).
-        digest = _xml_digest(xml)
+        key = (_xml_digest(xml), self._host_cpus)
         known = self._map_xml.get(info.name)
-        if known is not None and known[0] == digest and known[1] == self._host_cpus:
-            pins = known[2]
+        if known is not None and known[0] == key:
+            pins = known[1]
         else:
             pins = pins_from_xml(xml, self._host_cpus)
-            self._map_xml[info.name] = (digest, self._host_cpus, pins)
+            self._map_xml[info.name] = (key, pins)
         if pins is None:
             return self._vcpu_map(dom, info.vcpu_count)
         if len(pins) != info.vcpu_count:
@@ -404,10 +411,11 @@ class LibvirtSession:
         name: str,
         dir_sockets: dict[int, str],
         state_code: int | None = None,
-        described: tuple[float, DomainXml | Exception, bytes] | None = None,
+        described: tuple[float, DomainXml | Exception, _XmlKey | None] | None = None,
     ) -> VmRead:
         """One domain; ``state_code`` when already known (``read_all``): no ``info()``
-        then, and ``described``, its live XML already read (when, and what it gave). A
+        then, and ``described``, its live XML already read (when, what it gave, and the
+        parse's ``_XmlKey``). A
         running domain costs its live XML (channels, NICs and pins), plus ``info()``
         when its state is not known; ``vcpuPinInfo`` only where the XML cannot give
         the pins."""
@@ -421,17 +429,21 @@ class LibvirtSession:
         read_at = self._clock()
         if state is not VmState.SHUTOFF:
             facts: DomainXml | Exception
+            key: _XmlKey | None
             if described is None:
-                xml = dom.XMLDesc(0)
-                facts = parse_domain(name, xml, dir_sockets, self._host_cpus)
-                digest = _xml_digest(xml)
+                xml, host_cpus = dom.XMLDesc(0), self._host_cpus
+                facts = parse_domain(name, xml, dir_sockets, host_cpus)
+                key = (_xml_digest(xml), host_cpus)
             else:
-                read_at, facts, digest = described
+                read_at, facts, key = described
             if isinstance(facts, Exception):
                 raise facts
             # The pins parsed from this XML are what its next map re-read would parse
-            # (pins_from_xml gives vcpu_pins of the same root): remembered for it.
-            self._map_xml[name] = (digest, self._host_cpus, facts.vcpu_pcpus)
+            # (pins_from_xml gives vcpu_pins of the same root) with the same host CPU
+            # count: remembered for it. The count is the parse's own, not the session's
+            # now (another VM's vcpuPinInfo below may have read a new one meanwhile).
+            assert key is not None  # an XML read that failed raised above
+            self._map_xml[name] = (key, facts.vcpu_pcpus)
             if facts.vcpu_pcpus is not None:
                 pcpus = self._unpinned_as_every_cpu(facts.vcpu_pcpus)
             else:
