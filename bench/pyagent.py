@@ -24,10 +24,12 @@ import socket
 import struct
 import time
 
-PACKET_SIZE = 464
-CPU_POWER = 1
-SCALE_UP, SCALE_DOWN = 1, 2
-ACK, NACK = struct.pack("<I", 1), struct.pack("<I", 2)
+from vmpower.protocol import PACKET_SIZE, Command, ReplyCode, Unit
+
+# The protocol's values as plain ints and bytes, looked up once (as cagent.c's #defines)
+CPU_POWER = int(Command.CPU_POWER)
+SCALE_UP, SCALE_DOWN = int(Unit.SCALE_UP), int(Unit.SCALE_DOWN)
+ACK, NACK = struct.pack("<I", ReplyCode.ACK), struct.pack("<I", ReplyCode.NACK)
 UNIT_AND_COMMAND = struct.Struct("<II")  # at offset 8: unit, then command
 CONNECT_TRIES = 100  # 10 s: the socket is bound before the agent starts
 

@@ -103,15 +103,15 @@ def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
     return frozenset(itertools.compress(range(len(flags)), flags))
 
 
-# What a live XML's pins were parsed from: the text's ``_xml_digest`` and the host CPU
-# count (pins are cut to the host's CPUs). The same key gives the same pins.
+# What a live XML's pins were parsed from (``_xml_key``). The same key gives the same pins.
 _XmlKey = tuple[bytes, int]
 
 
-def _xml_digest(xml: str) -> bytes:
-    """A live XML's identity for ``_live_map``: 128 bits of BLAKE2b (~2 us for a
-    domain's XML, against ~50-140 us to parse it)."""
-    return hashlib.blake2b(xml.encode(), digest_size=16).digest()
+def _xml_key(xml: str, host_cpus: int) -> _XmlKey:
+    """A live XML parsed for a host of ``host_cpus`` CPUs (pins are cut to them), as
+    ``_live_map`` compares it: 128 bits of BLAKE2b of the text (~3 us for a domain's
+    XML, against ~50-140 us to parse it) and the count."""
+    return hashlib.blake2b(xml.encode(), digest_size=16).digest(), host_cpus
 
 
 class LibvirtSession:
@@ -288,7 +288,7 @@ class LibvirtSession:
                 try:
                     xml = dom.XMLDesc(0)
                     facts = parse_domain(name, xml, dir_sockets, host_cpus)
-                    out[name] = (read_at, facts, (_xml_digest(xml), host_cpus))
+                    out[name] = (read_at, facts, _xml_key(xml, host_cpus))
                 except Exception as exc:  # raised in order by _read_domain, on the caller
                     out[name] = (read_at, exc, None)
 
@@ -387,12 +387,12 @@ class LibvirtSession:
         () when its vCPU count changed: the whole VM is read again."""
         xml = dom.XMLDesc(0)
         # A live XML identical to the last one parsed for this VM gives the same pins
-        # (pins_from_xml is a function of the text and the host CPU count): its digest
+        # (pins_from_xml is a function of the text and the host CPU count): their key
         # is compared, not the text parsed again. At 1000 busy VMs the re-reads run at
         # their cap (MAP_REREADS_PER_S), mostly on unchanged XMLs, and the parse was
         # over half of each one's CPU (140 of 260 us), all of it holding the
         # interpreter lock the monitor loop serves guests with (issue #16).
-        key = (_xml_digest(xml), self._host_cpus)
+        key = _xml_key(xml, self._host_cpus)
         known = self._map_xml.get(info.name)
         if known is not None and known[0] == key:
             pins = known[1]
@@ -433,7 +433,7 @@ class LibvirtSession:
             if described is None:
                 xml, host_cpus = dom.XMLDesc(0), self._host_cpus
                 facts = parse_domain(name, xml, dir_sockets, host_cpus)
-                key = (_xml_digest(xml), host_cpus)
+                key = _xml_key(xml, host_cpus)
             else:
                 read_at, facts, key = described
             if isinstance(facts, Exception):
