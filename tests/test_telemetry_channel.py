@@ -10,6 +10,7 @@ not hang), and the buffer growth 4, 3, 6, 7 (test_catch2_buffer).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,6 +220,58 @@ def test_retry_until_the_slow_worker_finishes(prefix: str) -> None:
         ctl.stop_worker()
         assert reap(pid) == 0
     assert retries["setup"] >= 1 and retries["transition"] >= 1
+
+
+class _Alarm(Exception):
+    """What the SIGALRM handler raises: a signal that lands mid-wait (Ctrl-C, SIGTERM)."""
+
+
+def test_a_transition_interrupted_mid_wait_is_finished_before_the_next(prefix: str) -> None:
+    # A signal handler that raises (the CLI's SIGTERM, Ctrl-C) can leave do_transition
+    # while the worker is still running that transition. The next transition must not
+    # overwrite the id under it: the worker's late flip of the first id would then hide
+    # the second, and the controller would wait its whole timeout for a lost "q".
+    def worker() -> int:
+        with WorkerChannel(SHM, prefix) as ch:
+            ch.setup_done()
+            seen: list[str] = []
+
+            def handle(code: str, transition_id: int) -> None:
+                if code == "w":
+                    time.sleep(0.5)  # still writing when the signal lands
+                seen.append(code)
+
+            ch.handle_transitions(handle)
+            return 0 if seen == ["w", "q"] else 7
+
+    def on_alarm(_signum: int, _frame: object) -> None:
+        raise _Alarm
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with ControllerChannel(SHM, prefix, timeout_s=3) as ctl:
+            pid = 0
+
+            def launch() -> None:
+                nonlocal pid
+                pid = fork_worker(worker)
+
+            ctl.setup_worker(launch)
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0.1)
+                with pytest.raises(_Alarm):
+                    ctl.do_transition("w", 1)
+                started = time.monotonic()
+                ctl.do_transition("q", 2)  # waits out "w" first, then runs "q"
+                waited_s = time.monotonic() - started
+            finally:
+                ctl.stop_worker()
+                status = reap(pid)
+            assert status == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert waited_s < 3, "the second transition waited out its timeout: it was lost"
 
 
 def test_startup_timeout_raises_and_stops_the_worker(prefix: str) -> None:

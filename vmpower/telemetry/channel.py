@@ -24,7 +24,8 @@ wakes a waiting controller at once: that is the monitor of CMSSW's model, with n
 The flip rule (CMSSW ``doTransition``): a wait that timed out still succeeds when the id
 flipped in the meantime; only a timeout without a flip fails. A failed transition leaves
 the channel unusable (the worker may still finish and flip later), so the controller
-refuses further transitions.
+refuses further transitions. A wait cut short by a signal handler's exception leaves the
+transition in flight: the next transition first waits for its flip.
 
 Payload banks (CMSSW ``WriteBuffer``/``ReadBuffer``): per direction two files, ``…-0`` and
 ``…-1``. Each holds a u64 length prefix (CMSSW stores none) then the payload. A writer
@@ -478,6 +479,8 @@ class ControllerChannel(_ChannelEnd):
         self.writer = BankWriter(self.paths, TO_WORKER, self.block, owner)
         self.reader = BankReader(self.paths, FROM_WORKER, self.block)
         self._broken: str | None = None
+        # (flipped id, code) of the transition in flight; set only while one is.
+        self._unanswered: tuple[int, str] | None = None
 
     # -- CMSSW's API ------------------------------------------------------------------------
 
@@ -528,6 +531,8 @@ class ControllerChannel(_ChannelEnd):
             raise ChannelError(f"the channel is unusable: {self._broken}")
         if len(code) != 1 or not code.isascii():
             raise ChannelError(f"a transition code is one ASCII character, not {code!r}")
+        if self._unanswered is not None:
+            self._finish_unanswered()
         transition_id &= MASK64
         # The block's words are indexed directly: this is the round trip's hot path.
         u32, u64 = self.block.words()
@@ -542,6 +547,10 @@ class ControllerChannel(_ChannelEnd):
         u64[_ID] = transition_id
         target = ~transition_id & MASK64
         deadline = time.monotonic() + self.timeout_s
+        # Until its flip is seen, this transition is the worker's: a signal handler that
+        # raises mid-wait (Ctrl-C, the CLI's SIGTERM) leaves it running, and the next
+        # transition must wait for it (_finish_unanswered), never overwrite its id.
+        self._unanswered = (target, code)
         _notify(self._to_fd, code.encode())
         # Fast path: one wake-up carrying the worker's "done" byte.
         events = self._poller.poll(self._timeout_ms)
@@ -551,6 +560,7 @@ class ControllerChannel(_ChannelEnd):
             except BlockingIOError:
                 data = b""
             if data and _QUIT_BYTE not in data:
+                self._unanswered = None
                 if on_done is not None:
                     on_done()
                 return
@@ -562,9 +572,24 @@ class ControllerChannel(_ChannelEnd):
             self._wait_flip(target, retry, f"transition {code!r}", deadline)
         except ChannelError as exc:
             self._broken = str(exc)
+            self._unanswered = None
             raise
+        self._unanswered = None
         if on_done is not None:
             on_done()
+
+    def _finish_unanswered(self) -> None:
+        """Wait (one timeout at most) for the flip of a transition whose wait was cut short."""
+        assert self._unanswered is not None
+        target, code = self._unanswered
+        try:
+            self._wait_flip(target, None, f"the interrupted transition {code!r}")
+        except ChannelError as exc:
+            self._broken = str(exc)
+            self._unanswered = None
+            raise
+        # Cut short again (a second signal), it stays in flight for the next attempt.
+        self._unanswered = None
 
     def stop_worker(self) -> None:
         """Make the worker leave its loop without running another transition."""
