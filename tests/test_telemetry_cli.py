@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from vmpower.devtools import wait_for
 from vmpower.telemetry.catalog import CATALOG
 from vmpower.telemetry.cli import main
 
+VMPOWER = [sys.executable, "-m", "vmpower.shell"]
 MAX_FILE = "devices/system/cpu/cpu{}/cpufreq/scaling_max_freq"
 
 
@@ -117,6 +119,35 @@ def test_write_holds_until_sigterm_then_restores(agent: RunningAgent) -> None:
     assert limit.read_text() == original
 
 
+class _TermOnHeld(io.StringIO):
+    """stderr that sends this process SIGTERM as the "held" line is written: the signal
+    lands before the hold's wait, where nothing used to catch it."""
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if "held until interrupted" in text:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return written
+
+
+def test_write_interrupted_before_its_hold_still_restores_and_exits_0(
+    agent: RunningAgent,
+) -> None:
+    limit = agent.sysfs_root / MAX_FILE.format(3)
+    original = limit.read_text()
+    err = _TermOnHeld()
+    code = main(
+        ["write", "CPU_FREQUENCY_MAX_CONTROL", "cpu", "3", "1.8e9", "--socket", str(agent.socket)],
+        stdin=io.StringIO(),
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+    assert code == 0, err.getvalue()
+    assert "held until interrupted" in err.getvalue()
+    assert limit.read_text() == original
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
 def test_write_with_a_hold_time(agent: RunningAgent) -> None:
     limit = agent.sysfs_root / MAX_FILE.format(5)
     original = limit.read_text()
@@ -163,6 +194,35 @@ def test_session_csv_rows_on_a_grid(agent: RunningAgent) -> None:
     times = [float(r.split(",")[0]) for r in rows]
     assert times == sorted(times)
     assert all(r.split(",")[1] == "2301000000" for r in rows)
+
+
+def test_session_ctrl_c_stops_it_quietly_with_status_130(agent: RunningAgent) -> None:
+    proc = subprocess.Popen(
+        [*VMPOWER, "session", "-t", "60", "-p", "0.05", "--socket", str(agent.socket)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("TIME board 0\n")
+        proc.stdin.close()
+        assert proc.stdout.readline() == "TIME@board-0\n"
+        assert proc.stdout.readline()  # a first row: the session is sampling
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    assert proc.returncode == 130, err
+    assert err == ""  # no traceback: Ctrl-C is how a long session is ended early
 
 
 def test_session_json_and_one_row_for_time_zero(agent: RunningAgent) -> None:

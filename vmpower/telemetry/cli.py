@@ -15,8 +15,9 @@ This module owns those four commands (``vmpower.shell`` adds them to its parser 
 
 The socket: ``--socket``, else ``--config``'s ``control.socket``, else
 ``$VMPOWER_SOCKET``, else the default (as the shell). ``--json``: JSON on stdout, errors
-included (``{"error": ..., "exit_status": ...}``). Exit status: 0 done, 1 refused or
-failed (one line on stderr), 2 usage error.
+included (``{"error": ..., "exit_status": ...}``). Exit status: 0 done (``write``: also when
+interrupted, its documented end), 1 refused or failed (one line on stderr), 2 usage
+error, 130 interrupted by Ctrl-C (``session``'s rows printed so far stand).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SOCKET_ENV = "VMPOWER_SOCKET"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 class _Usage(Exception):
@@ -198,6 +200,10 @@ def run(
         return report_error(str(exc), EXIT_USAGE, as_json, stdout, stderr)
     except (VmpowerError, OSError) as exc:
         return report_error(str(exc), EXIT_FAILED, as_json, stdout, stderr)
+    except KeyboardInterrupt:
+        # Ctrl-C ends a session (or a slow read) early: the rows printed stand, the
+        # session's ``with`` has stopped it, and a traceback would only be noise.
+        return EXIT_INTERRUPTED
 
 
 def report_error(message: str, status: int, as_json: bool, out: TextIO, err: TextIO) -> int:
@@ -267,7 +273,14 @@ def _write(
     hold_s = args.hold_s
     if hold_s is not None and (not math.isfinite(hold_s) or hold_s < 0):
         raise _Usage(f"--hold-s must be >= 0 seconds, not {hold_s!r}")
-    with _sigterm_interrupts(), BatchClient(socket_path, controls=[request]) as batch:
+    # Ctrl-C or SIGTERM ends the hold wherever it lands, even inside the write's round
+    # trip or before the wait: leaving the session's ``with`` stops it, and the server
+    # restores the value before that stop returns.
+    with (
+        _sigterm_interrupts(),
+        contextlib.suppress(KeyboardInterrupt, _Interrupted),
+        BatchClient(socket_path, controls=[request]) as batch,
+    ):
         batch.write([value])
         label = " ".join(str(x) for x in request)
         until = f"for {hold_s:g} s" if hold_s is not None else "until interrupted (Ctrl-C)"
@@ -280,14 +293,9 @@ def _write(
                 file=err,
                 flush=True,
             )
-        try:
-            if batch.ended(hold_s if hold_s is not None else None):
-                print(
-                    "vmpower: the session was stopped by vmpowerd; the value is restored", file=err
-                )
-                return EXIT_FAILED
-        except (KeyboardInterrupt, _Interrupted):
-            pass
+        if batch.ended(hold_s if hold_s is not None else None):
+            print("vmpower: the session was stopped by vmpowerd; the value is restored", file=err)
+            return EXIT_FAILED
     return EXIT_OK
 
 
