@@ -9,6 +9,7 @@ not hang), and the buffer growth 4, 3, 6, 7 (test_catch2_buffer).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pytest_mock import MockerFixture
 
 from vmpower.errors import TelemetryError
 from vmpower.telemetry.channel import (
@@ -62,6 +64,13 @@ def fork_worker(body: Callable[[], int]) -> int:
         finally:
             os._exit(code)
     return pid
+
+
+def patient(total_s: float = 10.0) -> Callable[[], bool]:
+    """A retry for a short-timeout controller's set-up: a fork on a loaded machine may
+    take longer than the timeout the test is about; give up after ``total_s``."""
+    give_up = time.monotonic() + total_s
+    return lambda: time.monotonic() < give_up
 
 
 def reap(pid: int, timeout_s: float = 10.0) -> int:
@@ -138,14 +147,16 @@ def test_late_flip_without_wakeup_still_succeeds(prefix: str) -> None:
             ch.finish(notify=False)
             return 0 if ch.wait_transition(timeout_s=10) is STOP else 4
 
-    with ControllerChannel(SHM, prefix, timeout_s=0.3) as ctl:
+    # Long enough that a loaded machine's worker flips before it runs out: the test is
+    # that a flip with no wake-up counts, found when the wait ends.
+    with ControllerChannel(SHM, prefix, timeout_s=1.0) as ctl:
         pid = 0
 
         def launch() -> None:
             nonlocal pid
             pid = fork_worker(worker)
 
-        ctl.setup_worker(launch)
+        ctl.setup_worker(launch, retry=patient())
         asked: list[bool] = []
         ctl.do_transition("e", 7, retry=lambda: asked.append(True) or False)
         ctl.stop_worker()
@@ -174,7 +185,7 @@ def test_timeout_without_flip_fails_and_channel_is_then_unusable(prefix: str) ->
             nonlocal pid
             pid = fork_worker(worker)
 
-        ctl.setup_worker(launch)
+        ctl.setup_worker(launch, retry=patient())
         with pytest.raises(ChannelTimeout, match=r"did not finish transition 'e' within 0\.2 s"):
             ctl.do_transition("e", 2)
         with pytest.raises(ChannelError, match="unusable"):
@@ -226,52 +237,105 @@ class _Alarm(Exception):
     """What the SIGALRM handler raises: a signal that lands mid-wait (Ctrl-C, SIGTERM)."""
 
 
-def test_a_transition_interrupted_mid_wait_is_finished_before_the_next(prefix: str) -> None:
-    # A signal handler that raises (the CLI's SIGTERM, Ctrl-C) can leave do_transition
-    # while the worker is still running that transition. The next transition must not
-    # overwrite the id under it: the worker's late flip of the first id would then hide
-    # the second, and the controller would wait its whole timeout for a lost "q".
+def _worker_seeing(prefix: str, slow_code: str) -> Callable[[], int]:
+    """A worker that, on ``slow_code``, signals its parent (SIGALRM) and takes 0.5 s: the
+    signal lands while the controller waits for that transition. Exit 0 if it ran "w"
+    then "q", 7 otherwise."""
+
     def worker() -> int:
         with WorkerChannel(SHM, prefix) as ch:
             ch.setup_done()
             seen: list[str] = []
 
             def handle(code: str, transition_id: int) -> None:
-                if code == "w":
-                    time.sleep(0.5)  # still writing when the signal lands
+                if code == slow_code:
+                    os.kill(os.getppid(), signal.SIGALRM)
+                    time.sleep(0.5)  # still at it when the signal lands
                 seen.append(code)
 
             ch.handle_transitions(handle)
             return 0 if seen == ["w", "q"] else 7
 
+    return worker
+
+
+@contextlib.contextmanager
+def _alarm_raises() -> Iterator[None]:
     def on_alarm(_signum: int, _frame: object) -> None:
         raise _Alarm
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     try:
-        with ControllerChannel(SHM, prefix, timeout_s=3) as ctl:
-            pid = 0
-
-            def launch() -> None:
-                nonlocal pid
-                pid = fork_worker(worker)
-
-            ctl.setup_worker(launch)
-            try:
-                signal.setitimer(signal.ITIMER_REAL, 0.1)
-                with pytest.raises(_Alarm):
-                    ctl.do_transition("w", 1)
-                started = time.monotonic()
-                ctl.do_transition("q", 2)  # waits out "w" first, then runs "q"
-                waited_s = time.monotonic() - started
-            finally:
-                ctl.stop_worker()
-                status = reap(pid)
-            assert status == 0
+        yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert waited_s < 3, "the second transition waited out its timeout: it was lost"
+
+
+def _run_w_then_q(
+    prefix: str, worker: Callable[[], int], cut_w: Callable[[ControllerChannel], None]
+) -> float:
+    """Set up ``worker``, have ``cut_w`` start "w" and be cut short, then run "q": the
+    seconds "q" took. Fails unless the worker ran "w" then "q"."""
+    with ControllerChannel(SHM, prefix, timeout_s=5) as ctl:
+        pid = 0
+
+        def launch() -> None:
+            nonlocal pid
+            pid = fork_worker(worker)
+
+        ctl.setup_worker(launch)
+        try:
+            cut_w(ctl)
+            started = time.monotonic()
+            ctl.do_transition("q", 2)  # settles "w" first, then runs "q"
+            waited_s = time.monotonic() - started
+        finally:
+            ctl.stop_worker()
+            status = reap(pid)
+        assert status == 0, "the worker did not run w then q"
+    return waited_s
+
+
+def test_a_transition_interrupted_mid_wait_is_finished_before_the_next(prefix: str) -> None:
+    # A signal handler that raises (the CLI's SIGTERM, Ctrl-C) can leave do_transition
+    # while the worker is still running that transition. The next transition must not
+    # overwrite the id under it: the worker's late flip of the first id would then hide
+    # the second, and the controller would wait its whole timeout for a lost "q".
+    def cut_w(ctl: ControllerChannel) -> None:
+        with pytest.raises(_Alarm):
+            ctl.do_transition("w", 1)
+
+    with _alarm_raises():
+        waited_s = _run_w_then_q(prefix, _worker_seeing(prefix, "w"), cut_w)
+    assert waited_s < 5, "the second transition waited out its timeout: it was lost"
+
+
+def test_a_transition_cut_short_before_its_wake_up_is_still_run(
+    prefix: str, mocker: MockerFixture
+) -> None:
+    # The signal lands after the id is written, before the wake-up byte goes (here: at
+    # the entry of _notify): the worker, asleep in poll, never looks. The next
+    # transition must wake it for the first, not wait a timeout for a flip never coming.
+    from vmpower.telemetry import channel
+
+    real_notify = channel._notify
+
+    calls = 0
+
+    def notify_cut_once(fd: int, byte: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise _Alarm
+        real_notify(fd, byte)
+
+    def cut_w(ctl: ControllerChannel) -> None:
+        mocker.patch.object(channel, "_notify", notify_cut_once)
+        with pytest.raises(_Alarm):
+            ctl.do_transition("w", 1)
+
+    waited_s = _run_w_then_q(prefix, _worker_seeing(prefix, ""), cut_w)
+    assert waited_s < 5, "the cut-short transition was never woken"
 
 
 def test_startup_timeout_raises_and_stops_the_worker(prefix: str) -> None:

@@ -479,7 +479,7 @@ class ControllerChannel(_ChannelEnd):
         self.writer = BankWriter(self.paths, TO_WORKER, self.block, owner)
         self.reader = BankReader(self.paths, FROM_WORKER, self.block)
         self._broken: str | None = None
-        # (flipped id, code) of the transition in flight; set only while one is.
+        # (id, code) of the transition in flight; set only while one may be.
         self._unanswered: tuple[int, str] | None = None
 
     # -- CMSSW's API ------------------------------------------------------------------------
@@ -542,15 +542,16 @@ class ControllerChannel(_ChannelEnd):
             )
         if u32[_WORKER_STATE] == CODE_STOPPING:
             raise WorkerStopped("the worker has stopped (its owner ended it)")
+        # From here until its flip is seen, this transition may be the worker's: a signal
+        # handler that raises (Ctrl-C, the CLI's SIGTERM) can cut the call short anywhere,
+        # and the next transition must then settle it (_finish_unanswered), never
+        # overwrite its id. Recorded before the id is written, so no point is missed.
+        self._unanswered = (transition_id, code)
         u32[_RESULT] = 0
         u32[_CODE] = ord(code)
         u64[_ID] = transition_id
         target = ~transition_id & MASK64
         deadline = time.monotonic() + self.timeout_s
-        # Until its flip is seen, this transition is the worker's: a signal handler that
-        # raises mid-wait (Ctrl-C, the CLI's SIGTERM) leaves it running, and the next
-        # transition must wait for it (_finish_unanswered), never overwrite its id.
-        self._unanswered = (target, code)
         _notify(self._to_fd, code.encode())
         # Fast path: one wake-up carrying the worker's "done" byte.
         events = self._poller.poll(self._timeout_ms)
@@ -579,9 +580,19 @@ class ControllerChannel(_ChannelEnd):
             on_done()
 
     def _finish_unanswered(self) -> None:
-        """Wait (one timeout at most) for the flip of a transition whose wait was cut short."""
+        """Settle a transition cut short: wait (one timeout at most) for its flip."""
         assert self._unanswered is not None
-        target, code = self._unanswered
+        transition_id, code = self._unanswered
+        target = ~transition_id & MASK64
+        current = self.block.transition_id
+        if current == transition_id:
+            # Cut short before or right after its wake-up: send that again (bytes only
+            # wake; a duplicate is harmless), or the worker may never look.
+            _notify(self._to_fd, code.encode())
+        elif current != target:
+            # Cut short before its id was written: the worker never saw it.
+            self._unanswered = None
+            return
         try:
             self._wait_flip(target, None, f"the interrupted transition {code!r}")
         except ChannelError as exc:
