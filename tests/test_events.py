@@ -8,6 +8,7 @@ with tolerant bounds.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -637,12 +638,20 @@ def test_real_clock_runs_on_the_registration_grid_and_never_early() -> None:
 
     stats = queue.stats(event_id)
     # Grid points are registration time + k periods; the queue read its clock somewhere
-    # between before_s and after_s.
-    indexes = [round((due_s - before_s) / period_s) for due_s, _ in seen]
-    for (due_s, ran_s), index in zip(seen, indexes, strict=True):
+    # between before_s and after_s. The first due point's index is the one that puts
+    # that origin at or after before_s (floor, not round: a stall of half a period
+    # between before_s and the queue's clock read must not shift it); the rest are
+    # whole periods after it.
+    first_due_s = seen[0][0]
+    first_index = math.floor((first_due_s - before_s) / period_s + 1e-9)
+    indexes = []
+    for due_s, ran_s in seen:
+        periods = (due_s - first_due_s) / period_s
+        assert periods == pytest.approx(round(periods), abs=1e-6)  # exactly on the grid
+        index = first_index + round(periods)
+        indexes.append(index)
         assert ran_s >= due_s  # never early, whatever the load
-        assert before_s <= due_s - index * period_s <= after_s
-        assert (due_s - seen[0][0]) / period_s == pytest.approx(index - indexes[0], abs=1e-6)
+        assert before_s - 1e-9 <= due_s - index * period_s <= after_s + 1e-9
         assert ran_s - due_s < period_s + 0.5  # only a stalled machine could break this
     assert indexes == sorted(set(indexes))
     assert stats.runs == len(seen)

@@ -34,7 +34,7 @@ def agent(tmp_path: Path) -> Iterator[RunningAgent]:
     finally:
         running.close()
         shutil.rmtree(running.socket.parent, ignore_errors=True)
-    wait_for(lambda: not batch_files(), 5)
+    wait_for(lambda: not batch_files(), 30)
 
 
 def grant(agent: RunningAgent, name: str, *controls: str) -> None:

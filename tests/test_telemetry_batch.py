@@ -53,7 +53,7 @@ def batch_files() -> set[str]:
 def no_leftovers() -> Iterator[None]:
     yield
     # a server ends within moments of its session; give it that long, not more
-    wait_for(lambda: not batch_files(), 5)
+    wait_for(lambda: not batch_files(), 30)
     assert batch_files() == set()
 
 
@@ -177,7 +177,7 @@ def test_start_read_write_stop(agent: RunningAgent) -> None:
     # stop() returns once the server restored its controls
     assert khz(agent, 2, "scaling_max_freq") == original
     assert agent.control("list_batches") == []
-    assert wait_for(lambda: not pid_alive(server_pid), 5)
+    assert wait_for(lambda: not pid_alive(server_pid), 30)
 
 
 def test_refused_values_are_clear_and_the_session_goes_on(agent: RunningAgent) -> None:
@@ -200,7 +200,7 @@ def test_continuous_mode_samples_into_shared_memory(agent: RunningAgent) -> None
             first = batch.sample()  # the server sampled once before answering start_batch
             assert first[0] == int(original) * 1000
             cur.write_text("2200000\n")
-            assert wait_for(lambda: batch.sample()[0] == 2.2e9, 5)
+            assert wait_for(lambda: batch.sample()[0] == 2.2e9, 30)
             assert batch.sample()[1] > first[1]  # later samples carry later times
     finally:
         cur.write_text(original)
@@ -287,8 +287,8 @@ def test_client_killed_restores_controls_and_ends_the_server(agent: RunningAgent
     assert khz(agent, 3, "scaling_max_freq") == 1_800_000
     os.kill(pid, signal.SIGKILL)
     reap(pid)
-    assert wait_for(lambda: khz(agent, 3, "scaling_max_freq") == original, 5)
-    assert wait_for(lambda: not pid_alive(session["server_pid"]), 5)
+    assert wait_for(lambda: khz(agent, 3, "scaling_max_freq") == original, 30)
+    assert wait_for(lambda: not pid_alive(session["server_pid"]), 30)
     assert agent.control("list_batches") == []
 
 
@@ -301,8 +301,8 @@ def test_client_killed_before_attaching_leaves_no_files(agent: RunningAgent) -> 
     assert paths.signals.exists() and paths.channel.block.exists()  # never attached
     os.kill(pid, signal.SIGKILL)
     reap(pid)
-    assert wait_for(lambda: not any(p.exists() for p in paths.all()), 5)
-    assert wait_for(lambda: not pid_alive(session["server_pid"]), 5)
+    assert wait_for(lambda: not any(p.exists() for p in paths.all()), 30)
+    assert wait_for(lambda: not pid_alive(session["server_pid"]), 30)
 
 
 def test_stop_batch_wakes_the_client_and_restores(agent: RunningAgent) -> None:
@@ -335,8 +335,8 @@ def test_server_crash_is_restored_by_the_daemon(agent: RunningAgent) -> None:
         assert RestoreJournal(session_dir).pending() == {}
         os.kill(batch.server_pid, signal.SIGKILL)
         # the daemon reaps the server and drops the session's limits
-        assert wait_for(lambda: khz(agent, 7, "scaling_max_freq") == original, 5)
-        assert wait_for(lambda: not session_dir.exists(), 5)
+        assert wait_for(lambda: khz(agent, 7, "scaling_max_freq") == original, 30)
+        assert wait_for(lambda: not session_dir.exists(), 30)
         with pytest.raises(TelemetryError, match="exited"):
             batch.read()
     finally:
@@ -434,7 +434,7 @@ def test_daemon_death_ends_its_servers(lone_agent: RunningAgent) -> None:
         assert agent.proc is not None
         agent.proc.kill()  # SIGKILL: no shutdown, the barrier's pipe just hangs up
         agent.proc.wait()
-        assert wait_for(lambda: exited(batch.server_pid), 5)
+        assert wait_for(lambda: exited(batch.server_pid), 30)
         assert batch.ended(timeout_s=5)
         # The daemon wrote the limit and journaled its original (issue #12, point 5):
         # like any setting of a crashed daemon, the next start restores it first.
