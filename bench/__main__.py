@@ -21,7 +21,19 @@ RESULTS = HERE / "results"
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
+    known = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(f"usage: python -m bench [NAME ...]\n\n{__doc__.strip()}\n")
+        print("benchmarks: " + " ".join(known))
+        return 0
+    unknown = [name for name in argv if name not in known]
+    if unknown:
+        print(
+            f"bench: no such benchmark: {' '.join(unknown)} (known: {' '.join(known)})",
+            file=sys.stderr,
+        )
+        return 2
+    names = argv or known
     RESULTS.mkdir(exist_ok=True)
     failed = []
     for name in names:
