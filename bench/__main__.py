@@ -23,7 +23,7 @@ RESULTS = HERE / "results"
 def main(argv: list[str]) -> int:
     known = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     if any(arg in ("-h", "--help") for arg in argv):
-        print(f"usage: python -m bench [NAME ...]\n\n{__doc__.strip()}\n")
+        print(f"usage: python -m bench [NAME ...]\n\n{(__doc__ or '').strip()}\n")
         print("benchmarks: " + " ".join(known))
         return 0
     unknown = [name for name in argv if name not in known]

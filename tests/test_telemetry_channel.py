@@ -233,12 +233,12 @@ def test_retry_until_the_slow_worker_finishes(prefix: str) -> None:
     assert retries["setup"] >= 1 and retries["transition"] >= 1
 
 
-class _Alarm(Exception):
-    """What the SIGALRM handler raises: a signal that lands mid-wait (Ctrl-C, SIGTERM)."""
+class _Interrupt(Exception):
+    """What the SIGUSR1 handler raises: a signal that lands mid-wait (Ctrl-C, SIGTERM)."""
 
 
 def _worker_seeing(prefix: str, slow_code: str) -> Callable[[], int]:
-    """A worker that, on ``slow_code``, signals its parent (SIGALRM) and takes 0.5 s: the
+    """A worker that, on ``slow_code``, signals its parent (SIGUSR1) and takes 0.5 s: the
     signal lands while the controller waits for that transition. Exit 0 if it ran "w"
     then "q", 7 otherwise."""
 
@@ -249,7 +249,7 @@ def _worker_seeing(prefix: str, slow_code: str) -> Callable[[], int]:
 
             def handle(code: str, transition_id: int) -> None:
                 if code == slow_code:
-                    os.kill(os.getppid(), signal.SIGALRM)
+                    os.kill(os.getppid(), signal.SIGUSR1)
                     time.sleep(0.5)  # still at it when the signal lands
                 seen.append(code)
 
@@ -260,15 +260,15 @@ def _worker_seeing(prefix: str, slow_code: str) -> Callable[[], int]:
 
 
 @contextlib.contextmanager
-def _alarm_raises() -> Iterator[None]:
-    def on_alarm(_signum: int, _frame: object) -> None:
-        raise _Alarm
+def _usr1_raises() -> Iterator[None]:
+    def on_usr1(_signum: int, _frame: object) -> None:
+        raise _Interrupt
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
+    previous = signal.signal(signal.SIGUSR1, on_usr1)
     try:
         yield
     finally:
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _run_w_then_q(
@@ -302,10 +302,10 @@ def test_a_transition_interrupted_mid_wait_is_finished_before_the_next(prefix: s
     # overwrite the id under it: the worker's late flip of the first id would then hide
     # the second, and the controller would wait its whole timeout for a lost "q".
     def cut_w(ctl: ControllerChannel) -> None:
-        with pytest.raises(_Alarm):
+        with pytest.raises(_Interrupt):
             ctl.do_transition("w", 1)
 
-    with _alarm_raises():
+    with _usr1_raises():
         waited_s = _run_w_then_q(prefix, _worker_seeing(prefix, "w"), cut_w)
     assert waited_s < 5, "the second transition waited out its timeout: it was lost"
 
@@ -326,12 +326,12 @@ def test_a_transition_cut_short_before_its_wake_up_is_still_run(
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise _Alarm
+            raise _Interrupt
         real_notify(fd, byte)
 
     def cut_w(ctl: ControllerChannel) -> None:
         mocker.patch.object(channel, "_notify", notify_cut_once)
-        with pytest.raises(_Alarm):
+        with pytest.raises(_Interrupt):
             ctl.do_transition("w", 1)
 
     waited_s = _run_w_then_q(prefix, _worker_seeing(prefix, ""), cut_w)

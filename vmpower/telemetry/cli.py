@@ -16,8 +16,9 @@ This module owns those four commands (``vmpower.shell`` adds them to its parser 
 The socket: ``--socket``, else ``--config``'s ``control.socket``, else
 ``$VMPOWER_SOCKET``, else the default (as the shell). ``--json``: JSON on stdout, errors
 included (``{"error": ..., "exit_status": ...}``). Exit status: 0 done (``write``: also when
-interrupted, its documented end), 1 refused or failed (one line on stderr), 2 usage
-error, 130 interrupted by Ctrl-C (``session``'s rows printed so far stand).
+interrupted, its documented end; the value is restored), 1 refused or failed (one line
+on stderr), 2 usage error, 130 interrupted by Ctrl-C (``session``'s rows printed so far
+stand).
 """
 
 from __future__ import annotations
@@ -275,10 +276,12 @@ def _write(
         raise _Usage(f"--hold-s must be >= 0 seconds, not {hold_s!r}")
     # Ctrl-C or SIGTERM ends the hold wherever it lands, even inside the write's round
     # trip or before the wait: leaving the session's ``with`` stops it, and the server
-    # restores the value before that stop returns.
+    # restores the value before that stop returns (a second signal cutting the stop
+    # short leaves the restore to the server, which sees this process go). ``suppress``
+    # is outermost: a SIGTERM landing as the handler is being put back is caught too.
     with (
-        _sigterm_interrupts(),
         contextlib.suppress(KeyboardInterrupt, _Interrupted),
+        _sigterm_interrupts(),
         BatchClient(socket_path, controls=[request]) as batch,
     ):
         batch.write([value])
