@@ -73,6 +73,20 @@ def patient(total_s: float = 10.0) -> Callable[[], bool]:
     return lambda: time.monotonic() < give_up
 
 
+def launch_worker(
+    ctl: ControllerChannel, worker: Callable[[], int], retry: Callable[[], bool] | None = None
+) -> int:
+    """Fork ``worker`` as the controller's set-up launch and wait for its setup_done."""
+    pid = 0
+
+    def launch() -> None:
+        nonlocal pid
+        pid = fork_worker(worker)
+
+    ctl.setup_worker(launch, retry)
+    return pid
+
+
 def reap(pid: int, timeout_s: float = 10.0) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -117,13 +131,7 @@ def test_three_transitions_with_records_and_exact_count(prefix: str) -> None:
         return 0 if count == 3 else 3
 
     with ControllerChannel(SHM, prefix, timeout_s=10) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch)
+        pid = launch_worker(ctl, worker)
         seen: list[tuple[BufferRecord, int]] = []
         ctl.to_worker = BufferRecord(0, 0)
         ctl.do_transition("e", 2, on_done=lambda: seen.append((ctl.from_worker, ctl.result)))
@@ -150,13 +158,7 @@ def test_late_flip_without_wakeup_still_succeeds(prefix: str) -> None:
     # Long enough that a loaded machine's worker flips before it runs out: the test is
     # that a flip with no wake-up counts, found when the wait ends.
     with ControllerChannel(SHM, prefix, timeout_s=1.0) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch, retry=patient())
+        pid = launch_worker(ctl, worker, patient())
         asked: list[bool] = []
         ctl.do_transition("e", 7, retry=lambda: asked.append(True) or False)
         ctl.stop_worker()
@@ -179,13 +181,7 @@ def test_timeout_without_flip_fails_and_channel_is_then_unusable(prefix: str) ->
                     return 5
 
     with ControllerChannel(SHM, prefix, timeout_s=0.2) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch, retry=patient())
+        pid = launch_worker(ctl, worker, patient())
         with pytest.raises(ChannelTimeout, match=r"did not finish transition 'e' within 0\.2 s"):
             ctl.do_transition("e", 2)
         with pytest.raises(ChannelError, match="unusable"):
@@ -219,13 +215,7 @@ def test_retry_until_the_slow_worker_finishes(prefix: str) -> None:
         return again
 
     with ControllerChannel(SHM, prefix, timeout_s=0.05) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch, retry=retry("setup"))
+        pid = launch_worker(ctl, worker, retry("setup"))
         ctl.do_transition("e", 2, retry=retry("transition"))
         ctl.do_transition("e", 3, retry=retry("transition"))
         ctl.stop_worker()
@@ -277,13 +267,7 @@ def _run_w_then_q(
     """Set up ``worker``, have ``cut_w`` start "w" and be cut short, then run "q": the
     seconds "q" took. Fails unless the worker ran "w" then "q"."""
     with ControllerChannel(SHM, prefix, timeout_s=5) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch)
+        pid = launch_worker(ctl, worker)
         try:
             cut_w(ctl)
             started = time.monotonic()
@@ -367,13 +351,7 @@ def test_worker_crash_mid_transition_fails_without_deadlock(prefix: str) -> None
 
     # A long timeout: only the hang-up of the worker's FIFO can end this wait early.
     with ControllerChannel(SHM, prefix, timeout_s=60) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch)
+        pid = launch_worker(ctl, worker)
         with pytest.raises(WorkerGone, match="exited before it finished transition 'e'"):
             ctl.do_transition("e", 2)
         assert reap(pid) == 3
@@ -391,13 +369,7 @@ def test_worker_that_quits_wakes_a_waiting_controller(prefix: str) -> None:
             return 0
 
     with ControllerChannel(SHM, prefix, timeout_s=60) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch)
+        pid = launch_worker(ctl, worker)
         with pytest.raises(WorkerStopped):
             ctl.do_transition("r", 2)
         assert reap(pid) == 0
@@ -493,13 +465,7 @@ def test_payloads_grow_both_ways_across_processes(prefix: str) -> None:
         return 0
 
     with ControllerChannel(SHM, prefix, timeout_s=10) as ctl:
-        pid = 0
-
-        def launch() -> None:
-            nonlocal pid
-            pid = fork_worker(worker)
-
-        ctl.setup_worker(launch)
+        pid = launch_worker(ctl, worker)
         for i, size in enumerate(sizes):
             payload = bytes((i + k) % 251 for k in range(size))
             ctl.send(payload)
