@@ -86,6 +86,13 @@ def value(found: dict[str, list[tuple[dict[str, str], float]]], name: str, **lab
     return matches[0]
 
 
+def snapshot_began(found: dict[str, list[tuple[dict[str, str], float]]]) -> float:
+    """When the served snapshot's build began: its stamp is taken as the build ends."""
+    return value(found, "vmpower_snapshot_timestamp_seconds") - value(
+        found, "vmpower_snapshot_build_seconds"
+    )
+
+
 class MetricsAgent(RunningAgent):
     def __init__(self, tmp_path: Path, **kw: object) -> None:
         self.port = free_port()
@@ -203,17 +210,17 @@ def test_energy_across_a_wrap_is_booked_exactly_with_balanced_books(
     assert counter_uj < start_uj  # it wrapped
     time.sleep(REFRESH_S + 0.1)  # a snapshot begun before the last step is too old to serve
     second = agent.metrics()
-    # A loop too busy to build within REFRESH_WAIT_S serves an older snapshot: ask again
-    # until one begun after the last step (its stamp less its build time) is served.
-    deadline = time.monotonic() + 30
-    while (
-        value(second, "vmpower_snapshot_timestamp_seconds")
-        - value(second, "vmpower_snapshot_build_seconds")
-        < written_at
-    ):
-        assert time.monotonic() < deadline, "no snapshot newer than the last step"
-        time.sleep(REFRESH_S)
+
+    def fresh() -> bool:
+        # A loop too busy to build within REFRESH_WAIT_S serves an older snapshot: ask
+        # again until one begun after the last step is served.
+        nonlocal second
+        if snapshot_began(second) >= written_at:
+            return True
         second = agent.metrics()
+        return False
+
+    assert wait_for(fresh, 30, REFRESH_S), "no snapshot newer than the last step"
 
     def books(found: dict[str, list[tuple[dict[str, str], float]]]) -> tuple[float, float]:
         package = sum(v for _l, v in found["vmpower_package_energy_joules_total"])
@@ -266,10 +273,9 @@ def test_scrapes_close_together_share_one_snapshot_and_later_ones_see_new_counts
     # Both in one REFRESH_S (0.5 s) unless the machine stalled between them: then two
     # snapshots, each newer; never a second one begun within REFRESH_S of the first. The
     # stamp is taken as a build ends: a build's start is its stamp less its duration.
-    builds_s = [value(f, "vmpower_snapshot_build_seconds") for f in (first, second)]
-    began = [stamp - build_s for stamp, build_s in zip(stamps, builds_s, strict=True)]
+    began = [snapshot_began(f) for f in (first, second)]
     assert stamps[1] == stamps[0] or began[1] - began[0] >= REFRESH_S * 0.9
-    assert 0 < builds_s[0] < REFRESH_WAIT_S
+    assert 0 < value(first, "vmpower_snapshot_build_seconds") < REFRESH_WAIT_S
     assert power(agent.hosts["vm1.0"], Unit.SCALE_MAX, 0) == ACK
 
     def seen() -> bool:

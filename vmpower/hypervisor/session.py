@@ -105,6 +105,9 @@ def _cpumap_to_set(cpumap: Iterable[bool]) -> frozenset[int]:
 
 # What a live XML's pins were parsed from (``_xml_key``). The same key gives the same pins.
 _XmlKey = tuple[bytes, int]
+# A live XML read ahead by ``_describe_all``: when, what it gave (or the exception its
+# read raised), and the parse's ``_XmlKey`` (None with an exception).
+_Described = tuple[float, DomainXml | Exception, _XmlKey | None]
 
 
 def _xml_key(xml: str, host_cpus: int) -> _XmlKey:
@@ -264,13 +267,13 @@ class LibvirtSession:
 
     def _describe_all(
         self, running: Sequence[tuple[libvirt.virDomain, str, dict[int, str]]]
-    ) -> dict[str, tuple[float, DomainXml | Exception, _XmlKey | None]]:
+    ) -> dict[str, _Described]:
         """Each running domain's live XML, read ``_XML_READERS`` at a time and parsed:
         name → (when it was read, DomainXml or the exception its read raised, which
         ``_read_domain`` raises in order, and the parse's ``_XmlKey``). The threads
         only call libvirt, the clock and the parser; they are joined here, so the
         session's state stays the worker thread's."""
-        out: dict[str, tuple[float, DomainXml | Exception, _XmlKey | None]] = {}
+        out: dict[str, _Described] = {}
         if len(running) < _XML_READERS_FROM:
             return out  # read one by one in _read_domain
         work = iter(running)
@@ -411,7 +414,7 @@ class LibvirtSession:
         name: str,
         dir_sockets: dict[int, str],
         state_code: int | None = None,
-        described: tuple[float, DomainXml | Exception, _XmlKey | None] | None = None,
+        described: _Described | None = None,
     ) -> VmRead:
         """One domain; ``state_code`` when already known (``read_all``): no ``info()``
         then, and ``described``, its live XML already read (when, what it gave, and the

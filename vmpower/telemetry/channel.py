@@ -567,17 +567,31 @@ class ControllerChannel(_ChannelEnd):
                 return
             if data:
                 events = []  # a "q" came with it: let the full check decide
+        revents = events[0][1] if events else 0
+        self._settle(target, retry, f"transition {code!r}", deadline, revents)
+        if on_done is not None:
+            on_done()
+
+    def _settle(
+        self,
+        target: int,
+        retry: Callable[[], bool] | None,
+        what: str,
+        deadline: float | None = None,
+        revents: int = 0,
+    ) -> None:
+        """Wait for the flip to ``target`` (after draining ``revents``, a wake-up already
+        polled): then nothing is in flight. A failure also leaves the channel unusable;
+        a signal's exception leaves the transition in flight, for the next to settle."""
         try:
-            if events:
-                self._drain(events[0][1], target, f"transition {code!r}")
-            self._wait_flip(target, retry, f"transition {code!r}", deadline)
+            if revents:
+                self._drain(revents, target, what)
+            self._wait_flip(target, retry, what, deadline)
         except ChannelError as exc:
             self._broken = str(exc)
             self._unanswered = None
             raise
         self._unanswered = None
-        if on_done is not None:
-            on_done()
 
     def _finish_unanswered(self) -> None:
         """Settle a transition cut short: wait (one timeout at most) for its flip."""
@@ -593,14 +607,7 @@ class ControllerChannel(_ChannelEnd):
             # Cut short before its id was written: the worker never saw it.
             self._unanswered = None
             return
-        try:
-            self._wait_flip(target, None, f"the interrupted transition {code!r}")
-        except ChannelError as exc:
-            self._broken = str(exc)
-            self._unanswered = None
-            raise
-        # Cut short again (a second signal), it stays in flight for the next attempt.
-        self._unanswered = None
+        self._settle(target, None, f"the interrupted transition {code!r}")
 
     def stop_worker(self) -> None:
         """Make the worker leave its loop without running another transition."""
