@@ -928,6 +928,39 @@ def test_add_vm_looks_up_the_channels_directory_on_the_owner_thread(
     assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
 
 
+def test_add_vm_takes_its_sockets_from_the_directory_index_once_it_is_built(
+    threaded: tuple[Hypervisor, Owner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #16: the 64-candidate probe was 0.6 ms of add_vm's 2.4 on the loop under
+    guest traffic. Once the index listed at connect is back, add_vm probes nothing,
+    and a socket made since the listing is found."""
+    from vmpower.hypervisor import domain_xml
+
+    hv, owner = threaded
+    probed: list[str] = []
+    real = domain_xml.ChannelsDir._probe
+
+    def probe(self: domain_xml.ChannelsDir, vm: str) -> dict[int, str]:
+        probed.append(vm)
+        return real(self, vm)
+
+    monkeypatch.setattr(domain_xml.ChannelsDir, "_probe", probe)
+    index = hv._channels_index
+    assert owner.run_until(lambda: index.lookup("vm1") is not None), "no index built"
+    hv.remove_vm("vm2")
+    path = tmp_path / "ch" / "vm2.5"  # in the directory only, not in the domain XML
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        job = hv.add_vm_start("vm2")
+        assert job is not None and owner.run_until(lambda: job.wait(0))
+        info = hv.add_vm_finish("vm2", job)
+    finally:
+        sock.close()
+    assert probed == []
+    assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
+
+
 def test_a_hung_libvirt_call_holds_neither_the_request_path_nor_the_operator(
     threaded: tuple[Hypervisor, Owner], caplog: pytest.LogCaptureFixture
 ) -> None:
