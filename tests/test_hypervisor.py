@@ -902,29 +902,11 @@ def test_add_vm_looks_up_the_channels_directory_on_the_owner_thread(
     in the worker's libvirt read: each look-up gives up the interpreter lock, and under
     guest traffic the loop took it at each one, so add_vm's read waited for the loop's
     turns 64 times (issue #16: 1.0-1.3 ms a read at 1000 VMs under 1000 req/s, 0.4-0.5
-    without them)."""
-    from vmpower.hypervisor import domain_xml
-
+    without them). Here the directory's index is not back yet: add_vm probes."""
     hv, owner = threaded
-    looked_up: list[tuple[str, int]] = []
-    real = domain_xml.ChannelsDir._probe
-
-    def probe(self: domain_xml.ChannelsDir, vm: str) -> dict[int, str]:
-        looked_up.append((vm, threading.get_ident()))
-        return real(self, vm)
-
-    monkeypatch.setattr(domain_xml.ChannelsDir, "_probe", probe)
-    hv.remove_vm("vm2")
-    path = tmp_path / "ch" / "vm2.5"  # in the directory only, not in the domain XML
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        job = hv.add_vm_start("vm2")
-        assert job is not None and owner.run_until(lambda: job.wait(0))
-        info = hv.add_vm_finish("vm2", job)
-    finally:
-        sock.close()
-    assert looked_up == [("vm2", threading.get_ident())]
+    probed = count_probes(monkeypatch)
+    info, path = add_vm_with_a_socket_of_its_own(hv, owner, tmp_path / "ch")
+    assert probed == [("vm2", threading.get_ident())]
     assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
 
 
@@ -932,33 +914,52 @@ def test_add_vm_takes_its_sockets_from_the_directory_index_once_it_is_built(
     threaded: tuple[Hypervisor, Owner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue #16: the 64-candidate probe was 0.6 ms of add_vm's 2.4 on the loop under
-    guest traffic. Once the index listed at connect is back, add_vm probes nothing,
-    and a socket made since the listing is found."""
+    guest traffic. The first add_vm probes and has the index listed; once that listing
+    is back, add_vm probes nothing, and a socket made since the listing is found."""
+    hv, owner = threaded
+    index = hv._channels_index
+    assert index.lookup("vm1") is None, "an index built by a daemon that needs none"
+    hv.remove_vm("vm1")
+    job = hv.add_vm_start("vm1")
+    assert job is not None and owner.run_until(lambda: job.wait(0))
+    hv.add_vm_finish("vm1", job)
+    assert owner.run_until(lambda: index.lookup("vm1") is not None), "no index built"
+    probed = count_probes(monkeypatch)
+    info, path = add_vm_with_a_socket_of_its_own(hv, owner, tmp_path / "ch")
+    assert probed == []
+    assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
+
+
+def count_probes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Each probe of a VM's 64 candidate sockets from now on: (VM, thread)."""
     from vmpower.hypervisor import domain_xml
 
-    hv, owner = threaded
-    probed: list[str] = []
+    probed: list[tuple[str, int]] = []
     real = domain_xml.ChannelsDir._probe
 
     def probe(self: domain_xml.ChannelsDir, vm: str) -> dict[int, str]:
-        probed.append(vm)
+        probed.append((vm, threading.get_ident()))
         return real(self, vm)
 
     monkeypatch.setattr(domain_xml.ChannelsDir, "_probe", probe)
-    index = hv._channels_index
-    assert owner.run_until(lambda: index.lookup("vm1") is not None), "no index built"
+    return probed
+
+
+def add_vm_with_a_socket_of_its_own(
+    hv: Hypervisor, owner: Owner, channels: Path
+) -> tuple[VmInfo, Path]:
+    """vm2 removed, then added with a socket vm2.5 bound in the directory meanwhile
+    (its domain XML does not name it): its info, and that socket's path."""
     hv.remove_vm("vm2")
-    path = tmp_path / "ch" / "vm2.5"  # in the directory only, not in the domain XML
+    path = channels / "vm2.5"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))
         job = hv.add_vm_start("vm2")
         assert job is not None and owner.run_until(lambda: job.wait(0))
-        info = hv.add_vm_finish("vm2", job)
+        return hv.add_vm_finish("vm2", job), path
     finally:
         sock.close()
-    assert probed == []
-    assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
 
 
 def test_a_hung_libvirt_call_holds_neither_the_request_path_nor_the_operator(

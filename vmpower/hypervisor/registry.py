@@ -226,9 +226,6 @@ class Hypervisor:
         self._stats = {}
         self._next_retry_at = None
         log.info("connected to %s: %d VM(s) tracked", self._uri, len(self._vms))
-        # After the first read of every VM, not ahead of it: add_vm's look-ups are
-        # served from the index from then on.
-        self._index_channels_dir()
         return old
 
     def _lose(self, reason: str) -> None:
@@ -724,7 +721,10 @@ class Hypervisor:
             functools.partial(self._session.read_vms, [name], dir_sockets),
             functools.partial(self._after_add, generation, name),
         )
-        self._index_channels_dir()  # behind this read, when the index is to be (re)built
+        # The index is built at the first add_vm (none costs a daemon that has none: no
+        # listing at start, no watch, no memory), and again after it was dropped; its
+        # listing is queued behind this read.
+        self._index_channels_dir()
         return job
 
     def _dir_sockets(self, name: str) -> dict[str, dict[int, str]]:
