@@ -184,9 +184,7 @@ class ControlServer:
         # Clients with a sliced command in flight, served round-robin SLICES_PER_TURN a turn.
         self._slicing: deque[int] = deque()
         self._parked: dict[int, None] = {}  # clients whose task waits for ready()
-        # Steps of sliced commands taken in the loop turn ``_steps_turn``.
-        self._steps_turn = -1
-        self._steps_taken = 0
+        self._steps_taken = 0  # sliced-command steps this turn (reset at its end)
         self._recheck: TimerHandle | None = None
         self.errors = KindLog(
             log, "control requests failed", interval_s=log_interval_s, clock=monitor.clock
@@ -347,6 +345,7 @@ class ControlServer:
     def _end_of_turn(self) -> None:
         if self._parked:
             self._unpark()
+        self._steps_taken = 0  # the turn's last steps were the unparked ones
         # Queued at the end of a turn, the call runs in the next one (call_soon_threadsafe
         # makes that turn's wait zero), so a backlogged client gets one share per turn,
         # and a sliced command one step; the turn first serves the guests ready then.
@@ -376,14 +375,10 @@ class ControlServer:
 
     def _steps_left(self) -> int:
         """Sliced-command steps this turn may still take (SLICES_PER_TURN a turn)."""
-        if self._steps_turn != self.monitor.turns:
-            return SLICES_PER_TURN
         return max(0, SLICES_PER_TURN - self._steps_taken)
 
     def _advance(self, fd: int, client: _Client, task: _Task) -> None:
         """One more step of ``client``'s sliced ``task``: queued again, or its reply sent."""
-        if self._steps_turn != self.monitor.turns:
-            self._steps_turn, self._steps_taken = self.monitor.turns, 0
         self._steps_taken += 1
         reply = self._step(task)
         if reply is None:

@@ -27,7 +27,6 @@ IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000  # the kernel's queue was full: events were lost
 IN_IGNORED = 0x00008000  # the watch is gone (removed, or its inode)
 IN_ONLYDIR = 0x01000000
-IN_ISDIR = 0x40000000
 
 # struct inotify_event { int wd; uint32_t mask, cookie, len; char name[len]; }
 _HEADER = struct.Struct("iIII")

@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import xml.etree.ElementTree as ET
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,30 +68,7 @@ class ChannelsDir:
         return {} if default is None else default
 
     def _probe(self, vm: str) -> dict[int, str]:
-        found: dict[int, str] = {}
-        if "/" in vm or vm in (".", ".."):
-            return found  # not a name in this directory
-        try:
-            dir_fd = os.open(self.channels_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return found  # no directory yet: no channel there
-        try:
-            # Relative to the directory (no walk of its path each time), and access(2)
-            # first: most candidates are absent, and a failed stat costs an exception
-            # each. What exists is stat-ed (following a link, as before: the connect's
-            # trust check refuses links) for its type.
-            for index in range(MAX_DIR_CHANNELS):
-                name = f"{vm}.{index}"
-                if not os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False):
-                    continue
-                try:
-                    if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd).st_mode):
-                        found[index] = os.path.join(self.channels_dir, name)
-                except OSError:
-                    continue
-        finally:
-            os.close(dir_fd)
-        return found
+        return probe_channels(self.channels_dir, vm)
 
     def _list(self) -> dict[str, dict[int, str]]:
         found: dict[str, dict[int, str]] = {}
@@ -115,6 +93,43 @@ class ChannelsDir:
                 continue
             found.setdefault(match.group(1), {})[index] = entry.path
         return found
+
+
+def probe_channels(
+    channels_dir: str | os.PathLike[str], vm: str, names: AbstractSet[str] | None = None
+) -> dict[int, str]:
+    """``vm``'s sockets ``{n: path}`` among its candidates ``<vm>.0`` … ``<vm>.63``.
+
+    ``names``: the directory's names when they are known (the directory's index,
+    channels_index); a candidate not among them is not asked of the kernel.
+    """
+    found: dict[int, str] = {}
+    if "/" in vm or vm in (".", ".."):
+        return found  # not a name in this directory
+    try:
+        dir_fd = os.open(channels_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return found  # no directory yet: no channel there
+    try:
+        # Relative to the directory (no walk of its path each time), and access(2)
+        # first: most candidates are absent, and a failed stat costs an exception
+        # each. What exists is stat-ed (following a link, as before: the connect's
+        # trust check refuses links) for its type.
+        for index in range(MAX_DIR_CHANNELS):
+            name = f"{vm}.{index}"
+            if names is not None:
+                if name not in names:
+                    continue
+            elif not os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False):
+                continue
+            try:
+                if stat.S_ISSOCK(os.stat(name, dir_fd=dir_fd).st_mode):
+                    found[index] = os.path.join(channels_dir, name)
+            except OSError:
+                continue
+    finally:
+        os.close(dir_fd)
+    return found
 
 
 def scan_channels_dir(channels_dir: Path) -> ChannelsDir:
