@@ -8,7 +8,6 @@ The standard library has no binding; ``ctypes`` reaches ``inotify_init1``,
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import struct
@@ -37,7 +36,9 @@ _libc: ctypes.CDLL | None = None
 def _lib() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols, libc's among them: ctypes.util.find_library runs
+        # ldconfig as a subprocess (13 ms, on the loop at the first add_vm).
+        _libc = ctypes.CDLL(None, use_errno=True)
         _libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
         _libc.inotify_rm_watch.argtypes = (ctypes.c_int, ctypes.c_int)
     return _libc
