@@ -28,6 +28,7 @@ from agent_support import LibvirtCalls
 from vmpower.devtools import wait_for
 from vmpower.errors import HypervisorError, UnknownVmError
 from vmpower.hypervisor import ChannelInfo, Hypervisor, VmEvent, VmInfo, VmState
+from vmpower.hypervisor.channels_index import RELIST_MIN_S
 from vmpower.hypervisor.domain_xml import vcpu_pins
 
 NODE_FILE = Path(__file__).resolve().parent / "data" / "node.xml"
@@ -895,39 +896,52 @@ def test_on_a_worker_the_request_path_never_waits_and_the_fresh_map_follows(
     assert status["responsive"] is True and status["stalled_s"] == 0
 
 
-def test_add_vm_looks_up_the_channels_directory_on_the_owner_thread(
-    threaded: tuple[Hypervisor, Owner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The VM's 64 candidate sockets are looked up by the owner (the monitor loop), not
-    in the worker's libvirt read: each look-up gives up the interpreter lock, and under
-    guest traffic the loop took it at each one, so add_vm's read waited for the loop's
-    turns 64 times (issue #16: 1.0-1.3 ms a read at 1000 VMs under 1000 req/s, 0.4-0.5
-    without them). Here the directory's index is not back yet: add_vm probes."""
-    hv, owner = threaded
-    probed = count_probes(monkeypatch)
-    info, path = add_vm_with_a_socket_of_its_own(hv, owner, tmp_path / "ch")
-    assert probed == [("vm2", threading.get_ident())]
-    assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
-
-
-def test_add_vm_takes_its_sockets_from_the_directory_index_once_it_is_built(
+def test_add_vm_takes_its_sockets_from_the_index_built_at_connect(
     threaded: tuple[Hypervisor, Owner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue #16: the 64-candidate probe was 0.6 ms of add_vm's 2.4 on the loop under
-    guest traffic. The first add_vm probes and has the index listed; once that listing
-    is back, add_vm probes nothing, and a socket made since the listing is found."""
+    guest traffic, and an index built at the first add_vm had its listing thread compete
+    with the loop and that add_vm's read (3-4 ms, three times the next ones). The index
+    is whole once connect() returns: no add_vm probes, and a socket made since is
+    found."""
     hv, owner = threaded
-    index = hv._channels_index
-    assert index.lookup("vm1") is None, "an index built by a daemon that needs none"
-    hv.remove_vm("vm1")
-    job = hv.add_vm_start("vm1")
-    assert job is not None and owner.run_until(lambda: job.wait(0))
-    hv.add_vm_finish("vm1", job)
-    assert owner.run_until(lambda: index.lookup("vm1") is not None), "no index built"
+    assert hv._channels_index.lookup("vm1") is not None, "no index at connect"
     probed = count_probes(monkeypatch)
     info, path = add_vm_with_a_socket_of_its_own(hv, owner, tmp_path / "ch")
     assert probed == []
     assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
+
+
+def test_without_a_directory_at_connect_add_vm_probes_on_the_owner_thread_then_indexes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No channels directory when the daemon connects (QEMU makes it later): add_vm
+    probes the VM's 64 candidate sockets, on the owner thread (the monitor loop), not in
+    the worker's libvirt read: each look-up gives up the interpreter lock, and under
+    guest traffic the loop took it at each one, so the read waited for the loop's turns
+    64 times (issue #16: 1.0-1.3 ms a read at 1000 VMs under 1000 req/s, 0.4-0.5 without
+    them). That add_vm has the index built; the next ones probe nothing."""
+    channels = tmp_path / "ch"
+    owner, clock = Owner(), FakeClock()
+    uri = f"test://{node_xml(tmp_path, channels)}"
+    hv = Hypervisor(uri, channels, clock=clock, post=owner.post)
+    hv.connect()
+    try:
+        channels.mkdir()
+        clock.now += RELIST_MIN_S  # a directory is looked for again at most this often
+        probed = count_probes(monkeypatch)
+        info, path = add_vm_with_a_socket_of_its_own(hv, owner, channels)
+        assert probed == [("vm2", threading.get_ident())]
+        assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
+        index = hv._channels_index
+        assert owner.run_until(lambda: index.lookup("vm1") is not None), "no index built"
+        probed.clear()
+        path.unlink()  # made again: the index sees it go and come
+        info, path = add_vm_with_a_socket_of_its_own(hv, owner, channels)
+        assert probed == []
+        assert (5, str(path), "dir") in [(c.index, c.path, c.source) for c in info.channels]
+    finally:
+        hv.close()
 
 
 def count_probes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:

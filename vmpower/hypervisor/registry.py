@@ -191,6 +191,12 @@ class Hypervisor:
         job.apply()
         if self._generation is None:
             raise HypervisorError(self._last_error or f"cannot connect to {self._uri}")
+        # The channels directory's index, listed here, inline, while no loop turn runs
+        # (about 10 ms at 4000 VMs): built at the first add_vm instead, its listing
+        # thread took the interpreter lock from the loop serving guests and from that
+        # add_vm's read, which took 3-4 ms at 1000 VMs under 1000 req/s (1.0-1.5 for
+        # the next ones; issue #16). No directory yet: built at the first add_vm.
+        self._index_channels_dir(inline=True)
 
     def _after_connect(self, job: Job) -> None:
         with self._lock:
@@ -722,8 +728,8 @@ class Hypervisor:
             functools.partial(self._session.read_vms, [name], dir_sockets),
             functools.partial(self._after_add, generation, name),
         )
-        # The index is built at the first add_vm (a daemon that has none pays nothing:
-        # no listing at start, no watch, no memory), and again after it was dropped.
+        # The index was built at connect; again after it was dropped (or had no
+        # directory to watch then).
         self._index_channels_dir()
         return job
 
@@ -735,16 +741,17 @@ class Hypervisor:
             return {name: found}
         return self._session.dir_sockets(name)
 
-    def _index_channels_dir(self) -> None:
+    def _index_channels_dir(self, inline: bool = False) -> None:
         """Have the listing the channels directory's index is built on made, when one is
         wanted (about 10 ms at 4000 VMs): on a thread of its own (on the worker it held
         up the libvirt reads queued behind it, the next add_vm's among them), its
-        outcome posted to the owner thread; inline without ``post``."""
+        outcome posted to the owner thread; inline when asked or without ``post``."""
         index = self._channels_index
         epoch = index.begin_listing()
         if epoch is None:
             return
-        deliver = self._post or (lambda call: call())
+        post = None if inline else self._post
+        deliver = post or (lambda call: call())
         directory = Path(index.channels_dir)
 
         def make() -> None:
@@ -755,7 +762,7 @@ class Hypervisor:
                 listing = None
             deliver(functools.partial(index.listed, epoch, listing))
 
-        if self._post is None:
+        if post is None:
             make()
             return
         try:
