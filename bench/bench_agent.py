@@ -43,6 +43,7 @@ is gone when ``run()`` returns.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import shutil
@@ -544,6 +545,14 @@ def steal_percent(before: list[int], after: list[int]) -> float | None:
         return None
     total = sum(after) - sum(before)
     return round((after[7] - before[7]) * 100 / total, 2) if total > 0 else 0.0
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """The nearest-rank percentile of sorted values: the smallest with at least
+    ``fraction`` of them at or below it (the 99th of 100 for p99; ``int(0.99 * n)`` as an
+    index gave the 100th, the maximum, so one outlier was the p99)."""
+    rank = math.ceil(fraction * len(ordered))
+    return ordered[min(len(ordered), max(rank, 1)) - 1]
 
 
 def _load_note() -> str:

@@ -49,7 +49,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from bench.bench_agent import build_programs, stop_process
+from bench.bench_agent import build_programs, percentile, stop_process
 from vmpower import protocol
 from vmpower.cpufreq.simulate import build_tree
 
@@ -88,15 +88,11 @@ def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def _percentile(ordered: list[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def _summary_us(samples_s: list[float]) -> dict[str, float]:
     ordered = sorted(samples_s)
     return {
-        "p50_us": round(_percentile(ordered, 0.50) * 1e6, 1),
-        "p99_us": round(_percentile(ordered, 0.99) * 1e6, 1),
+        "p50_us": round(percentile(ordered, 0.50) * 1e6, 1),
+        "p99_us": round(percentile(ordered, 0.99) * 1e6, 1),
         "max_us": round(ordered[-1] * 1e6, 1),
         "mean_us": round(statistics.fmean(ordered) * 1e6, 1),
     }
