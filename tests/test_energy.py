@@ -14,7 +14,7 @@ import pytest
 
 from vmpower.cpufreq.simulate import add_rapl_zone, build_tree
 from vmpower.energy import EnergyAccount
-from vmpower.hypervisor import Hypervisor
+from vmpower.hypervisor import Hypervisor, registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,12 @@ def test_no_rapl_zone_no_books(tmp_path: Path) -> None:
     assert not acc.enabled and acc.vm_energy_j("a") is None
 
 
-def test_vcpu_times_come_from_libvirt_through_the_worker_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slice_vms", [2, 16])
+def test_vcpu_times_come_from_libvirt_through_the_worker_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_vms: int
+) -> None:
+    """Read a slice of VMs a worker job (registry.VCPU_TIMES_SLICE); one sample of all."""
+    monkeypatch.setattr(registry, "VCPU_TIMES_SLICE", slice_vms)
     hypervisor = Hypervisor(f"test://{REPO / 'tests/data/node.xml'}", tmp_path)
     hypervisor.connect()
     got = []
