@@ -62,7 +62,7 @@ from bench.bench_agent import (
 )
 from vmpower import control
 from vmpower.cpufreq import open_cpufreq
-from vmpower.cpufreq.simulate import build_tree
+from vmpower.cpufreq.simulate import add_rapl_zone, build_tree
 from vmpower.devtools import wait_for
 from vmpower.hypervisor.domain_xml import scan_channels_dir
 from vmpower.restore import RestoreJournal
@@ -183,6 +183,10 @@ def _make_world(root: Path, vms: int, libvirt_socket: Path | None = None) -> dic
     channels_dir = root / "ch"
     channels_dir.mkdir(parents=True)
     build_tree(root / "sys", "acpi-cpufreq", CPUS)
+    # An intel-rapl package zone, as on the Intel hosts this is deployed on: the energy
+    # books then read every running VM's vCPU times through the libvirt worker each
+    # second, which add_vm's read shares (without it they are not kept).
+    add_rapl_zone(root / "sys", 0)
     domains, specs, pins = [], [], {}
     for vm in range(vms):
         name = f"vm{vm}"
