@@ -1119,3 +1119,41 @@ def test_vcpu_times_are_read_in_slices_an_operator_call_goes_between(
     # Queued while the first slice ran (or before it began): ahead of the second.
     assert calls.index(["read", "vm2"]) < calls.index(slices[1]), calls
     assert [cpu for _t, cpu in sample.vms["vm1"]] == [2, 3]
+
+
+def test_vms_libvirt_told_of_are_reread_a_few_a_job_and_all_reported(
+    threaded: tuple[Hypervisor, Owner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #16: the VMs libvirt's events touched were re-read as one worker job, their
+    outcome applied in one loop turn: a host's VMs starting together (1000 at boot) held
+    the worker for all their reads (an add_vm waited behind them) and the turn for all
+    their channels. At most READ_BATCH a job; the next when one lands; every VM's event
+    is reported, in its own order."""
+    from vmpower.hypervisor import registry, session
+
+    hv, owner = threaded
+    monkeypatch.setattr(registry, "READ_BATCH", 2)
+    batches: list[list[str]] = []
+    real_read = session.LibvirtSession.read_vms
+
+    def read_vms(self: session.LibvirtSession, names: Any, *args: Any) -> Any:
+        batches.append(list(names))
+        return real_read(self, names, *args)
+
+    monkeypatch.setattr(session.LibvirtSession, "read_vms", read_vms)
+    assert hv.conn is not None
+    doomed = ["vm1", "vm2", "web.prod.1", "free", "sleepy"]
+    for name in doomed:
+        hv.conn.lookupByName(name).destroy()
+    # Every event queued before the first look: one batch would take them all.
+    assert wait_for(lambda: hv._events._queue.qsize() >= len(doomed), WAIT_S)
+    events: list[VmEvent] = []
+
+    def all_stopped() -> bool:
+        events.extend(hv.process_events())
+        return {e.vm for e in events if e.kind == "stopped"} >= set(doomed)
+
+    assert owner.run_until(all_stopped)
+    assert batches and max(len(b) for b in batches) <= 2, batches
+    assert sorted(n for b in batches for n in b) == sorted(doomed)
+    assert all(hv.vm(name).state is VmState.SHUTOFF for name in doomed)
