@@ -174,19 +174,22 @@ def _pins(vm: int, vcpu: int) -> int:
     return (VCPUS_PER_VM * vm + vcpu) % CPUS
 
 
-def _make_world(root: Path, vms: int, libvirt_socket: Path | None = None) -> dict[str, Path]:
+def _make_world(
+    root: Path, vms: int, libvirt_socket: Path | None = None, energy: bool = False
+) -> dict[str, Path]:
     """Node XML, pins for the shim, the stub's channel list, sysfs, config.
 
     The test driver runs in vmpowerd's process (``test:///node.xml``), or in a libvirtd
-    listening on ``libvirt_socket`` (``test+unix:///node.xml?socket=...``).
+    listening on ``libvirt_socket`` (``test+unix:///node.xml?socket=...``). ``energy``:
+    an intel-rapl package zone in the tree, as on an Intel host: the daemon then keeps
+    energy books, reading every running VM's vCPU times through the libvirt worker each
+    ``metrics.energy_period_s`` (without a zone it keeps none).
     """
     channels_dir = root / "ch"
     channels_dir.mkdir(parents=True)
     build_tree(root / "sys", "acpi-cpufreq", CPUS)
-    # An intel-rapl package zone, as on the Intel hosts this is deployed on: the energy
-    # books then read every running VM's vCPU times through the libvirt worker each
-    # second, which add_vm's read shares (without it they are not kept).
-    add_rapl_zone(root / "sys", 0)
+    if energy:
+        add_rapl_zone(root / "sys", 0)
     domains, specs, pins = [], [], {}
     for vm in range(vms):
         name = f"vm{vm}"
@@ -427,14 +430,17 @@ def _ms_summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def _daemon_case(tmp: Path, vms: int, traffic: bool, libvirtd: bool = False) -> dict[str, Any]:
+def _daemon_case(
+    tmp: Path, vms: int, traffic: bool, libvirtd: bool = False, energy: bool = False
+) -> dict[str, Any]:
     """One vmpowerd run; ``libvirtd``: the test driver in a libvirtd of its own (the
-    domains then live there, as on a real host), else in vmpowerd's process."""
-    root = tmp / f"daemon{vms}{'-libvirtd' if libvirtd else ''}"
+    domains then live there, as on a real host), else in vmpowerd's process; ``energy``:
+    with energy books (``_make_world``)."""
+    root = tmp / f"daemon{vms}{'-libvirtd' if libvirtd else ''}{'-energy' if energy else ''}"
     site = _installed_copy(root)
     private = _PrivateLibvirtd(root, tmp) if libvirtd else None
     try:
-        world = _make_world(root, vms, private.socket if private else None)
+        world = _make_world(root, vms, private.socket if private else None, energy)
         result = _run_daemon(world, vms, traffic, site)
         if private is not None:
             result["memory"]["libvirtd_rss_mib"] = private.rss_mib()
@@ -442,6 +448,7 @@ def _daemon_case(tmp: Path, vms: int, traffic: bool, libvirtd: bool = False) -> 
         if private is not None:
             private.close()
     result["libvirt"] = "test driver in libvirtd" if libvirtd else "test driver in process"
+    result["energy_books"] = energy
     return result
 
 
@@ -576,6 +583,14 @@ def run() -> dict[str, Any]:
             "daemon_4000_vms_libvirtd": _with_checks(
                 _daemon_case(tmp, 4000, traffic=False, libvirtd=True)
             ),
+            # With energy books (an intel-rapl zone, as on Intel hosts): every VM's vCPU
+            # times read each second beside add_vm's reads, and what they cost idle.
+            "daemon_1000_vms_energy_books": _with_checks(
+                _daemon_case(tmp, 1000, traffic=True, energy=True)
+            ),
+            "daemon_1000_vms_libvirtd_energy_books": _with_checks(
+                _daemon_case(tmp, 1000, traffic=False, libvirtd=True, energy=True)
+            ),
             "targets": {"per_size": TARGETS, **COMMON_TARGETS},
         }
 
@@ -610,20 +625,21 @@ def _with_checks(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m bench.bench_scale daemon 1000 [--libvirtd] [--traffic]``: one daemon
-    case, printed (bench/results/ untouched); no arguments: the whole bench, printed."""
+    """``python -m bench.bench_scale daemon 1000 [--libvirtd] [--traffic] [--energy]``: one
+    daemon case, printed (bench/results/ untouched); no arguments: the whole bench."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_scale")
     sub = parser.add_subparsers(dest="case")
     one = sub.add_parser("daemon", help="one vmpowerd case")
     one.add_argument("vms", type=int, choices=sorted(TARGETS))
     one.add_argument("--libvirtd", action="store_true", help="test driver behind libvirtd")
     one.add_argument("--traffic", action="store_true", help="the guest traffic cases too")
+    one.add_argument("--energy", action="store_true", help="with energy books (intel-rapl)")
     args = parser.parse_args(argv)
     if args.case is None:
         print(json.dumps(run(), indent=1))
         return
     with tempfile.TemporaryDirectory(dir=os.environ.get("VMPOWER_BENCH_TMP")) as name:
-        case = _daemon_case(Path(name), args.vms, args.traffic, args.libvirtd)
+        case = _daemon_case(Path(name), args.vms, args.traffic, args.libvirtd, args.energy)
         print(json.dumps(_with_checks(case), indent=1))
 
 
