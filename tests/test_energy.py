@@ -121,6 +121,34 @@ def test_shares_over_capacity_are_scaled_and_stale_shares_go_to_the_host(
     books_balance(acc)
 
 
+def test_samples_further_apart_than_the_period_stay_in_force_between_them(
+    tmp_path: Path,
+) -> None:
+    """A host with more VMs than the hypervisor reads a second (VCPU_READS_PER_S, issue
+    #16) has a vCPU sample every 20 s, not every period: its shares are used until the
+    next one comes (they went to the host 6 s after each), and only five intervals
+    without one make them stale."""
+    acc, (pkg0,), reads, clock = account(tmp_path, packages=1)
+    reads.queued = [
+        Sample({"a": ((0.0, 0),)}, 100.0),
+        Sample({"a": ((40.0, 0),)}, 120.0),  # 2 of 8 CPUs' capacity: a quarter
+    ]
+    acc.tick()
+    clock.now = 120.0
+    acc.tick()
+    pkg0.write_text("0\n")
+    acc.update()
+    clock.now = 139.0  # the next sample is under way
+    pkg0.write_text("8000000\n")
+    acc.update()
+    assert acc.vm_j["a"] == pytest.approx(2.0) and acc.host_j[0] == pytest.approx(6.0)
+    clock.now = 120.0 + 5 * 20 + 2  # five intervals and more without a sample
+    pkg0.write_text("16000000\n")
+    acc.update()
+    assert acc.vm_j["a"] == pytest.approx(2.0) and acc.host_j[0] == pytest.approx(14.0)
+    books_balance(acc)
+
+
 def test_no_rapl_zone_no_books(tmp_path: Path) -> None:
     root = tmp_path / "sys"
     build_tree(root, "acpi-cpufreq", 4)

@@ -16,8 +16,10 @@ exactly). So every joule of a package lands in exactly one place, and the books 
 
 The vCPU times (and the host CPU each vCPU runs on, libvirt's virDomainGetVcpus) come
 from the libvirt worker thread (``Hypervisor.read_vcpu_times``), never from this
-thread: a hung libvirtd leaves the last shares in force for STALE_PERIODS periods, then
-the energy goes to the host. A vCPU's time counts on the package of the CPU it runs on
+thread: a hung libvirtd leaves the last shares in force for STALE_PERIODS periods (or
+times the interval between samples, when that is longer: a host with more VMs than the
+hypervisor reads a second, ``registry.VCPU_READS_PER_S``), then the energy goes to the
+host. A vCPU's time counts on the package of the CPU it runs on
 at the read (libvirt reports no more). The package of a CPU is
 ``cpuN/topology/physical_package_id`` (``vmpower.telemetry.catalog.Topology``).
 """
@@ -92,6 +94,9 @@ class EnergyAccount:
         self._shares: dict[int, dict[str, float]] = {}
         self._shares_at: float | None = None
         self._prev: VcpuSample | None = None
+        # Between the last two vCPU samples: a period, or longer on a host with more VMs
+        # than the hypervisor reads a second (registry.VCPU_READS_PER_S).
+        self._sample_every_s = 0.0
         for package in self._zones:
             self.package_j[package] = 0.0
             self.host_j[package] = 0.0
@@ -117,7 +122,8 @@ class EnergyAccount:
         now = self._clock()
         fresh = (
             self._shares_at is not None
-            and now - self._shares_at <= STALE_PERIODS * self.period_s + 1.0
+            and now - self._shares_at
+            <= STALE_PERIODS * max(self.period_s, self._sample_every_s) + 1.0
         )
         for package, spent_j in self._read_zones().items():
             self.package_j[package] += spent_j
@@ -157,6 +163,7 @@ class EnergyAccount:
         dt = sample.read_at - prev.read_at
         if not dt > 0:
             return
+        self._sample_every_s = dt
         used: dict[int, dict[str, float]] = {}
         package_of = self._package_of
         for vm, vcpus in sample.vms.items():

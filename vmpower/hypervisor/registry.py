@@ -79,6 +79,13 @@ MAP_REREAD_BURST = 32.0
 # real host), and an add_vm arriving meanwhile waited for all of it: p99 4.7 ms, max
 # 30.7 (issue #16). Between slices the worker takes the calls queued ahead.
 VCPU_TIMES_SLICE = 16
+# ... and at most this many VMs a second: each VM's read is a libvirt call (three round
+# trips to libvirtd in the bindings' vcpus()), about 16 µs of the daemon's CPU in process
+# and 350 µs behind libvirtd. Every VM each second cost an idle daemon 1.65 % of a CPU
+# at 1000 VMs in process, 35 % behind libvirtd (issue #16, the scale bench's energy
+# books cases). A host with more VMs gets a sample every VMs / VCPU_READS_PER_S s
+# (1000 VMs: 20 s), and its energy books share each package by that longer window.
+VCPU_READS_PER_S = 50.0
 # The VMs libvirt's events touched are re-read this many a worker job (the next batch
 # when one lands): one job for all held the worker for every read (a host starting its
 # 1000 VMs) with an add_vm waiting behind them, and applying them held one loop turn
@@ -98,6 +105,7 @@ class _VcpuRead:
     names: list[str]
     done: Callable[[VcpuTimes | None], None]
     next: int = 0
+    due_at: float | None = None  # its next slice waits for the read budget until then
     vms: dict[str, tuple[tuple[float, int], ...]] = dataclasses.field(default_factory=dict)
 
 
@@ -177,6 +185,8 @@ class Hypervisor:
         self._reread_tokens = MAP_REREAD_BURST  # background map re-reads (ensure_fresh)
         self._reread_at = clock()
         self._vcpu_read: _VcpuRead | None = None  # read_vcpu_times in progress (owner's)
+        self._vcpu_tokens = max(float(VCPU_TIMES_SLICE), VCPU_READS_PER_S)  # VMs' reads
+        self._vcpu_tokens_at = clock()
 
     # ------------------------------------------------------------------ connection
 
@@ -347,7 +357,11 @@ class Hypervisor:
                 return None
             if self._pending:
                 return self._clock()
-            return None if self._opening else self._next_retry_at
+            retry_at = None if self._opening else self._next_retry_at
+            read = self._vcpu_read
+            if read is None or read.due_at is None:
+                return retry_at
+            return read.due_at if retry_at is None else min(retry_at, read.due_at)
 
     def set_map_refresh(self, map_refresh_s: float) -> None:
         """A new ``libvirt.map_refresh_s`` (SIGHUP reload): maps older are re-read."""
@@ -384,6 +398,13 @@ class Hypervisor:
         raws = self._events.drain()
         if self._closed:
             return
+        read = self._vcpu_read
+        if read is not None and read.due_at is not None and self._clock() >= read.due_at:
+            read.due_at = None
+            # Given up: the connection was lost or replaced meanwhile, or the worker's
+            # queue is full (a hung libvirtd); the next period asks again.
+            if read.generation != self._generation or not self._read_vcpu_slice(read):
+                self._end_vcpu_read(read, None)
         self._note_stall()
         generation = self._generation
         if generation is not None:
@@ -933,7 +954,17 @@ class Hypervisor:
         return True
 
     def _read_vcpu_slice(self, read: _VcpuRead) -> bool:
+        """Ask for the read's next slice, now or (past the budget) when ``due_at`` comes,
+        through ``process_events``; False when the worker would not take it."""
         names = read.names[read.next : read.next + VCPU_TIMES_SLICE]
+        now = self._clock()
+        burst = max(float(VCPU_TIMES_SLICE), VCPU_READS_PER_S)
+        tokens = self._vcpu_tokens + (now - self._vcpu_tokens_at) * VCPU_READS_PER_S
+        self._vcpu_tokens, self._vcpu_tokens_at = min(burst, tokens), now
+        if self._vcpu_tokens < len(names):
+            read.due_at = now + (len(names) - self._vcpu_tokens) / VCPU_READS_PER_S
+            return True
+        self._vcpu_tokens -= len(names)
         read.next += len(names)
         job = self._worker.submit(
             functools.partial(self._session.vcpu_times, names),
@@ -964,6 +995,9 @@ class Hypervisor:
                 times = None
             else:
                 times = VcpuTimes(read.vms, times.read_at)  # the last slice's time
+        self._end_vcpu_read(read, times)
+
+    def _end_vcpu_read(self, read: _VcpuRead, times: VcpuTimes | None) -> None:
         self._vcpu_read = None
         read.done(times)
 
