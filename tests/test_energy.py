@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmpower.cpufreq.simulate import add_rapl_zone, build_tree
-from vmpower.energy import EnergyAccount
+from vmpower.energy import CPU_NOT_REPORTED, EnergyAccount
 from vmpower.hypervisor import Hypervisor, registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,6 +146,37 @@ def test_samples_further_apart_than_the_period_stay_in_force_between_them(
     pkg0.write_text("16000000\n")
     acc.update()
     assert acc.vm_j["a"] == pytest.approx(2.0) and acc.host_j[0] == pytest.approx(14.0)
+    books_balance(acc)
+
+
+def test_times_without_a_host_cpu_are_shared_by_the_vcpus_pins(tmp_path: Path) -> None:
+    """The bulk statistics (one libvirt call for every VM: issue #16) name no host CPU
+    (CPU_NOT_REPORTED): a vCPU's time goes to the packages of the CPUs it is pinned to,
+    by their share of them, and by every CPU's where its pins are not known."""
+    root = tmp_path / "sys"
+    build_tree(root, "acpi-cpufreq", 8, packages=2)  # package 0: CPUs 0-3, 1: CPUs 4-7
+    pkg0, pkg1 = (add_rapl_zone(root, p, 0) for p in range(2))
+    reads, clock = Reads(), Clock()
+    pins = {"a": (frozenset({5}), frozenset({3, 4})), "b": (frozenset({0, 1, 2, 6}),)}
+    acc = EnergyAccount(root, reads, clock, period_s=1.0, vcpu_pins=pins.get)
+    x = CPU_NOT_REPORTED
+    reads.queued = [
+        Sample({"a": ((0.0, x), (0.0, x)), "b": ((0.0, x),), "c": ((0.0, x),)}, 100.0),
+        Sample({"a": ((1.0, x), (2.0, x)), "b": ((2.0, x),), "c": ((2.0, x),)}, 101.0),
+    ]
+    acc.tick()
+    clock.now = 101.0
+    acc.tick()
+    pkg0.write_text("40000000\n")  # 40 J
+    pkg1.write_text("40000000\n")
+    acc.update()
+    # Each package has 4 CPU-seconds a second. a: vCPU 0's 1 s on package 1, vCPU 1's
+    # 2 s half and half; b: 2 s, 3/4 on package 0; c (not tracked: every CPU) 2 s, half
+    # and half. Package 0: a 1 s, b 1.5, c 1; package 1: a 2, b 0.5, c 1.
+    assert acc.vm_j["a"] == pytest.approx(40.0 * 1 / 4 + 40.0 * 2 / 4)
+    assert acc.vm_j["b"] == pytest.approx(40.0 * 1.5 / 4 + 40.0 * 0.5 / 4)
+    assert acc.vm_j["c"] == pytest.approx(40.0 * 1 / 4 + 40.0 * 1 / 4)
+    assert acc.host_j == {0: pytest.approx(5.0), 1: pytest.approx(5.0)}
     books_balance(acc)
 
 

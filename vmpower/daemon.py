@@ -264,6 +264,7 @@ class Agent:
             hypervisor.read_vcpu_times,
             self.clock,
             period_s=cfg.metrics.energy_period_s,
+            vcpu_pins=hypervisor.vcpu_pins,
         )
         self.energy = energy if energy.enabled else None
         if self.energy is None:

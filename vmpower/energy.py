@@ -14,14 +14,17 @@ package's CPUs, the rest is the host's (its own processes, and idle):
 exactly). So every joule of a package lands in exactly one place, and the books balance:
 Σ VM + Σ host (+ what VMs that went away had, ``departed_j``) = Σ package.
 
-The vCPU times (and the host CPU each vCPU runs on, libvirt's virDomainGetVcpus) come
-from the libvirt worker thread (``Hypervisor.read_vcpu_times``), never from this
-thread: a hung libvirtd leaves the last shares in force for STALE_PERIODS periods (or
-times the interval between samples, when that is longer: a host with more VMs than the
-hypervisor reads a second, ``registry.VCPU_READS_PER_S``), then the energy goes to the
-host. A vCPU's time counts on the package of the CPU it runs on
-at the read (libvirt reports no more). The package of a CPU is
-``cpuN/topology/physical_package_id`` (``vmpower.telemetry.catalog.Topology``).
+The vCPU times come from the libvirt worker thread (``Hypervisor.read_vcpu_times``),
+never from this thread: a hung libvirtd leaves the last shares in force for
+STALE_PERIODS periods (or times the interval between samples, when that is longer: a
+host with more VMs than the hypervisor reads a second, ``registry.VCPU_READS_PER_S``),
+then the energy goes to the host. Read a VM at a time (virDomainGetVcpus), each vCPU's
+time counts on the package of the CPU it runs on at the read (libvirt reports no more).
+Read for all VMs at once (virConnectGetAllDomainStats, QEMU's driver), no host CPU is
+named (CPU_NOT_REPORTED): the time is shared among the packages of the CPUs the vCPU is
+pinned to (``vcpu_pins``), by their share of them, as a scheduler free to use them all
+would spread it. The package of a CPU is ``cpuN/topology/physical_package_id``
+(``vmpower.telemetry.catalog.Topology``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ class VcpuSample(Protocol):
 
 
 ReadVcpuTimes = Callable[[Callable[[VcpuSample | None], None]], bool]
+# A VM's vCPUs' host CPUs (``Hypervisor.vcpu_pins``); None when not known.
+VcpuPins = Callable[[str], "tuple[frozenset[int], ...] | None"]
+CPU_NOT_REPORTED = -1  # hypervisor.session's: the read named no host CPU for the vCPU
 
 
 class EnergyAccount:
@@ -68,8 +74,11 @@ class EnergyAccount:
         clock: Callable[[], float],
         period_s: float = 1.0,
         errors: KindLog | None = None,
+        vcpu_pins: VcpuPins | None = None,
     ) -> None:
         self._read_vcpu_times = read_vcpu_times
+        self._vcpu_pins = vcpu_pins
+        self._split_of: dict[frozenset[int], tuple[tuple[int, float], ...]] = {}
         self._clock = clock
         self.period_s = period_s
         self._errors = errors or KindLog(log, "energy counters unreadable", one="unreadable")
@@ -170,13 +179,22 @@ class EnergyAccount:
             before = prev.vms.get(vm)
             if before is None or len(before) != len(vcpus):
                 continue  # just started or resized: from the next read on
-            for (t, cpu), (t0, _cpu0) in zip(vcpus, before, strict=True):
+            pins = None
+            for index, ((t, cpu), (t0, _cpu0)) in enumerate(zip(vcpus, before, strict=True)):
                 ran = t - t0
                 if ran <= 0 or not math.isfinite(ran):
                     continue
-                package = package_of.get(cpu, 0)
-                per_vm = used.setdefault(package, {})
-                per_vm[vm] = per_vm.get(vm, 0.0) + ran
+                if cpu != CPU_NOT_REPORTED:
+                    package = package_of.get(cpu, 0)
+                    per_vm = used.setdefault(package, {})
+                    per_vm[vm] = per_vm.get(vm, 0.0) + ran
+                    continue
+                if pins is None:
+                    pins = (self._vcpu_pins(vm) if self._vcpu_pins else None) or ()
+                allowed = pins[index] if index < len(pins) else frozenset()
+                for package, part in self._split(allowed):
+                    per_vm = used.setdefault(package, {})
+                    per_vm[vm] = per_vm.get(vm, 0.0) + ran * part
         shares: dict[int, dict[str, float]] = {}
         for package, per_vm in used.items():
             capacity_s = self._capacity.get(package, 1) * dt
@@ -185,6 +203,24 @@ class EnergyAccount:
             shares[package] = {vm: s / capacity_s * scale for vm, s in per_vm.items()}
         self._shares = shares
         self._shares_at = sample.read_at
+
+    def _split(self, cpus: frozenset[int]) -> tuple[tuple[int, float], ...]:
+        """How a vCPU's time is shared among packages when the read named no host CPU
+        (the bulk statistics): by the share of its allowed CPUs on each, as a scheduler
+        free to use them all would spread it; every CPU when its pins are not known."""
+        split = self._split_of.get(cpus)
+        if split is None:
+            counts: dict[int, int] = {}
+            for cpu in cpus or self._package_of:
+                package = self._package_of.get(cpu, 0)
+                counts[package] = counts.get(package, 0) + 1
+            total = sum(counts.values())
+            split = tuple((package, n / total) for package, n in sorted(counts.items()))
+            split = split or ((0, 1.0),)  # no topology: one package, as package_of says
+            if len(self._split_of) >= MAX_VMS:  # pin sets come and go with VMs
+                self._split_of.clear()
+            self._split_of[cpus] = split
+        return split
 
     def forget(self, keep: Iterable[str]) -> None:
         """Fold the books of VMs not in ``keep`` into ``departed_j`` once there are many."""

@@ -73,11 +73,13 @@ CLOSE_WAIT_S = 2.0
 # cputune) still re-read at once; past the cap a VM keeps its last known map longer.
 MAP_REREADS_PER_S = 200.0
 MAP_REREAD_BURST = 32.0
-# Every running VM's vCPU times (the energy books, each metrics.energy_period_s) are read
-# this many VMs a worker job, the next slice asked for when one lands. As one job for all
-# they held the worker 20-30 ms at 1000 VMs in process (a libvirtd round trip a VM on a
-# real host), and an add_vm arriving meanwhile waited for all of it: p99 4.7 ms, max
-# 30.7 (issue #16). Between slices the worker takes the calls queued ahead.
+# Every running VM's vCPU times (the energy books, each metrics.energy_period_s) come
+# from one statistics call where the driver has one (LibvirtSession.vcpu_stats: QEMU's);
+# else they are read a VM at a time, this many VMs a worker job, the next slice asked
+# for when one lands. As one job for all they held the worker 20-30 ms at 1000 VMs in
+# process (a libvirtd round trip a VM on a real host), and an add_vm arriving meanwhile
+# waited for all of it: p99 4.7 ms, max 30.7 (issue #16). Between slices the worker
+# takes the calls queued ahead.
 VCPU_TIMES_SLICE = 16
 # ... and at most this many VMs a second: each VM's read is a libvirt call (three round
 # trips to libvirtd in the bindings' vcpus()), about 16 µs of the daemon's CPU in process
@@ -185,6 +187,9 @@ class Hypervisor:
         self._reread_tokens = MAP_REREAD_BURST  # background map re-reads (ensure_fresh)
         self._reread_at = clock()
         self._vcpu_read: _VcpuRead | None = None  # read_vcpu_times in progress (owner's)
+        # One call for every VM's vCPU times (LibvirtSession.vcpu_stats) until the driver
+        # says it has none; then a call a VM, in slices, within the budget.
+        self._vcpu_bulk = True
         self._vcpu_tokens = max(float(VCPU_TIMES_SLICE), VCPU_READS_PER_S)  # VMs' reads
         self._vcpu_tokens_at = clock()
 
@@ -266,6 +271,7 @@ class Hypervisor:
         self._ifaces = {name: read.nics for name, read in opened.vms.items()}
         self._stats = {}
         self._next_retry_at = None
+        self._vcpu_bulk = True  # a new libvirtd may have what the last one had not
         log.info("connected to %s: %d VM(s) tracked", self._uri, len(self._vms))
         return old
 
@@ -943,15 +949,63 @@ class Hypervisor:
         with self._lock:
             if self._generation is None or self._vcpu_read is not None:
                 return False
-            names = [name for name, info in self._vms.items() if info.active]
-            read = _VcpuRead(self._generation, names, done)
-        # In slices (VCPU_TIMES_SLICE): each lands on the owner thread, which asks for the
-        # next, so what was queued meanwhile (an operator's add_vm) runs in between.
+            read = _VcpuRead(self._generation, [], done)
         self._vcpu_read = read
-        if not self._read_vcpu_slice(read):
+        if self._vcpu_bulk:
+            job = self._worker.submit(
+                self._session.vcpu_stats, functools.partial(self._after_vcpu_stats, read)
+            )
+            asked = job is not None
+        else:
+            asked = self._read_vcpu_slices(read)
+        if not asked and self._vcpu_read is read:
             self._vcpu_read = None
-            return False
-        return True
+        return asked
+
+    def _read_vcpu_slices(self, read: _VcpuRead) -> bool:
+        """One call a VM, in slices (VCPU_TIMES_SLICE): each lands on the owner thread,
+        which asks for the next, so what was queued meanwhile (an operator's add_vm)
+        runs in between."""
+        with self._lock:
+            read.names = [name for name, info in self._vms.items() if info.active]
+        return self._read_vcpu_slice(read)
+
+    def _after_vcpu_stats(self, read: _VcpuRead, job: Job) -> None:
+        try:
+            times: VcpuTimes | None = job.outcome()
+        except ConnectionLost as exc:
+            with self._lock:
+                if read.generation == self._generation:
+                    self._lose(str(exc))
+            self._end_vcpu_read(read, None)
+            return
+        except HypervisorError:
+            self._end_vcpu_read(read, None)
+            return
+        if times is None:
+            log.info(
+                "%s reports no vCPU statistics: vCPU times are read a VM at a time, %g a "
+                "second at most",
+                self._uri,
+                VCPU_READS_PER_S,
+            )
+            self._vcpu_bulk = False
+            with self._lock:
+                current = read.generation == self._generation
+            if not (current and self._read_vcpu_slices(read)):
+                self._end_vcpu_read(read, None)
+            return
+        # The tracked VMs only, as a call a VM reads them (the statistics name them all).
+        with self._lock:
+            vms = self._vms
+            tracked = {n: t for n, t in times.vms.items() if n in vms and vms[n].active}
+        self._end_vcpu_read(read, VcpuTimes(tracked, times.read_at))
+
+    def vcpu_pins(self, name: str) -> tuple[frozenset[int], ...] | None:
+        """Each vCPU's host CPUs of a tracked VM (its live map); None when not tracked."""
+        with self._lock:
+            info = self._vms.get(name)
+            return None if info is None else info.vcpu_pcpus
 
     def _read_vcpu_slice(self, read: _VcpuRead) -> bool:
         """Ask for the read's next slice, now or (past the budget) when ``due_at`` comes,

@@ -71,9 +71,15 @@ class VmRead:
     nics: tuple[str, ...]
 
 
+# A vCPU's host CPU where the read does not say (virConnectGetAllDomainStats gives times
+# only): the energy books then go by the vCPU's pins (vmpower.energy).
+CPU_NOT_REPORTED = -1
+
+
 @dataclass(frozen=True)
 class VcpuTimes:
-    """Per running VM, per vCPU: (CPU time used in s, host CPU); read at ``read_at`` s."""
+    """Per running VM, per vCPU: (CPU time used in s, host CPU, or CPU_NOT_REPORTED);
+    read at ``read_at`` s."""
 
     vms: dict[str, tuple[tuple[float, int], ...]]
     read_at: float
@@ -557,6 +563,33 @@ class LibvirtSession:
                 self._raise_if_lost(exc)
                 continue  # not running (any more): it used no vCPU time
             times[name] = tuple((ns / 1e9, cpu) for _n, _state, ns, cpu in infos)
+        return VcpuTimes(times, self._clock())
+
+    def vcpu_stats(self) -> VcpuTimes | None:
+        """Every running VM's vCPU times in one call: virConnectGetAllDomainStats' VCPU
+        group ("vcpu.<n>.time", ns; a sparse array under vCPU hotplug), one round trip
+        to libvirtd for the host where ``vcpu_times`` makes three a VM. It names no host
+        CPU: each vCPU's is CPU_NOT_REPORTED. None where the driver reports no vCPU
+        statistics (libvirt's test driver): ask ``vcpu_times`` then."""
+        conn = self._require()
+        try:
+            records = conn.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_VCPU, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+            )
+        except libvirt.libvirtError as exc:
+            self._raise_if_lost(exc)
+            if _code(exc) in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                return None
+            raise HypervisorError(f"vCPU statistics: {_message(exc)}") from None
+        times: dict[str, tuple[tuple[float, int], ...]] = {}
+        for dom, fields in records:
+            maximum = fields.get("vcpu.maximum")
+            if not isinstance(maximum, int):
+                return None  # this driver reports no vCPU group
+            keys = (f"vcpu.{n}.time" for n in range(maximum))
+            times[dom.name()] = tuple(
+                (fields[key] / 1e9, CPU_NOT_REPORTED) for key in keys if key in fields
+            )
         return VcpuTimes(times, self._clock())
 
     def interface_stats(self, name: str, nics: tuple[str, ...]) -> tuple[int, int]:
