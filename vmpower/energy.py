@@ -46,6 +46,9 @@ log = logging.getLogger("vmpower.energy")
 RAPL_DIR = "devices/virtual/powercap/intel-rapl"  # under the sysfs root
 STALE_PERIODS = 5  # vCPU shares older than this many periods: the energy is the host's
 MAX_VMS = 65536  # VMs with books; past it, the books of VMs gone are folded away
+# Package splits of pin sets kept (a host has a few distinct ones; a set of 256 CPUs is
+# ~8 KiB, so this bounds the cache near 32 MiB even if every one were distinct).
+SPLITS_KEPT = 4096
 
 
 class VcpuSample(Protocol):
@@ -217,7 +220,7 @@ class EnergyAccount:
             total = sum(counts.values())
             split = tuple((package, n / total) for package, n in sorted(counts.items()))
             split = split or ((0, 1.0),)  # no topology: one package, as package_of says
-            if len(self._split_of) >= MAX_VMS:  # pin sets come and go with VMs
+            if len(self._split_of) >= SPLITS_KEPT:  # pin sets come and go with VMs
                 self._split_of.clear()
             self._split_of[cpus] = split
         return split
