@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from vmpower.config import config_from_dict
 from vmpower.cpufreq.simulate import build_tree
 from vmpower.daemon import Agent
 from vmpower.devtools import ChannelHost, make_request, wait_for
+from vmpower.hypervisor.session import LibvirtSession
 from vmpower.protocol import Command, Unit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,3 +273,25 @@ class LibvirtCalls:
             return real(target, *args, **kwargs)
 
         return call
+
+
+def session_calls(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    into: list[list[str]] | None = None,
+    tag: str | None = None,
+) -> list[list[str]]:
+    """Spies on a ``LibvirtSession`` method whose first argument is VM names (a worker
+    job's, still made): the list each call's names are appended to. ``into``: a list
+    shared with another method's calls; ``tag``: a first item telling them apart
+    (``["read", "vm2"]``). ``LibvirtCalls`` counts the bindings' calls under them."""
+    calls: list[list[str]] = [] if into is None else into
+    real = getattr(LibvirtSession, method)
+
+    def recorded(self: LibvirtSession, names: Iterable[str], *args: Any) -> Any:
+        names = list(names)
+        calls.append([tag, *names] if tag else names)
+        return real(self, names, *args)
+
+    monkeypatch.setattr(LibvirtSession, method, recorded)
+    return calls

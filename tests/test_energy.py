@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from vmpower.cpufreq.simulate import add_rapl_zone, build_tree
-from vmpower.energy import CPU_NOT_REPORTED, EnergyAccount
+from vmpower.energy import EnergyAccount
 from vmpower.hypervisor import Hypervisor, registry
+from vmpower.hypervisor.model import CPU_NOT_REPORTED
 
 REPO = Path(__file__).resolve().parents[1]
 

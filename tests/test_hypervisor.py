@@ -24,7 +24,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from agent_support import LibvirtCalls
+from agent_support import LibvirtCalls, session_calls
 
 from vmpower.devtools import wait_for
 from vmpower.errors import HypervisorError, UnknownVmError
@@ -1086,23 +1086,12 @@ def test_vcpu_times_are_read_in_slices_an_operator_call_goes_between(
     libvirtd), and an add_vm arriving meanwhile waited for all of it (max 30.7 ms, p99
     4.7). Read a slice of VMs a job, the next slice asked for when one lands: an operator's
     call queued meanwhile runs between two slices. The sample still holds every VM."""
-    from vmpower.hypervisor import registry, session
+    from vmpower.hypervisor import registry
 
     hv, owner = threaded
     monkeypatch.setattr(registry, "VCPU_TIMES_SLICE", 2)
-    calls: list[list[str]] = []
-    real_times, real_read = session.LibvirtSession.vcpu_times, session.LibvirtSession.read_vms
-
-    def vcpu_times(self: session.LibvirtSession, names: Any) -> Any:
-        calls.append(list(names))
-        return real_times(self, names)
-
-    def read_vms(self: session.LibvirtSession, names: Any, *args: Any) -> Any:
-        calls.append(["read", *names])
-        return real_read(self, names, *args)
-
-    monkeypatch.setattr(session.LibvirtSession, "vcpu_times", vcpu_times)
-    monkeypatch.setattr(session.LibvirtSession, "read_vms", read_vms)
+    calls = session_calls(monkeypatch, "vcpu_times")
+    session_calls(monkeypatch, "read_vms", into=calls, tag="read")
     hv.remove_vm("vm2")
     got: list[Any] = []
     assert hv.read_vcpu_times(got.append)
@@ -1132,18 +1121,11 @@ def test_vms_libvirt_told_of_are_reread_a_few_a_job_and_all_reported(
     the worker for all their reads (an add_vm waited behind them) and the turn for all
     their channels. At most READ_BATCH a job; the next when one lands; every VM's event
     is reported, in its own order."""
-    from vmpower.hypervisor import registry, session
+    from vmpower.hypervisor import registry
 
     hv, owner = threaded
     monkeypatch.setattr(registry, "READ_BATCH", 2)
-    batches: list[list[str]] = []
-    real_read = session.LibvirtSession.read_vms
-
-    def read_vms(self: session.LibvirtSession, names: Any, *args: Any) -> Any:
-        batches.append(list(names))
-        return real_read(self, names, *args)
-
-    monkeypatch.setattr(session.LibvirtSession, "read_vms", read_vms)
+    batches = session_calls(monkeypatch, "read_vms")
     assert hv.conn is not None
     doomed = ["vm1", "vm2", "web.prod.1", "free", "sleepy"]
     for name in doomed:
@@ -1169,20 +1151,13 @@ def test_vcpu_times_are_read_within_a_budget_of_vms_a_second(
     libvirtd); every VM every second cost an idle daemon 1.65 % of a CPU at 1000 VMs in
     process, 35 % behind libvirtd. At most VCPU_READS_PER_S VMs a second: the rest of a
     sample is read as the budget allows, asked for at ``next_deadline()``."""
-    from vmpower.hypervisor import registry, session
+    from vmpower.hypervisor import registry
 
     monkeypatch.setattr(registry, "VCPU_TIMES_SLICE", 2)
     monkeypatch.setattr(registry, "VCPU_READS_PER_S", 2.0)
     hv, clock = env.hv, env.clock
     clock.now += 10.0  # a full budget
-    read: list[list[str]] = []
-    real = session.LibvirtSession.vcpu_times
-
-    def vcpu_times(self: session.LibvirtSession, names: Any) -> Any:
-        read.append(list(names))
-        return real(self, names)
-
-    monkeypatch.setattr(session.LibvirtSession, "vcpu_times", vcpu_times)
+    read = session_calls(monkeypatch, "vcpu_times")
     got: list[Any] = []
     assert hv.read_vcpu_times(got.append)  # inline (no post): what the budget allows
     assert [len(r) for r in read] == [2] and not got

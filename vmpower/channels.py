@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from vmpower import protocol, trust
 from vmpower.logbook import DEFAULT_INTERVAL_S, KindLog
+from vmpower.tokenbucket import TokenBucket
 
 if TYPE_CHECKING:
     from vmpower.monitor import Monitor
@@ -94,42 +95,6 @@ class ChannelState(enum.Enum):
 _DISCONNECTED = ChannelState.DISCONNECTED
 _CONNECTING = ChannelState.CONNECTING
 _CONNECTED = ChannelState.CONNECTED
-
-
-class TokenBucket:
-    """``rate_per_s`` tokens a second, at most ``burst`` saved; one token a request."""
-
-    __slots__ = ("burst", "clock", "rate_per_s", "stamp", "tokens")
-
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float]) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = float(burst)
-        self.clock = clock
-        self.tokens = float(burst)
-        self.stamp = clock()
-
-    def take_many(self, now: float, count: int) -> int:
-        """Take up to ``count`` tokens at once; returns how many were granted."""
-        tokens = self.tokens
-        if tokens < self.burst:  # compared inline, not min(): this runs every read
-            tokens += (now - self.stamp) * self.rate_per_s
-            if tokens > self.burst:
-                tokens = self.burst
-        self.stamp = now
-        granted = count if tokens >= count else int(tokens)
-        self.tokens = tokens - granted
-        return granted
-
-    def take(self, now: float) -> bool:
-        tokens = self.tokens
-        if tokens < self.burst:
-            tokens = min(self.burst, tokens + (now - self.stamp) * self.rate_per_s)
-        self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
 
 
 class Endpoint:

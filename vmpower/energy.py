@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vmpower.errors import SysfsError
+from vmpower.hypervisor.model import CPU_NOT_REPORTED
 from vmpower.logbook import KindLog
 from vmpower.sysfs import Sysfs
 from vmpower.telemetry.catalog import Topology
@@ -64,7 +65,6 @@ class VcpuSample(Protocol):
 ReadVcpuTimes = Callable[[Callable[[VcpuSample | None], None]], bool]
 # A VM's vCPUs' host CPUs (``Hypervisor.vcpu_pins``); None when not known.
 VcpuPins = Callable[[str], "tuple[frozenset[int], ...] | None"]
-CPU_NOT_REPORTED = -1  # hypervisor.session's: the read named no host CPU for the vCPU
 
 
 class EnergyAccount:

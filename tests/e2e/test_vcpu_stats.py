@@ -13,10 +13,11 @@ import time
 from typing import Any
 
 import pytest
+from agent_support import session_calls
 
 from e2e.e2e_env import QEMU_URI, GuestVm
-from vmpower.hypervisor import Hypervisor, session
-from vmpower.hypervisor.session import CPU_NOT_REPORTED
+from vmpower.hypervisor import Hypervisor
+from vmpower.hypervisor.model import CPU_NOT_REPORTED
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -24,14 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 def test_vcpu_times_of_every_vm_come_from_one_statistics_call(
     guest_vm: GuestVm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    per_vm_reads: list[list[str]] = []
-    real = session.LibvirtSession.vcpu_times
-
-    def vcpu_times(self: session.LibvirtSession, names: Any) -> Any:
-        per_vm_reads.append(list(names))
-        return real(self, names)
-
-    monkeypatch.setattr(session.LibvirtSession, "vcpu_times", vcpu_times)
+    per_vm_reads = session_calls(monkeypatch, "vcpu_times")
     hv = Hypervisor(QEMU_URI, guest_vm.channels_dir)
     hv.connect()
     try:

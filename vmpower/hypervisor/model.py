@@ -13,6 +13,10 @@ from typing import Literal
 
 from vmpower.errors import HypervisorError
 
+# A vCPU's host CPU where a read does not say (virConnectGetAllDomainStats gives vCPU
+# times only): the energy books then go by the vCPU's pins (vmpower.energy).
+CPU_NOT_REPORTED = -1
+
 _NO_CPUS: frozenset[int] = frozenset()
 
 

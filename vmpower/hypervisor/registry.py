@@ -53,6 +53,7 @@ from vmpower.hypervisor.session import (
     VmRead,
 )
 from vmpower.hypervisor.worker import Job, LibvirtWorker, Post
+from vmpower.tokenbucket import TokenBucket
 
 log = logging.getLogger(__name__)
 # A libvirt job that failed (its error handled by Hypervisor._result).
@@ -190,8 +191,7 @@ class Hypervisor:
         # One call for every VM's vCPU times (LibvirtSession.vcpu_stats) until the driver
         # says it has none; then a call a VM, in slices, within the budget.
         self._vcpu_bulk = True
-        self._vcpu_tokens = max(float(VCPU_TIMES_SLICE), VCPU_READS_PER_S)  # VMs' reads
-        self._vcpu_tokens_at = clock()
+        self._vcpu_budget: TokenBucket | None = None  # made for the first call a VM
 
     # ------------------------------------------------------------------ connection
 
@@ -968,20 +968,21 @@ class Hypervisor:
         runs in between."""
         with self._lock:
             read.names = [name for name, info in self._vms.items() if info.active]
+        if self._vcpu_budget is None:
+            burst = max(VCPU_TIMES_SLICE, int(VCPU_READS_PER_S))  # a slice fits in it
+            self._vcpu_budget = TokenBucket(VCPU_READS_PER_S, burst, self._clock)
         return self._read_vcpu_slice(read)
 
+    def _vcpu_outcome(self, read: _VcpuRead, job: Job) -> Any:
+        """A vCPU read job's value, or _FAILED: it failed (a lost connection handled as
+        ``_result`` does), or the read began on a connection since replaced."""
+        with self._lock:
+            if read.generation == self._generation:
+                return self._result(job, note_error=False)
+        return _FAILED
+
     def _after_vcpu_stats(self, read: _VcpuRead, job: Job) -> None:
-        try:
-            times: VcpuTimes | None = job.outcome()
-        except ConnectionLost as exc:
-            with self._lock:
-                if read.generation == self._generation:
-                    self._lose(str(exc))
-            self._end_vcpu_read(read, None)
-            return
-        except HypervisorError:
-            self._end_vcpu_read(read, None)
-            return
+        times = self._vcpu_outcome(read, job)
         if times is None:
             log.info(
                 "%s reports no vCPU statistics: vCPU times are read a VM at a time, %g a "
@@ -990,10 +991,11 @@ class Hypervisor:
                 VCPU_READS_PER_S,
             )
             self._vcpu_bulk = False
-            with self._lock:
-                current = read.generation == self._generation
-            if not (current and self._read_vcpu_slices(read)):
-                self._end_vcpu_read(read, None)
+            if self._read_vcpu_slices(read):
+                return
+            times = _FAILED
+        if times is _FAILED:
+            self._end_vcpu_read(read, None)
             return
         # The tracked VMs only, as a call a VM reads them (the statistics name them all).
         with self._lock:
@@ -1011,14 +1013,12 @@ class Hypervisor:
         """Ask for the read's next slice, now or (past the budget) when ``due_at`` comes,
         through ``process_events``; False when the worker would not take it."""
         names = read.names[read.next : read.next + VCPU_TIMES_SLICE]
+        assert self._vcpu_budget is not None
         now = self._clock()
-        burst = max(float(VCPU_TIMES_SLICE), VCPU_READS_PER_S)
-        tokens = self._vcpu_tokens + (now - self._vcpu_tokens_at) * VCPU_READS_PER_S
-        self._vcpu_tokens, self._vcpu_tokens_at = min(burst, tokens), now
-        if self._vcpu_tokens < len(names):
-            read.due_at = now + (len(names) - self._vcpu_tokens) / VCPU_READS_PER_S
+        wait_s = self._vcpu_budget.take_or_wait(now, len(names))
+        if wait_s > 0:
+            read.due_at = now + wait_s
             return True
-        self._vcpu_tokens -= len(names)
         read.next += len(names)
         job = self._worker.submit(
             functools.partial(self._session.vcpu_times, names),
@@ -1027,29 +1027,18 @@ class Hypervisor:
         return job is not None
 
     def _after_vcpu_times(self, read: _VcpuRead, job: Job) -> None:
-        try:
-            times: VcpuTimes | None = job.outcome()
-        except ConnectionLost as exc:
-            with self._lock:
-                if read.generation == self._generation:
-                    self._lose(str(exc))
-            times = None
-        except HypervisorError:
-            times = None
-        if times is not None:
-            read.vms.update(times.vms)
-            if read.next < len(read.names):
-                with self._lock:
-                    current = read.generation == self._generation
-                # Not current: the connection was lost or replaced meanwhile; no room in
-                # the queue (a hung libvirtd): this sample is given up, the next is asked
-                # for at the next period.
-                if current and self._read_vcpu_slice(read):
-                    return
-                times = None
-            else:
-                times = VcpuTimes(read.vms, times.read_at)  # the last slice's time
-        self._end_vcpu_read(read, times)
+        times = self._vcpu_outcome(read, job)
+        if times is _FAILED:
+            self._end_vcpu_read(read, None)
+            return
+        read.vms.update(times.vms)
+        if read.next < len(read.names):
+            # No room in the worker's queue (a hung libvirtd): this sample is given up,
+            # the next is asked for at the next period.
+            if not self._read_vcpu_slice(read):
+                self._end_vcpu_read(read, None)
+            return
+        self._end_vcpu_read(read, VcpuTimes(read.vms, times.read_at))  # the last slice's
 
     def _end_vcpu_read(self, read: _VcpuRead, times: VcpuTimes | None) -> None:
         self._vcpu_read = None

@@ -34,7 +34,7 @@ from vmpower.hypervisor.domain_xml import (
     scan_channels_dir,
 )
 from vmpower.hypervisor.libvirt_events import EventInbox
-from vmpower.hypervisor.model import ChannelInfo, VmInfo, VmState
+from vmpower.hypervisor.model import CPU_NOT_REPORTED, ChannelInfo, VmInfo, VmState
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ class VmRead:
 
     info: VmInfo
     nics: tuple[str, ...]
-
-
-# A vCPU's host CPU where the read does not say (virConnectGetAllDomainStats gives times
-# only): the energy books then go by the vCPU's pins (vmpower.energy).
-CPU_NOT_REPORTED = -1
 
 
 @dataclass(frozen=True)
