@@ -36,3 +36,15 @@ def test_an_unknown_name_is_refused_before_anything_runs() -> None:
     assert done.stderr == f"bench: no such benchmark: nope (known: {' '.join(known)})\n"
     assert "Traceback" not in done.stderr
     assert "== bench" not in done.stdout  # protocol, named first, did not run either
+
+
+def test_a_p99_over_100_samples_is_their_99th_not_their_maximum() -> None:
+    """The scale case's add_vm "p99" over 100 samples indexed int(0.99 * n): the 100th,
+    its maximum, so one outlier was the p99 (issue #16). Nearest rank: the 99th."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.bench_scale import _ms_summary
+    finally:
+        sys.path.remove(str(ROOT))
+    summary = _ms_summary([float(v) for v in range(100, 0, -1)])
+    assert (summary["p50_ms"], summary["p99_ms"], summary["max_ms"]) == (50.0, 99.0, 100.0)
