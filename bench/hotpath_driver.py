@@ -4,11 +4,13 @@
 tests/data/node.xml, a simulated acpi-cpufreq tree, the restore journal, a VmChannel)
 and pushes N CPU_POWER requests (UP/DOWN alternating, PER_READ per read, one flush per
 read: 16 by default, the throughput shape; 1 is the latency shape, one packet per turn)
-through ``PowerManager.handle_vm_packets`` + ``flush``. Run it under
+through ``PowerManager.handle_vm_packets`` + ``flush``. Each read is a fresh bytes
+object, as ``recv`` gives (a reused one would keep its hash cached). Run it under
 ``valgrind --tool=callgrind`` for two values of N: the difference divided by the
 difference in N is the instructions per request, whatever the machine's load.
 It uses only the API that both sides of a refactoring keep, so the same file measures
-any two checkouts (put the other one first on PYTHONPATH).
+any two checkouts (put the other one first on PYTHONPATH): a checkout whose handler
+takes a read's packets as a list (before ``protocol.split_packets``) gets one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmpower import protocol
 from vmpower.channels import TokenBucket, VmChannel
 from vmpower.cpufreq import open_cpufreq
 from vmpower.cpufreq.simulate import build_tree
@@ -56,8 +59,17 @@ def main(count: int, per_read: int = PER_READ) -> None:
         read = ([up, down] * per_read)[:per_read]
         # one per read alternates UP and DOWN across reads, so every flush writes
         reads = [[up], [down]] * (count // 2) if per_read == 1 else [read] * (count // per_read)
+        as_bytes = hasattr(protocol, "split_packets")  # the handler takes one bytes a read
+        blobs = {id(r): bytearray(b"".join(r)) for r in reads}
         for read in reads:
-            power.handle_vm_packets(channel, read)
+            blob = bytes(blobs[id(read)])  # fresh, as recv gives it
+            if as_bytes:
+                power.handle_vm_packets(channel, blob)
+            else:
+                size = protocol.PACKET_SIZE
+                power.handle_vm_packets(
+                    channel, [blob[i : i + size] for i in range(0, len(blob), size)]
+                )
             power.flush()
             channel._tx.clear()  # nobody reads: keep the queue from growing
             channel._tx_count = 0

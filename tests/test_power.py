@@ -92,11 +92,12 @@ class Guest:
         assert self.channel.connect() is ChannelState.CONNECTED
         self.qemu.accept()
 
-    def send(self, packets: list[bytes]) -> list[bytes]:
-        """The guest writes ``packets`` at once; returns what the channel's read cuts."""
+    def send(self, packets: list[bytes]) -> bytes:
+        """The guest writes ``packets`` at once; returns the whole packets the channel's
+        reads give (one bytes, as the daemon hands them to the handler)."""
         self.qemu.send(b"".join(packets))
-        received: list[bytes] = []
-        while len(received) < len(packets):
+        received = b""
+        while len(received) < len(packets) * protocol.PACKET_SIZE:
             ready, _, _ = select.select([self.channel.sock], [], [], 5.0)
             assert ready, f"{self.channel.path}: sent bytes never arrived"
             got = self.channel.receive()
@@ -319,6 +320,105 @@ def test_a_read_of_steps_ends_where_the_steps_one_by_one_end(rig: Rig) -> None:
     assert rig.setspeed(5) == START_KHZ - 3 * STEP_KHZ
     rig.pm.restore_all()
     rig.assert_restored()
+
+
+def test_a_read_like_a_remembered_one_acts_as_its_own_bytes_say(rig: Rig) -> None:
+    """A read that went down the fast path as one run is remembered by its channel and
+    units, and taken again at once when its bytes come again (issue #16). Another read
+    with the same units is not it: these target vCPU 1 (host CPU 3), or name the VM,
+    and must move that CPU and echo those bytes."""
+    vcpu0 = cpu_power(Unit.SCALE_UP, 0)  # host CPU 2
+    vcpu1 = cpu_power(Unit.SCALE_UP, 1)  # host CPU 3
+    named = cpu_power(Unit.SCALE_UP, 0, "vm1")  # host CPU 2, vm_name set
+    for packet in (vcpu0, vcpu1, named):
+        assert rig.exchange("vm1", packet) == [ack(packet)]  # each route is learnt
+    assert (rig.setspeed(2), rig.setspeed(3)) == (START_KHZ + 2 * STEP_KHZ, START_KHZ + STEP_KHZ)
+    for _ in range(3):  # learnt, then remembered as a read, then taken as one
+        assert rig.exchange("vm1", *[vcpu0] * 4) == [ack(vcpu0)] * 4
+    assert rig.setspeed(2) == NOMINAL_KHZ  # 12 steps up: held at the top on the way
+
+    assert rig.exchange("vm1", *[vcpu1] * 4) == [ack(vcpu1)] * 4
+    assert rig.setspeed(3) == START_KHZ + 5 * STEP_KHZ
+    assert rig.setspeed(2) == NOMINAL_KHZ
+    assert rig.exchange("vm1", *[vcpu1] * 4) == [ack(vcpu1)] * 4  # both kept
+    assert rig.exchange("vm1", *[vcpu0] * 4) == [ack(vcpu0)] * 4
+    assert rig.setspeed(3) == NOMINAL_KHZ
+    assert rig.exchange("vm1", *[named] * 4) == [ack(named)] * 4  # its name echoed
+    assert rig.exchange("vm1", named, vcpu0, named, vcpu0) == [ack(named), ack(vcpu0)] * 2
+    stats = rig.pm.stats
+    assert (stats.requests, stats.acks, stats.nacks) == (35, 35, 0)
+    rig.pm.restore_all()
+    rig.assert_restored()
+
+
+def test_a_remembered_read_is_checked_again_when_the_map_or_the_rate_says_no(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remembered read (above) holds only under the map and CPU state it was checked
+    against, within the channel's rate, on an enabled channel."""
+    guest = rig.guest("vm1", burst=40)
+    down, up = cpu_power(Unit.SCALE_DOWN, 0), cpu_power(Unit.SCALE_UP, 0)
+    read = [down, down, up]  # one step down a read
+    acks = [ack(p) for p in read]
+    for _ in range(3):
+        assert rig.exchange("vm1", *read) == acks
+    assert rig.setspeed(2) == START_KHZ - 3 * STEP_KHZ
+
+    # vCPU 0 moves to host CPU 5: the read acts there, CPU 2 gets its originals back.
+    rig.pm.pinning_changed(rig.hv.set_pcpu("vm1", 0, frozenset({5})))
+    rig.end_turn()
+    for _ in range(3):
+        assert rig.exchange("vm1", *read) == acks
+    assert rig.untouched(2)
+    assert rig.setspeed(5) == START_KHZ - 3 * STEP_KHZ
+
+    # Host CPU 5 reserved by the operator: refused, and left alone.
+    rig.pm.reserved_cpus = frozenset({5})
+    assert rig.exchange("vm1", *read) == [nack(p) for p in read]
+    assert rig.untouched(5)
+    rig.pm.reserved_cpus = frozenset()
+    for _ in range(6):  # 40 tokens at this instant: 39 taken now
+        assert rig.exchange("vm1", *read) == acks
+    assert rig.exchange("vm1", *read) == [ack(down), nack(down), nack(up)]
+    assert guest.channel.rate_limited == 2
+    rig.clock.now += 100.0  # tokens back
+
+    guest.channel.enabled = False  # the operator's `channel disable`
+    assert rig.exchange("vm1", *read) == [nack(p) for p in read]
+    guest.channel.enabled = True
+    assert rig.exchange("vm1", *read) == acks
+    rig.pm.restore_all()
+    rig.assert_restored()
+
+
+def test_reads_remembered_stay_within_their_bound(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest sending its known packets in ever new orders makes ever new reads: what
+    is remembered of them is bounded (_READ_SHAPES_MAX_BYTES), and every read is still
+    served as the packets say."""
+    import tracemalloc
+
+    from vmpower import power
+
+    monkeypatch.setattr(power, "_READ_SHAPES_MAX_BYTES", 64 * 1024)
+    rig.guest("vm1", burst=10_000)
+    up, down = cpu_power(Unit.SCALE_UP, 0), cpu_power(Unit.SCALE_DOWN, 0)
+    for packet in (up, down):
+        assert rig.exchange("vm1", packet) == [ack(packet)]
+    reads = [[up if (n >> bit) & 1 else down for bit in range(16)] for n in range(150)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for read in reads:
+            for _ in range(2):  # the second time, it is remembered
+                assert rig.exchange("vm1", *read) == [ack(p) for p in read]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 150 reads of 7 424 bytes would hold 1.1 MB: the bound keeps 64 KiB of them
+    assert grown < 400_000
+    assert rig.pm.stats.nacks == 0
 
 
 def test_after_a_pinning_change_a_repeated_packet_follows_the_new_map(rig: Rig) -> None:

@@ -496,11 +496,11 @@ def _stream_of_packets(count: int) -> tuple[list[bytes], bytes]:
 def test_packet_stream_one_byte_at_a_time() -> None:
     items, blob = _stream_of_packets(3)
     stream = P.PacketStream()
-    out: list[bytes] = []
+    out = b""
     for i in range(len(blob)):
         out += stream.feed(blob[i : i + 1])
         assert stream.pending == (i + 1) % 464
-    assert out == items
+    assert P.split_packets(out) == items
 
 
 @HYPOTHESIS
@@ -511,26 +511,37 @@ def test_packet_stream_any_split_yields_the_whole_read(
     items, blob = _stream_of_packets(count)
     blob += b"\x07" * tail  # the start of a request still on its way
     whole = P.PacketStream()
-    assert whole.feed(blob) == items and whole.pending == tail
+    read = whole.feed(blob)
+    assert P.split_packets(read) == items and whole.pending == tail
+    assert type(read) is bytes
     points = sorted({0, len(blob), *(c for c in cuts if c <= len(blob))})
     chunked = P.PacketStream()
-    out: list[bytes] = []
+    out = b""
     for kind, (a, b) in enumerate(itertools.pairwise(points)):
         piece = blob[a:b]
         # sockets hand out bytes; recv_into gives bytearray/memoryview
         data: P.Buffer = (piece, bytearray(piece), memoryview(piece))[kind % 3]
-        out += chunked.feed(data)
-    assert out == items and chunked.pending == tail
-    assert all(type(p) is bytes for p in out)
+        got = chunked.feed(data)
+        assert type(got) is bytes and len(got) % 464 == 0
+        out += got
+    assert P.split_packets(out) == items and chunked.pending == tail
+    assert all(type(p) is bytes for p in P.split_packets(out))
 
 
 def test_packet_stream_many_packets_in_one_feed_after_a_partial() -> None:
     items, blob = _stream_of_packets(50)
     stream = P.PacketStream()
-    assert stream.feed(blob[:100]) == []
-    assert stream.feed(memoryview(blob)[100:]) == items
+    assert stream.feed(blob[:100]) == b""
+    assert P.split_packets(stream.feed(memoryview(blob)[100:])) == items
     assert stream.pending == 0
-    assert stream.feed(b"") == []
+    assert stream.feed(b"") == b""
+
+
+def test_a_read_of_whole_packets_is_handed_on_as_it_came() -> None:
+    """The handler's fast path gets the read itself: no copy, no cut."""
+    _, blob = _stream_of_packets(16)
+    stream = P.PacketStream()
+    assert stream.feed(blob) is blob
 
 
 # ---------------------------------------------------------------------------------------

@@ -321,13 +321,14 @@ class VmChannel(Endpoint):
 
     # -- receive -----------------------------------------------------------------------
 
-    def receive(self) -> list[bytes] | None:
-        """Read one turn's share; whole packets, or None when the peer hung up."""
+    def receive(self) -> bytes | None:
+        """Read one turn's share: its whole packets as one bytes (``b""`` for none), or
+        None when the peer hung up."""
         assert self.sock is not None
         try:
             data = self.sock.recv(RECV_CHUNK)
         except (BlockingIOError, InterruptedError):
-            return []
+            return b""
         except OSError as exc:
             self.last_error = f"recv: {exc.strerror or exc}"
             return None
@@ -477,7 +478,7 @@ class FifoChannel(Endpoint):
         self.state = ChannelState.CLOSED
 
 
-PacketHandler = Callable[[VmChannel, list[bytes]], None]
+PacketHandler = Callable[[VmChannel, bytes], None]  # a read's whole packets, one bytes
 MessageHandler = Callable[[FifoChannel, list[object]], None]
 
 

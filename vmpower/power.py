@@ -36,9 +36,11 @@ holds those logs; the counters (``stats``, each channel's) stay exact.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Protocol
 
 from vmpower import protocol
@@ -160,6 +162,19 @@ _PACKET_CACHE_MAX = 4096
 
 _NO_CPUS: frozenset[int] = frozenset()
 
+# A read's units (the u32 at byte 8 of each 464-byte packet), unpacked in one call: the
+# read's key among the reads its channel sent before (_ReadShape). One format per
+# number of packets a read holds, made when first needed (at most RECV_CHUNK's worth).
+_UNITS_OF_READ: dict[int, struct.Struct] = {}
+# Bytes of reads remembered (_ReadShape.data), over all channels; past it, they start over
+_READ_SHAPES_MAX_BYTES = 4 << 20
+_UNIT_OF = attrgetter("unit")
+_PACKET_OF = attrgetter("packet")
+_ACK_OF = attrgetter("ack")
+# Step walks remembered (_move): (start index, turbo, nominal index, lowest index,
+# units) → (end index, turbo). A guest's reads repeat; started over when full.
+_WALKS_MAX = 4096
+
 
 class _KnownPacket:
     """What the handler learnt of one distinct packet: its header, its ACK, its route.
@@ -194,6 +209,33 @@ class _KnownPacket:
         self.route_vm: VmInfo | None = None
         self.route_generation = -1
         self.route_cpus = _NO_CPUS
+
+
+class _ReadShape:
+    """A whole read that went down the fast path as one run: its bytes, and what they did.
+
+    Guests repeat their reads too (a flood of UP/DOWN, the same few packets). A read
+    with the same units, from the same channel, whose bytes equal ``data`` is the same
+    run again, while the VM's map (``vm``, its identity) and the CPU state
+    (``generation``) are the ones every packet was checked under: the handler then
+    skips cutting it into packets and looking each one up.
+    """
+
+    __slots__ = ("acks", "cpus", "data", "generation", "packets", "units", "vm")
+
+    def __init__(
+        self,
+        data: bytes,
+        run: tuple[tuple[int, ...], list[bytes], list[bytes]],
+        cpus: frozenset[int],
+        vm: VmInfo,
+        generation: int,
+    ) -> None:
+        self.data = data
+        self.units, self.packets, self.acks = run
+        self.cpus = cpus
+        self.vm = vm
+        self.generation = generation
 
 
 @dataclass
@@ -245,6 +287,11 @@ class PowerManager:
         # VM → its distinct packets (see _KnownPacket); _packet_count entries in all
         self._packet_cache: dict[str, dict[bytes, _KnownPacket]] = {}
         self._packet_count = 0
+        # (channel, the read's units) → the read it was last (see _ReadShape), and the
+        # bytes they hold in all
+        self._read_shapes: dict[tuple[VmChannel, tuple[int, ...]], _ReadShape] = {}
+        self._read_shape_bytes = 0
+        self._walks: dict[tuple[int, bool, int, int, tuple[int, ...]], tuple[int, bool]] = {}
         self._table_cache: dict[int, tuple[tuple[int, ...], dict[int, int], int]] = {}
         # Whether each host CPU may be controlled (online, cpufreq, not reserved): reading
         # sysfs per request would cost more than the request; cpus_changed() (kernel
@@ -347,14 +394,16 @@ class PowerManager:
 
     # -- entry points ------------------------------------------------------------------
 
-    def handle_vm_packets(self, channel: VmChannel, packets: list[bytes]) -> None:
-        """Handle whole 464-byte packets read from a VM channel (one read's worth)."""
-        self.stats.requests += len(packets)
-        channel.requests += len(packets)
+    def handle_vm_packets(self, channel: VmChannel, data: bytes) -> None:
+        """Handle a read's whole 464-byte packets (``data``: one bytes of them, as
+        ``VmChannel.receive`` gives)."""
+        count = len(data) // protocol.PACKET_SIZE
+        self.stats.requests += count
+        channel.requests += count
         # The flood rule, for the whole read at once: the first `allowed` packets are
         # within the channel's rate, the rest get NACK (a CONNECT probe takes a token too,
         # and gets no reply either way).
-        allowed = channel.bucket.take_many(self.clock(), len(packets))
+        allowed = channel.bucket.take_many(self.clock(), count)
         owner = channel.owner
         vm: VmInfo | None
         vm_error: VmpowerError | None = None
@@ -365,12 +414,27 @@ class PowerManager:
         generation = self._cpu_generation
         # The fast path needs a known VM and an enabled channel for the whole read.
         fast = vm is not None and channel.enabled
+        shape_key = None
+        if fast and allowed >= count:
+            # The same read as before, the same run (_ReadShape): nothing to look up.
+            units_of = _UNITS_OF_READ.get(count) or _units_format(count)
+            shape_key = (channel, units_of.unpack(data))
+            shape = self._read_shapes.get(shape_key)
+            if (
+                shape is not None
+                and shape.vm is vm
+                and shape.generation == generation
+                and shape.data == data
+            ):
+                self._end_run(channel, owner, shape.units, shape.packets, shape.acks, shape.cpus)
+                return
         cache = self._packet_cache.get(owner) or {}  # _learn stores a new one
         # The fast path's run: consecutive packets acting on the same CPUs, whose moves
         # are applied together when the run ends (a guest's read is one run, mostly).
         run: list[_KnownPacket] = []
         run_cpus = _NO_CPUS
-        for packet in packets:
+        whole = True  # the read is one fast run so far
+        for packet in protocol.split_packets(data):
             known = cache.get(packet)
             if known is None:
                 known, cache = self._learn(owner, packet)
@@ -388,20 +452,43 @@ class PowerManager:
                 cpus = known.route_cpus
                 if cpus is not run_cpus and cpus != run_cpus:
                     if run:
-                        self._end_run(channel, owner, run, run_cpus)
+                        self._end_run(channel, owner, *_run_of(run), run_cpus)
                         run = []
+                        whole = False
                     run_cpus = cpus
                 run.append(known)
                 continue
+            whole = False
             if run:  # the slow path's moves and replies come after the run's, in order
-                self._end_run(channel, owner, run, run_cpus)
+                self._end_run(channel, owner, *_run_of(run), run_cpus)
                 run = []
             self._slow_path(channel, packet, known, allowed, vm, vm_error, generation)
         if run:
-            self._end_run(channel, owner, run, run_cpus)
+            done = _run_of(run)
+            self._end_run(channel, owner, *done, run_cpus)
+            if whole and shape_key is not None and vm is not None:
+                self._remember_read(shape_key, _ReadShape(data, done, run_cpus, vm, generation))
+
+    def _remember_read(self, key: tuple[VmChannel, tuple[int, ...]], shape: _ReadShape) -> None:
+        """Keep a read that was one fast run (the shapes hold at most
+        _READ_SHAPES_MAX_BYTES of reads: past it they start over)."""
+        if self._read_shape_bytes + len(shape.data) > _READ_SHAPES_MAX_BYTES:
+            self._read_shapes.clear()
+            self._read_shape_bytes = 0
+        old = self._read_shapes.get(key)
+        if old is not None:
+            self._read_shape_bytes -= len(old.data)
+        self._read_shapes[key] = shape
+        self._read_shape_bytes += len(shape.data)
 
     def _end_run(
-        self, channel: VmChannel, owner: str, run: list[_KnownPacket], cpus: frozenset[int]
+        self,
+        channel: VmChannel,
+        owner: str,
+        units: Sequence[int],
+        packets: list[bytes],
+        acks: list[bytes],
+        cpus: frozenset[int],
     ) -> None:
         """Apply a fast-path run: each CPU's wish takes the run's steps in order, what
         one packet after the other does, and the run's ACKs wait for the flush as one
@@ -409,13 +496,6 @@ class PowerManager:
         new to a CPU of a shared policy starts from the policy's highest wish. So over
         several CPUs the first step is taken on every CPU first; the rest of each
         CPU's steps then depend on that CPU's wish alone."""
-        if len(run) == 1:  # the latency case: one request a read (no comprehensions)
-            known = run[0]
-            units: Sequence[int] = (known.unit,)
-            packets, acks = [known.packet], [known.ack]
-        else:
-            units = [known.unit for known in run]
-            packets, acks = [known.packet for known in run], [known.ack for known in run]
         if len(units) > 1 and len(cpus) > 1:
             for cpu in cpus:
                 self._move(owner, cpu, units[:1])
@@ -493,7 +573,7 @@ class PowerManager:
                     known.route_vm = vm
                     known.route_generation = generation
                     known.route_cpus = cpus
-                self._end_run(channel, owner, [known], cpus)
+                self._end_run(channel, owner, *_run_of([known]), cpus)
             elif command in _QUERIES:
                 self._query(channel, packet, known.resource_id, command, vm, vm_error)
             elif command == _PKT_POLICY:
@@ -651,27 +731,16 @@ class PowerManager:
         if index is None:
             index = _nearest_index(table, wish.freq_khz)
         lowest = len(table) - 1
-        for unit in units:
-            if unit == _SCALE_UP:
-                index -= 1
-            elif unit == _SCALE_DOWN:
-                index += 1
-            elif unit == _SCALE_MAX:
-                index = 0  # then the clamp: the turbo entry only with turbo on
-            elif unit == _SCALE_MIN:
-                index = lowest
-            elif unit == _ENABLE_TURBO:
-                turbo = True
-                index = 0  # DPDK: enabling turbo also goes to the turbo frequency
-            elif unit == _DISABLE_TURBO:
-                turbo = False
-            # The turbo range (above nominal) is reachable only while this requester
-            # has turbo enabled, as in DPDK's drivers.
-            top = 0 if turbo else nominal
-            if index < top:
-                index = top
-            elif index > lowest:
-                index = lowest
+        if len(units) > 2:  # a read's worth: its walk is likely one seen before
+            key = (index, turbo, nominal, lowest, tuple(units))
+            walked = self._walks.get(key)
+            if walked is None:
+                if len(self._walks) >= _WALKS_MAX:
+                    self._walks.clear()
+                walked = self._walks[key] = _walk(index, turbo, nominal, lowest, units)
+            index, turbo = walked
+        else:
+            index, turbo = _walk(index, turbo, nominal, lowest, units)
         wish.turbo = turbo
         wish.freq_khz = table[index]
 
@@ -1110,6 +1179,12 @@ class PowerManager:
         self.policies.pop(owner, None)
         self._drop_wishes(owner)
         self._packet_count -= len(self._packet_cache.pop(owner, {}))
+        self._forget_reads(lambda channel: channel.owner == owner)
+
+    def _forget_reads(self, which: Callable[[VmChannel], bool]) -> None:
+        """Drop the remembered reads (_ReadShape) of the channels ``which`` picks."""
+        for key in [k for k in self._read_shapes if which(k[0])]:
+            self._read_shape_bytes -= len(self._read_shapes.pop(key).data)
 
     def pinning_changed(self, vm: VmInfo) -> None:
         """Drop wishes a VM holds on host CPUs it is no longer pinned to; re-map its policy."""
@@ -1333,6 +1408,49 @@ class PowerManager:
             },
             "original": original,
         }
+
+
+def _units_format(count: int) -> struct.Struct:
+    """The format that unpacks the units of a read of ``count`` packets."""
+    fmt = _UNITS_OF_READ[count] = struct.Struct("<" + f"8xI{protocol.PACKET_SIZE - 12}x" * count)
+    return fmt
+
+
+def _run_of(run: list[_KnownPacket]) -> tuple[tuple[int, ...], list[bytes], list[bytes]]:
+    """A fast-path run's units, requests and ACKs."""
+    if len(run) == 1:  # the latency case: one request a read
+        known = run[0]
+        return (known.unit,), [known.packet], [known.ack]
+    return tuple(map(_UNIT_OF, run)), list(map(_PACKET_OF, run)), list(map(_ACK_OF, run))
+
+
+def _walk(
+    index: int, turbo: bool, nominal: int, lowest: int, units: Sequence[int]
+) -> tuple[int, bool]:
+    """Where ``units`` take a wish at table ``index`` (0 the highest entry, ``lowest`` the
+    last, ``nominal`` the first without turbo), one after the other: (index, turbo)."""
+    for unit in units:
+        if unit == _SCALE_UP:
+            index -= 1
+        elif unit == _SCALE_DOWN:
+            index += 1
+        elif unit == _SCALE_MAX:
+            index = 0  # then the clamp: the turbo entry only with turbo on
+        elif unit == _SCALE_MIN:
+            index = lowest
+        elif unit == _ENABLE_TURBO:
+            turbo = True
+            index = 0  # DPDK: enabling turbo also goes to the turbo frequency
+        elif unit == _DISABLE_TURBO:
+            turbo = False
+        # The turbo range (above nominal) is reachable only while this requester
+        # has turbo enabled, as in DPDK's drivers.
+        top = 0 if turbo else nominal
+        if index < top:
+            index = top
+        elif index > lowest:
+            index = lowest
+    return index, turbo
 
 
 def _nearest_index(table: tuple[int, ...], freq_khz: int) -> int:

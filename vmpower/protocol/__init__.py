@@ -11,7 +11,7 @@ can talk to vmpower. One module owns each part:
   :func:`reply_size`) and the refusals (``nack_*``, "Host rules" 2), and the MAC
   addresses in ``vfid``;
 - :mod:`vmpower.protocol.framing`: :class:`PacketStream`, which cuts a channel's byte
-  stream into whole requests ("Host rules" 1);
+  stream into whole requests ("Host rules" 1), and :func:`split_packets`;
 - :mod:`vmpower.protocol.fifo`: the JSON messages of the host FIFOs ("FIFO JSON
   messages"): :class:`FifoInstruction`, :class:`FifoPolicy`,
   :func:`parse_json_message` and :class:`JsonStream`.
@@ -75,7 +75,7 @@ from vmpower.protocol.fifo import (
     PolicyCommand,
     parse_json_message,
 )
-from vmpower.protocol.framing import PacketStream
+from vmpower.protocol.framing import PacketStream, split_packets
 
 __all__ = [
     "CAPS_LIST_FORMAT",
@@ -123,5 +123,6 @@ __all__ = [
     "peek_header",
     "peek_routing",
     "reply_size",
+    "split_packets",
     "vfid_to_mac",
 ]

@@ -25,34 +25,41 @@ class PacketStream:
         """Bytes of an incomplete request held until the rest arrives."""
         return len(self._buf)
 
-    def feed(self, data: Buffer) -> list[bytes]:
-        """Add ``data`` (any chunking) and return the requests it completes, in order."""
+    def feed(self, data: Buffer) -> bytes:
+        """Add ``data`` (any chunking) and return the requests it completes, in order, as
+        one bytes of whole 464-byte requests (``b""`` for none).
+
+        One object for a read's requests, not one each: the handler's fast path checks
+        a whole read against the requests it knows without cutting it (issue #16); who
+        needs them one by one cuts them with :func:`split_packets`.
+        """
         size = PACKET_SIZE
         buf = self._buf
         n = len(data)
-        if n == size and not buf and type(data) is bytes:
-            return [data]  # one whole request, the latency case's read
-        packets: list[bytes] = []
+        if not buf and type(data) is bytes and n % size == 0:
+            return data  # whole requests only, nothing held: the read as it came
         start = 0
+        head = b""
         if buf:
             need = size - len(buf)
             if n < need:
                 buf += data
-                return packets
+                return b""
             buf += data[:need]
-            packets.append(bytes(buf))
+            head = bytes(buf)
             buf.clear()
             start = need
-        whole = (n - start) // size * size
-        stop = start + whole
-        if whole:
-            # Bulk path: no per-byte work; one copy at most (none for bytes), then one
-            # slice per request.
-            if type(data) is bytes:
-                blob, base = data, start
-            else:
-                blob, base = bytes(memoryview(data)[start:stop]), 0
-            packets += [blob[i : i + size] for i in range(base, base + whole, size)]
+        stop = start + (n - start) // size * size
+        body = bytes(memoryview(data)[start:stop]) if stop > start else b""
         if stop < n:
             buf += data[stop:]
-        return packets
+        return head + body if head else body
+
+
+def split_packets(data: bytes) -> list[bytes]:
+    """The 464-byte requests in ``data`` (whole requests, as :meth:`PacketStream.feed`
+    returns them), one bytes each."""
+    size = PACKET_SIZE
+    if len(data) == size:
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
