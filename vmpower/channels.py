@@ -338,14 +338,14 @@ class VmChannel(Endpoint):
 
     # -- send --------------------------------------------------------------------------
 
-    def queue_replies(self, replies: list[bytes]) -> None:
-        """Queue a turn's replies as one chunk; past the bound, the oldest unsent go.
+    def queue_replies(self, chunks: list[bytes], count: int) -> None:
+        """Queue a turn's ``count`` replies (``chunks`` of whole replies) as one chunk;
+        past the bound, the oldest unsent go.
 
         The bound counts replies. Dropping works on whole chunks (a turn's replies), and
         never on the chunk being sent, so the guest's byte stream stays in 464-byte step.
         """
-        count = len(replies)
-        self._tx.append((replies[0] if count == 1 else b"".join(replies), count))
+        self._tx.append((chunks[0] if len(chunks) == 1 else b"".join(chunks), count))
         self._tx_count += count
         self.replies += count
         while self._tx_count > self.send_queue_max and len(self._tx) > 1:

@@ -151,9 +151,10 @@ class Wish:
 
 # Replies waiting for the end-of-turn flush: (channel, request packets, CPUs they acted
 # on, their replies, conditional). One entry holds one request, or a run of requests of
-# one read that acted on the same CPUs (the fast path's). A conditional reply is the ACK,
-# sent unless one of its CPUs failed to apply (then NACK); None replies (a FIFO message)
-# are no reply.
+# one read that acted on the same CPUs (the fast path's). The replies are chunks of
+# whole replies, one reply a packet in all (a remembered read's ACKs are one chunk). A
+# conditional reply is the ACK, sent unless one of its CPUs failed to apply (then
+# NACK); None replies (a FIFO message) are no reply.
 _Pending = tuple["Endpoint", list[bytes], frozenset[int], list[bytes] | None, bool]
 # Distinct packets remembered, over all VMs (a VM sending ever new bytes only makes the
 # cache start over: it costs the slow path, never memory).
@@ -232,7 +233,8 @@ class _ReadShape:
         generation: int,
     ) -> None:
         self.data = data
-        self.units, self.packets, self.acks = run
+        self.units, self.packets, acks = run
+        self.acks = [b"".join(acks)]  # one chunk: flush() queues it as it is
         self.cpus = cpus
         self.vm = vm
         self.generation = generation
@@ -940,6 +942,7 @@ class PowerManager:
         # run's replies as one chunk.
         run_channel: Endpoint | None = None
         run: list[bytes] = []
+        run_count = 0  # replies in run's chunks
         # ACKs per channel, added to the metrics' per-requester counters once per turn
         acks: dict[Endpoint, int] = {}
         for channel, packets, cpus, replies, conditional in self._pending:
@@ -952,13 +955,15 @@ class PowerManager:
                 continue  # FIFO messages have no reply
             if channel is not run_channel:
                 if run:
-                    run_channel.queue_replies(run)  # type: ignore[union-attr]
+                    run_channel.queue_replies(run, run_count)  # type: ignore[union-attr]
                     run = []
+                    run_count = 0
                 run_channel = channel
                 channels.add(channel)
             run += replies
+            run_count += len(packets)
         if run:
-            run_channel.queue_replies(run)  # type: ignore[union-attr]
+            run_channel.queue_replies(run, run_count)  # type: ignore[union-attr]
         for channel, count in acks.items():
             key = (channel.kind, channel.owner)
             acks_by[key] = acks_by.get(key, 0) + count
