@@ -162,6 +162,8 @@ _PACKET_CACHE_MAX = 4096
 
 
 _NO_CPUS: frozenset[int] = frozenset()
+_PACKET_SIZE = protocol.PACKET_SIZE
+_NO_SHAPES: dict[tuple[VmChannel, tuple[int, ...]], _ReadShape] = {}  # never filled
 
 # A read's units (the u32 at byte 8 of each 464-byte packet), unpacked in one call: the
 # read's key among the reads its channel sent before (_ReadShape). One format per
@@ -240,6 +242,71 @@ class _ReadShape:
         self.generation = generation
 
 
+class _Remembered:
+    """What the fast paths remember, each bounded: the distinct packets each VM sent
+    (_KnownPacket), the whole reads each channel sent (_ReadShape) and the step walks
+    (_walk). One object: PowerManager's instance attributes stay few enough for
+    CPython 3.11 to keep its instance dict split (over about 30 it is not, and every
+    ``self.`` look-up on the request path loses its specialization)."""
+
+    __slots__ = ("packet_count", "packets", "read_bytes", "reads", "walks")
+
+    def __init__(self) -> None:
+        # VM → its distinct packets; packet_count entries in all
+        self.packets: dict[str, dict[bytes, _KnownPacket]] = {}
+        self.packet_count = 0
+        # VM → (channel, the read's units) → the read it was last; read_bytes of reads
+        self.reads: dict[str, dict[tuple[VmChannel, tuple[int, ...]], _ReadShape]] = {}
+        self.read_bytes = 0
+        self.walks: dict[tuple[int, bool, int, int, tuple[int, ...]], tuple[int, bool]] = {}
+
+    def learn(self, owner: str, packet: bytes) -> tuple[_KnownPacket, dict[bytes, _KnownPacket]]:
+        """Remember a new distinct packet of ``owner``: the entry, and ``owner``'s cache
+        now (the cache is bounded over all VMs: full, it starts over)."""
+        if self.packet_count >= _PACKET_CACHE_MAX:
+            self.packets.clear()
+            self.packet_count = 0
+        cache = self.packets.get(owner)
+        if cache is None:
+            cache = self.packets[owner] = {}
+        known = cache[packet] = _KnownPacket(packet)
+        self.packet_count += 1
+        return known, cache
+
+    def read(self, owner: str, key: tuple[VmChannel, tuple[int, ...]], shape: _ReadShape) -> None:
+        """Keep a read that was one fast run (at most _READ_SHAPES_MAX_BYTES of reads
+        over all channels: past it they start over)."""
+        if self.read_bytes + len(shape.data) > _READ_SHAPES_MAX_BYTES:
+            self.reads.clear()
+            self.read_bytes = 0
+        shapes = self.reads.get(owner)
+        if shapes is None:
+            shapes = self.reads[owner] = {}
+        old = shapes.get(key)
+        if old is not None:
+            self.read_bytes -= len(old.data)
+        shapes[key] = shape
+        self.read_bytes += len(shape.data)
+
+    def walk(
+        self, index: int, turbo: bool, nominal: int, lowest: int, units: Sequence[int]
+    ) -> tuple[int, bool]:
+        """_walk's answer, remembered (a read's worth of steps repeats)."""
+        key = (index, turbo, nominal, lowest, tuple(units))
+        walked = self.walks.get(key)
+        if walked is None:
+            if len(self.walks) >= _WALKS_MAX:
+                self.walks.clear()
+            walked = self.walks[key] = _walk(index, turbo, nominal, lowest, units)
+        return walked
+
+    def forget(self, owner: str) -> None:
+        """A VM left: what it sent goes."""
+        self.packet_count -= len(self.packets.pop(owner, {}))
+        shapes = self.reads.pop(owner, {})
+        self.read_bytes -= sum(len(shape.data) for shape in shapes.values())
+
+
 @dataclass
 class Stats:
     requests: int = 0
@@ -286,14 +353,7 @@ class PowerManager:
         # write puts them back (and its requests get NACK).
         # cpu → its wishes as (freq_khz, turbo) before this turn's first move (_revert)
         self._snapshot: dict[int, dict[str, tuple[int, bool]]] = {}
-        # VM → its distinct packets (see _KnownPacket); _packet_count entries in all
-        self._packet_cache: dict[str, dict[bytes, _KnownPacket]] = {}
-        self._packet_count = 0
-        # (channel, the read's units) → the read it was last (see _ReadShape), and the
-        # bytes they hold in all
-        self._read_shapes: dict[tuple[VmChannel, tuple[int, ...]], _ReadShape] = {}
-        self._read_shape_bytes = 0
-        self._walks: dict[tuple[int, bool, int, int, tuple[int, ...]], tuple[int, bool]] = {}
+        self._remembered = _Remembered()
         self._table_cache: dict[int, tuple[tuple[int, ...], dict[int, int], int]] = {}
         # Whether each host CPU may be controlled (online, cpufreq, not reserved): reading
         # sysfs per request would cost more than the request; cpus_changed() (kernel
@@ -399,7 +459,7 @@ class PowerManager:
     def handle_vm_packets(self, channel: VmChannel, data: bytes) -> None:
         """Handle a read's whole 464-byte packets (``data``: one bytes of them, as
         ``VmChannel.receive`` gives)."""
-        count = len(data) // protocol.PACKET_SIZE
+        count = len(data) // _PACKET_SIZE
         self.stats.requests += count
         channel.requests += count
         # The flood rule, for the whole read at once: the first `allowed` packets are
@@ -417,29 +477,32 @@ class PowerManager:
         # The fast path needs a known VM and an enabled channel for the whole read.
         fast = vm is not None and channel.enabled
         shape_key = None
-        if fast and allowed >= count:
-            # The same read as before, the same run (_ReadShape): nothing to look up.
+        if fast and allowed >= count > 1:
+            # The same read as before, the same run (_ReadShape): nothing to look up. Not
+            # for a read of one packet: its look-up costs what one packet's does, and
+            # remembering every channel's single requests (thousands of channels at a few
+            # requests a second) only fed the collector, whose full passes held the loop.
             units_of = _UNITS_OF_READ.get(count) or _units_format(count)
             shape_key = (channel, units_of.unpack(data))
-            shape = self._read_shapes.get(shape_key)
+            shape = self._remembered.reads.get(owner, _NO_SHAPES).get(shape_key)
             if (
                 shape is not None
                 and shape.vm is vm
                 and shape.generation == generation
                 and shape.data == data
             ):
-                self._end_run(channel, owner, shape.units, shape.packets, shape.acks, shape.cpus)
+                self._apply_run(channel, owner, shape.units, shape.packets, shape.acks, shape.cpus)
                 return
-        cache = self._packet_cache.get(owner) or {}  # _learn stores a new one
+        cache = self._remembered.packets.get(owner) or {}  # learn() stores a new one
         # The fast path's run: consecutive packets acting on the same CPUs, whose moves
         # are applied together when the run ends (a guest's read is one run, mostly).
         run: list[_KnownPacket] = []
         run_cpus = _NO_CPUS
         whole = True  # the read is one fast run so far
-        for packet in protocol.split_packets(data):
+        for packet in (data,) if count == 1 else protocol.split_packets(data):
             known = cache.get(packet)
             if known is None:
-                known, cache = self._learn(owner, packet)
+                known, cache = self._remembered.learn(owner, packet)
             allowed -= 1
             # Fast path: a CPU_POWER packet this VM sent before, under the same map
             # and CPU state, within its rate: every check of the slow path gave
@@ -454,7 +517,7 @@ class PowerManager:
                 cpus = known.route_cpus
                 if cpus is not run_cpus and cpus != run_cpus:
                     if run:
-                        self._end_run(channel, owner, *_run_of(run), run_cpus)
+                        self._end_run(channel, owner, run, run_cpus)
                         run = []
                         whole = False
                     run_cpus = cpus
@@ -462,28 +525,30 @@ class PowerManager:
                 continue
             whole = False
             if run:  # the slow path's moves and replies come after the run's, in order
-                self._end_run(channel, owner, *_run_of(run), run_cpus)
+                self._end_run(channel, owner, run, run_cpus)
                 run = []
             self._slow_path(channel, packet, known, allowed, vm, vm_error, generation)
         if run:
-            done = _run_of(run)
-            self._end_run(channel, owner, *done, run_cpus)
+            done = self._end_run(channel, owner, run, run_cpus)
             if whole and shape_key is not None and vm is not None:
-                self._remember_read(shape_key, _ReadShape(data, done, run_cpus, vm, generation))
-
-    def _remember_read(self, key: tuple[VmChannel, tuple[int, ...]], shape: _ReadShape) -> None:
-        """Keep a read that was one fast run (the shapes hold at most
-        _READ_SHAPES_MAX_BYTES of reads: past it they start over)."""
-        if self._read_shape_bytes + len(shape.data) > _READ_SHAPES_MAX_BYTES:
-            self._read_shapes.clear()
-            self._read_shape_bytes = 0
-        old = self._read_shapes.get(key)
-        if old is not None:
-            self._read_shape_bytes -= len(old.data)
-        self._read_shapes[key] = shape
-        self._read_shape_bytes += len(shape.data)
+                shape = _ReadShape(data, done, run_cpus, vm, generation)
+                self._remembered.read(owner, shape_key, shape)
 
     def _end_run(
+        self, channel: VmChannel, owner: str, run: list[_KnownPacket], cpus: frozenset[int]
+    ) -> tuple[tuple[int, ...], list[bytes], list[bytes]]:
+        """Apply a fast-path run of packets (``_apply_run``); its units, requests and ACKs."""
+        if len(run) == 1:  # the latency case: one request a read
+            known = run[0]
+            units: tuple[int, ...] = (known.unit,)
+            packets, acks = [known.packet], [known.ack]
+        else:  # a read's worth, listed in C
+            units = tuple(map(_UNIT_OF, run))
+            packets, acks = list(map(_PACKET_OF, run)), list(map(_ACK_OF, run))
+        self._apply_run(channel, owner, units, packets, acks, cpus)
+        return units, packets, acks
+
+    def _apply_run(
         self,
         channel: VmChannel,
         owner: str,
@@ -505,19 +570,6 @@ class PowerManager:
         for cpu in cpus:
             self._move(owner, cpu, units)
         self._pending.append((channel, packets, cpus, acks, True))
-
-    def _learn(self, owner: str, packet: bytes) -> tuple[_KnownPacket, dict[bytes, _KnownPacket]]:
-        """Remember a new distinct packet of ``owner``: the entry, and ``owner``'s cache
-        now (the cache is bounded over all VMs: full, it starts over)."""
-        if self._packet_count >= _PACKET_CACHE_MAX:
-            self._packet_cache.clear()
-            self._packet_count = 0
-        cache = self._packet_cache.get(owner)
-        if cache is None:
-            cache = self._packet_cache[owner] = {}
-        known = cache[packet] = _KnownPacket(packet)
-        self._packet_count += 1
-        return known, cache
 
     def _slow_path(
         self,
@@ -575,7 +627,7 @@ class PowerManager:
                     known.route_vm = vm
                     known.route_generation = generation
                     known.route_cpus = cpus
-                self._end_run(channel, owner, *_run_of([known]), cpus)
+                self._end_run(channel, owner, [known], cpus)
             elif command in _QUERIES:
                 self._query(channel, packet, known.resource_id, command, vm, vm_error)
             elif command == _PKT_POLICY:
@@ -734,13 +786,7 @@ class PowerManager:
             index = _nearest_index(table, wish.freq_khz)
         lowest = len(table) - 1
         if len(units) > 2:  # a read's worth: its walk is likely one seen before
-            key = (index, turbo, nominal, lowest, tuple(units))
-            walked = self._walks.get(key)
-            if walked is None:
-                if len(self._walks) >= _WALKS_MAX:
-                    self._walks.clear()
-                walked = self._walks[key] = _walk(index, turbo, nominal, lowest, units)
-            index, turbo = walked
+            index, turbo = self._remembered.walk(index, turbo, nominal, lowest, units)
         else:
             index, turbo = _walk(index, turbo, nominal, lowest, units)
         wish.turbo = turbo
@@ -1183,13 +1229,7 @@ class PowerManager:
         """A VM stopped or left: drop its wishes and policy; free CPUs get their originals."""
         self.policies.pop(owner, None)
         self._drop_wishes(owner)
-        self._packet_count -= len(self._packet_cache.pop(owner, {}))
-        self._forget_reads(lambda channel: channel.owner == owner)
-
-    def _forget_reads(self, which: Callable[[VmChannel], bool]) -> None:
-        """Drop the remembered reads (_ReadShape) of the channels ``which`` picks."""
-        for key in [k for k in self._read_shapes if which(k[0])]:
-            self._read_shape_bytes -= len(self._read_shapes.pop(key).data)
+        self._remembered.forget(owner)
 
     def pinning_changed(self, vm: VmInfo) -> None:
         """Drop wishes a VM holds on host CPUs it is no longer pinned to; re-map its policy."""
@@ -1419,14 +1459,6 @@ def _units_format(count: int) -> struct.Struct:
     """The format that unpacks the units of a read of ``count`` packets."""
     fmt = _UNITS_OF_READ[count] = struct.Struct("<" + f"8xI{protocol.PACKET_SIZE - 12}x" * count)
     return fmt
-
-
-def _run_of(run: list[_KnownPacket]) -> tuple[tuple[int, ...], list[bytes], list[bytes]]:
-    """A fast-path run's units, requests and ACKs."""
-    if len(run) == 1:  # the latency case: one request a read
-        known = run[0]
-        return (known.unit,), [known.packet], [known.ack]
-    return tuple(map(_UNIT_OF, run)), list(map(_PACKET_OF, run)), list(map(_ACK_OF, run))
 
 
 def _walk(
