@@ -48,3 +48,15 @@ def test_a_p99_over_100_samples_is_their_99th_not_their_maximum() -> None:
         sys.path.remove(str(ROOT))
     summary = _ms_summary([float(v) for v in range(100, 0, -1)])
     assert (summary["p50_ms"], summary["p99_ms"], summary["max_ms"]) == (50.0, 99.0, 100.0)
+
+
+def test_the_framing_bench_counts_the_packets_the_stream_gives() -> None:
+    """bench protocol's framing figure feeds a stream in pieces and checks the count: it
+    failed `make bench` once the stream gave a read's packets as one bytes."""
+    from bench.bench_protocol import _stream_rate_per_s
+    from vmpower import protocol
+
+    packet = protocol.encode_packet(protocol.Packet(resource_id=0, unit=1, command=1))
+    blob = packet * 50
+    for chunk_bytes in (100, 464, 4096, len(blob)):
+        assert _stream_rate_per_s(blob, chunk_bytes, 50) > 0
