@@ -416,7 +416,7 @@ def test_reads_remembered_stay_within_their_bound(
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    # 150 reads of 7 424 bytes would hold 1.1 MB: the bound keeps 64 KiB of them
+    # 150 reads of 7 424 bytes and their ACKs would hold 2.2 MB: the bound keeps 64 KiB
     assert grown < 400_000
     assert rig.pm.stats.nacks == 0
 

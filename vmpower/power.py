@@ -169,7 +169,8 @@ _NO_SHAPES: dict[tuple[VmChannel, tuple[int, ...]], _ReadShape] = {}  # never fi
 # read's key among the reads its channel sent before (_ReadShape). One format per
 # number of packets a read holds, made when first needed (at most RECV_CHUNK's worth).
 _UNITS_OF_READ: dict[int, struct.Struct] = {}
-# Bytes of reads remembered (_ReadShape.data), over all channels; past it, they start over
+# Bytes of reads remembered (_ReadShape.size: a read and its ACKs), over all channels;
+# past it, they start over
 _READ_SHAPES_MAX_BYTES = 4 << 20
 _UNIT_OF = attrgetter("unit")
 _PACKET_OF = attrgetter("packet")
@@ -224,7 +225,7 @@ class _ReadShape:
     skips cutting it into packets and looking each one up.
     """
 
-    __slots__ = ("acks", "cpus", "data", "generation", "packets", "units", "vm")
+    __slots__ = ("acks", "cpus", "data", "generation", "packets", "size", "units", "vm")
 
     def __init__(
         self,
@@ -237,6 +238,7 @@ class _ReadShape:
         self.data = data
         self.units, self.packets, acks = run
         self.acks = [b"".join(acks)]  # one chunk: flush() queues it as it is
+        self.size = len(data) + len(self.acks[0])  # bytes held (_READ_SHAPES_MAX_BYTES)
         self.cpus = cpus
         self.vm = vm
         self.generation = generation
@@ -274,9 +276,9 @@ class _Remembered:
         return known, cache
 
     def read(self, owner: str, key: tuple[VmChannel, tuple[int, ...]], shape: _ReadShape) -> None:
-        """Keep a read that was one fast run (at most _READ_SHAPES_MAX_BYTES of reads
-        over all channels: past it they start over)."""
-        if self.read_bytes + len(shape.data) > _READ_SHAPES_MAX_BYTES:
+        """Keep a read that was one fast run (their bytes and their ACKs' at most
+        _READ_SHAPES_MAX_BYTES over all channels: past it they start over)."""
+        if self.read_bytes + shape.size > _READ_SHAPES_MAX_BYTES:
             self.reads.clear()
             self.read_bytes = 0
         shapes = self.reads.get(owner)
@@ -284,9 +286,9 @@ class _Remembered:
             shapes = self.reads[owner] = {}
         old = shapes.get(key)
         if old is not None:
-            self.read_bytes -= len(old.data)
+            self.read_bytes -= old.size
         shapes[key] = shape
-        self.read_bytes += len(shape.data)
+        self.read_bytes += shape.size
 
     def walk(
         self, index: int, turbo: bool, nominal: int, lowest: int, units: Sequence[int]
@@ -304,7 +306,7 @@ class _Remembered:
         """A VM left: what it sent goes."""
         self.packet_count -= len(self.packets.pop(owner, {}))
         shapes = self.reads.pop(owner, {})
-        self.read_bytes -= sum(len(shape.data) for shape in shapes.values())
+        self.read_bytes -= sum(shape.size for shape in shapes.values())
 
 
 @dataclass
