@@ -897,6 +897,27 @@ def test_on_a_worker_the_request_path_never_waits_and_the_fresh_map_follows(
     assert status["responsive"] is True and status["stalled_s"] == 0
 
 
+def test_a_map_re_read_older_than_a_pin_change_does_not_put_the_old_pins_back(
+    threaded: tuple[Hypervisor, Owner],
+) -> None:
+    """A background re-read lands on the owner thread after its call ends; an operator's
+    set_pcpu applies its outcome as soon as it has it. A re-read made before the pin
+    change, applied after it, put the old pins back: the guest's next request acted on
+    the host CPU its vCPU had left (seen in the e2e libvirt stall test)."""
+    hv, owner = threaded
+    owner.run_until(lambda: owner.calls.empty())  # what connect() left
+    assert wait_for(lambda: time.monotonic() - hv.vm("vm1").map_read_at > 0.05, WAIT_S)
+    assert hv.ensure_fresh("vm1").vcpu_pcpus[0] == {2}  # a re-read is asked of the worker
+    worker = hv._worker
+    assert wait_for(lambda: worker.idle() and not owner.calls.empty(), WAIT_S), "no re-read"
+    # Its outcome (vCPU 0 on host CPU 2) waits for the owner; the operator pins meanwhile.
+    assert hv.set_pcpu("vm1", 0, frozenset({6})).vcpu_pcpus[0] == {6}
+    owner.run_until(lambda: owner.calls.empty())
+    assert hv.vm("vm1").vcpu_pcpus[0] == {6}
+    assert hv.ensure_fresh("vm1").vcpu_pcpus[0] == {6}
+    assert live_pins(hv, "vm1")[0] == {6}
+
+
 def test_add_vm_takes_its_sockets_from_the_index_built_at_connect(
     threaded: tuple[Hypervisor, Owner], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
