@@ -328,7 +328,7 @@ class Hypervisor:
             raise HypervisorError(
                 f"libvirt is not responding (no answer for {CALL_WAIT_S:.1f} s); try again"
             )
-        job.apply()
+        self._worker.apply_through(job)  # after the outcomes of the calls before it
         return job
 
     def _submit_now(self, call: Callable[[], Any], done: Callable[[Job], None]) -> Job:
@@ -656,7 +656,7 @@ class Hypervisor:
                 return info  # over the cap: asked again by a later request
             queued = self._worker.submit(
                 functools.partial(self._session.read_map, info),
-                functools.partial(self._after_map, generation, name, info),
+                functools.partial(self._after_map, generation, name),
                 key=f"map\0{name}",
             )
             if queued is not None:
@@ -682,19 +682,10 @@ class Hypervisor:
                 self._last_error = str(exc)
         return _FAILED
 
-    def _after_map(self, generation: int, name: str, asked: VmInfo, job: Job) -> None:
+    def _after_map(self, generation: int, name: str, job: Job) -> None:
         with self._lock:
             info = self._vms.get(name)
             if generation != self._generation or info is None:
-                return
-            if info is not asked:
-                # The VM's info changed since this re-read was asked: a set_pcpu, an
-                # event's or an operator's read. Those may be newer than this read: an
-                # operator's call applies its outcome as soon as it has it, ahead of this
-                # one, posted earlier. Applied now, a read made before a set_pcpu put the
-                # old pins back, and the guest's next request acted on the CPU its vCPU
-                # had left (the e2e libvirt stall test, once). The next stale request
-                # asks again.
                 return
             result = self._result(job)
             if result is _FAILED:

@@ -19,6 +19,7 @@ caller's thread, and its ``done`` runs before ``submit`` returns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -63,6 +64,9 @@ class Job:
         except Exception as exc:  # handed to the owner, who knows what it means
             self._error = exc
         self._ran = True
+
+    def signal(self) -> None:
+        """Worker side, after ``run``: wake whoever waits for this job."""
         if self._finished is not None:
             self._finished.set()
 
@@ -105,6 +109,9 @@ class LibvirtWorker:
         self._queue: deque[Job] = deque()
         self._keys: set[str] = set()
         self._busy_since: float | None = None
+        # Jobs that ran, in the order they ran, whose outcomes are not applied yet
+        # (apply_through): at most the queue's bound plus the one running.
+        self._ran_jobs: deque[Job] = deque()
         self._thread: threading.Thread | None = None
         self._closing = False
 
@@ -190,5 +197,28 @@ class LibvirtWorker:
             job.run()
             self._busy_since = None
             post = self._post
-            if post is not None and not self._closing:
-                post(job.apply)
+            with self._cond:
+                ran = post is not None and not self._closing
+                if ran:
+                    self._ran_jobs.append(job)
+            job.signal()  # after the append: a waiter applies through this job
+            if ran:
+                post(functools.partial(self.apply_through, job))
+
+    def apply_through(self, job: Job) -> None:
+        """Owner side: apply the outcomes of the jobs that ran before ``job``, then its
+        own, in the order they ran.
+
+        Posted outcomes reach the owner in that order. An operator's call that waited
+        for its job applies it at once, ahead of outcomes posted before it: applied
+        after it, a map re-read made before a set_pcpu put the old pins back, and the
+        guest's next request acted on the host CPU its vCPU had left (issue #16, the
+        e2e libvirt stall test). Each outcome is applied once (``Job.apply``).
+        """
+        while True:
+            with self._cond:
+                earlier = self._ran_jobs.popleft() if self._ran_jobs else None
+            if earlier is None or earlier is job:
+                break
+            earlier.apply()
+        job.apply()
