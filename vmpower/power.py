@@ -163,7 +163,6 @@ _PACKET_CACHE_MAX = 4096
 
 _NO_CPUS: frozenset[int] = frozenset()
 _PACKET_SIZE = protocol.PACKET_SIZE
-_NO_SHAPES: dict[tuple[VmChannel, tuple[int, ...]], _ReadShape] = {}  # never filled
 
 # A read's units (the u32 at byte 8 of each 464-byte packet), unpacked in one call: the
 # read's key among the reads its channel sent before (_ReadShape). One format per
@@ -486,7 +485,8 @@ class PowerManager:
             # requests a second) only fed the collector, whose full passes held the loop.
             units_of = _UNITS_OF_READ.get(count) or _units_format(count)
             shape_key = (channel, units_of.unpack(data))
-            shape = self._remembered.reads.get(owner, _NO_SHAPES).get(shape_key)
+            shapes = self._remembered.reads.get(owner)
+            shape = shapes.get(shape_key) if shapes is not None else None
             if (
                 shape is not None
                 and shape.vm is vm
@@ -501,6 +501,7 @@ class PowerManager:
         run: list[_KnownPacket] = []
         run_cpus = _NO_CPUS
         whole = True  # the read is one fast run so far
+        # One packet: the read itself (no call on the latency case's path).
         for packet in (data,) if count == 1 else protocol.split_packets(data):
             known = cache.get(packet)
             if known is None:
@@ -1459,7 +1460,7 @@ class PowerManager:
 
 def _units_format(count: int) -> struct.Struct:
     """The format that unpacks the units of a read of ``count`` packets."""
-    fmt = _UNITS_OF_READ[count] = struct.Struct("<" + f"8xI{protocol.PACKET_SIZE - 12}x" * count)
+    fmt = _UNITS_OF_READ[count] = struct.Struct("<" + f"8xI{_PACKET_SIZE - 12}x" * count)
     return fmt
 
 

@@ -60,6 +60,4 @@ def split_packets(data: bytes) -> list[bytes]:
     """The 464-byte requests in ``data`` (whole requests, as :meth:`PacketStream.feed`
     returns them), one bytes each."""
     size = PACKET_SIZE
-    if len(data) == size:
-        return [data]
     return [data[i : i + size] for i in range(0, len(data), size)]
