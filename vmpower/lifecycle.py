@@ -11,6 +11,7 @@ on host CPUs it still owns. Runs on the monitor thread, like everything it touch
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from vmpower.channels import ChannelRegistry
 from vmpower.errors import VmpowerError
@@ -24,11 +25,18 @@ class VmLifecycle:
     """Keeps channels and wishes in step with the VMs libvirt reports."""
 
     def __init__(
-        self, hypervisor: Hypervisor, channels: ChannelRegistry, power: PowerManager
+        self,
+        hypervisor: Hypervisor,
+        channels: ChannelRegistry,
+        power: PowerManager,
+        kept: Callable[[], None] | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.channels = channels
         self.power = power
+        # Called when a VM's channels were opened: what they are built of lasts as long
+        # as the VM (heap.HeapKeeper keeps it out of the collector's passes).
+        self.kept = kept
 
     def on_event(self, event: VmEvent) -> None:
         log.info("libvirt: %s %s %s", event.kind, event.vm or "", event.detail)
@@ -53,7 +61,10 @@ class VmLifecycle:
             return []
         if info.state is not VmState.RUNNING or not self.hypervisor.tracked(name):
             return []
-        return self.channels.open_vm(name, ((ch.index, ch.path) for ch in info.channels), only)
+        opened = self.channels.open_vm(name, ((ch.index, ch.path) for ch in info.channels), only)
+        if opened and self.kept is not None:
+            self.kept()
+        return opened
 
     def sync_all(self) -> None:
         for name in sorted(self.hypervisor.vms()):
