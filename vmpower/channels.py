@@ -541,6 +541,9 @@ class ChannelRegistry:
         self.fifos: dict[int, FifoChannel] = {}
         # Channels the operator disabled: kept across reconnects and VM restarts.
         self.disabled: set[tuple[str, int]] = set()
+        # Endpoints with replies to send at the turn's end (send, _send_queued).
+        self._to_send: set[Endpoint] = set()
+        monitor.add_last(self._send_queued)
 
     def _bucket(self) -> TokenBucket:
         return TokenBucket(self.rate_per_s, self.burst, self.clock)
@@ -664,28 +667,35 @@ class ChannelRegistry:
     # -- replies -----------------------------------------------------------------------
 
     def send(self, endpoints: Iterable[Endpoint]) -> None:
-        """Send the replies queued on ``endpoints`` (the end of a turn), then yield the CPU
-        to the peers they woke."""
-        sent = False
+        """Send the replies queued on ``endpoints`` as the turn's last step.
+
+        The peer that carries a reply to its guest is QEMU's main loop, on the host's
+        housekeeping CPUs as vmpowerd is. Woken by the send, it runs once the loop
+        blocks, so whatever the turn did after the send (its other hooks, its figures,
+        the next wait's computation: a third of a one-request turn) was in every guest's
+        round trip. The sends are the loop's last step (``Monitor.add_last``) instead.
+
+        A yield after the send (``sched_yield``) had done it before: on a CPU shared
+        with a busy process it handed that process a whole slice while the loop had
+        work left, and the next requests waited for it. In the agent bench with a
+        busy loop on the agent's CPU, p90 3.9 ms with the yield, 0.09 ms without
+        (issue #16).
+        """
+        self._to_send.update(endpoints)
+
+    def _send_queued(self) -> None:
+        if not self._to_send:
+            return
+        endpoints, self._to_send = self._to_send, set()
         for endpoint in endpoints:
             # FIFOs have no replies; a channel whose socket refuses the rest is drained
             # when it turns writable.
-            if isinstance(endpoint, VmChannel) and endpoint.sock is not None:
-                sent = True
-                if not endpoint.flush():
-                    self.monitor.add_writer(
-                        endpoint.fileno(), lambda _fd, c=endpoint: self._drain(c)
-                    )
-        if sent:
-            # The peer that carries a reply to its guest is QEMU's main loop, which runs
-            # on the host's housekeeping CPUs, as vmpowerd does. Woken by the send, it was
-            # not run before the loop blocked again: the rest of the turn (its hooks, the
-            # loop's figures, the timers' next due) was in every guest's round trip. The
-            # scheduler runs it first when the loop yields (CFS skips the yielder for one
-            # pick; with nothing else runnable the call returns at once). The guest bench
-            # (QEMU's main loop on the agent's CPU): p50 1.21-1.39x the C agent with it,
-            # 1.30-1.54x without, five interleaved pairs (issue #16).
-            os.sched_yield()
+            if (
+                isinstance(endpoint, VmChannel)
+                and endpoint.sock is not None
+                and not endpoint.flush()
+            ):
+                self.monitor.add_writer(endpoint.fileno(), lambda _fd, c=endpoint: self._drain(c))
 
     def _drain(self, channel: VmChannel) -> None:
         if channel.flush() and channel.sock is not None:

@@ -6,9 +6,10 @@ fd readiness callbacks, timers, and work handed over by other threads through
 queue a callable and wake the loop through an eventfd.
 
 A turn is: wait (epoll, timeout = next timer), run every ready fd's callback, run
-due timers and queued calls, then the *end-of-turn* hooks. The request handler uses
-that hook to coalesce sysfs writes and flush replies once per turn, which is what
-lets one Python thread keep up with many busy channels.
+due timers and queued calls, then the *end-of-turn* hooks, then the *last* steps. The
+request handler uses the end-of-turn hook to coalesce sysfs writes once per turn, which
+is what lets one Python thread keep up with many busy channels; the channel registry
+sends the turn's replies as a last step, after everything else the turn does.
 """
 
 from __future__ import annotations
@@ -129,6 +130,10 @@ class Monitor:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, READ)
         self._end_of_turn: list[Callable[[], None]] = []
+        self._last: list[Callable[[], None]] = []
+        # A timer set (or a ticker added) since the next turn's wait was computed: the
+        # wait is computed again (run() computes it ahead, before the last steps).
+        self._timers_changed = False
         self._tickers: list[Ticker] = []
         # The tickers' earliest due as the turn's wait was computed (-inf: ask them all).
         # A ticker whose due comes sooner during a turn (work done in the turn) is run
@@ -192,6 +197,7 @@ class Monitor:
         """Run ``callback`` on the loop thread at monotonic time ``when`` (never earlier)."""
         handle = TimerHandle(when, callback)
         heapq.heappush(self._timers, (when, next(self._seq), handle))
+        self._timers_changed = True
         return handle
 
     def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
@@ -214,9 +220,21 @@ class Monitor:
         """Run ``hook`` after every turn's callbacks (coalesced work: writes, reply flush)."""
         self._end_of_turn.append(hook)
 
+    def add_last(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` as every turn's very last step: after the end-of-turn hooks and,
+        in ``run``, after the next turn's wait is computed.
+
+        For what wakes another process (a guest's reply): on a CPU shared with that
+        peer (QEMU's main loop, on the housekeeping CPUs as vmpowerd), it runs when the
+        loop blocks, so any work of the turn left after the send was in the guest's round
+        trip (issue #16, the guest bench).
+        """
+        self._last.append(hook)
+
     def add_ticker(self, ticker: Ticker) -> None:
         """Drive an external scheduler: its next_due() bounds the wait, run_due() runs it."""
         self._tickers.append(ticker)
+        self._timers_changed = True
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -226,14 +244,24 @@ class Monitor:
         self.wake()
 
     def run(self) -> None:
-        """Run turns until stop()."""
+        """Run turns until stop().
+
+        Each turn's wait is computed at the end of the turn before, ahead of its last
+        steps: the replies are then the last thing before the wait. Nothing runs on
+        this thread between two turns, and a call queued by another thread meanwhile
+        wakes the wait (its eventfd); a timer set by a last step has it computed again.
+        """
         self._stopping = False
+        wait: float | None = None
         while not self._stopping:
-            self.run_once()
+            wait = self._turn(self._timeout(None) if wait is None else wait, ahead=True)
 
     def run_once(self, max_wait_s: float | None = None) -> None:
         """One turn: wait for fds or the next timer, then dispatch everything due."""
-        timeout = self._timeout(max_wait_s)
+        self._turn(self._timeout(max_wait_s), ahead=False)
+
+    def _turn(self, timeout: float, ahead: bool) -> float | None:
+        """One turn waiting at most ``timeout``; the next turn's wait when ``ahead``."""
         try:
             ready = self._epoll.poll(timeout, MAX_READY_PER_TURN)
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
@@ -281,8 +309,20 @@ class Monitor:
                 hook()
             except Exception:
                 log.exception("end-of-turn hook failed; the loop goes on")
+        following = None
+        if ahead:
+            self._timers_changed = False
+            following = self._timeout(None)
+        for hook in self._last:
+            try:
+                hook()
+            except Exception:
+                log.exception("last step of a turn failed; the loop goes on")
+        if self._timers_changed:
+            following = None
         self.turns += 1
         self.stats.turn(time.perf_counter() - started)
+        return following
 
     def _timeout(self, max_wait_s: float | None) -> float:
         if self._calls:
